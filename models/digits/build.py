@@ -1,0 +1,26 @@
+"""Build hook for the digits model: train it and describe how to export it."""
+
+from __future__ import annotations
+
+import torch
+
+from .model import SIZE, train
+
+EXPORT_METHOD = "trace"
+LABELS = [str(i) for i in range(10)]
+
+
+def build_model(weights: str | None = None, log=print) -> torch.nn.Module:
+    """Trained DigitsNet (or the state dict at ``weights``)."""
+    if weights:
+        from .model import DigitsNet
+
+        model = DigitsNet()
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model.eval()
+    return train(log=log)
+
+
+def example_inputs(batch: int = 4) -> torch.Tensor:
+    """Sample inputs for tracing and parity checks."""
+    return torch.randn(batch, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))

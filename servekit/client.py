@@ -1,0 +1,153 @@
+"""HTTP clients for TorchServe's inference and management APIs that read (and refresh) the token."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from .tokens import TokenFile
+
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+
+class _Api:
+    """A requests session that adds the bearer token and retries once on 401 with a re-read token."""
+
+    kind = "inference"
+
+    def __init__(self, base_url: str, token_file: str | os.PathLike | TokenFile | None, timeout: float = 60.0):
+        self.base = base_url.rstrip("/")
+        if token_file is None or isinstance(token_file, TokenFile):
+            self.tokens = token_file
+        else:
+            self.tokens = TokenFile(token_file)
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        """Send with the current token; on 401 re-read key_file.json once and retry."""
+        kw.setdefault("timeout", self.timeout)
+        headers = dict(kw.pop("headers", None) or {})
+        for attempt in (0, 1):
+            if self.tokens is not None:
+                headers.update(self.tokens.header(self.kind, force=attempt == 1))
+            resp = self.session.request(method, self.base + path, headers=headers, **kw)
+            if resp.status_code != 401 or self.tokens is None:
+                return resp
+        return resp
+
+
+class InferenceClient(_Api):
+    """Predictions, health and readiness on the inference port."""
+
+    kind = "inference"
+
+    def predict(self, model: str, body: bytes, content_type: str = "application/octet-stream",
+                version: str | None = None) -> requests.Response:
+        """POST one image; the response JSON is the handler's answer."""
+        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        return self.request("POST", path, data=body, headers={"Content-Type": content_type})
+
+    def predict_file(self, model: str, path: str | os.PathLike, version: str | None = None) -> requests.Response:
+        """POST an image file with the content type its suffix implies."""
+        p = Path(path)
+        ctype = CONTENT_TYPES.get(p.suffix.lower(), "application/octet-stream")
+        return self.predict(model, p.read_bytes(), ctype, version)
+
+    def ping(self) -> requests.Response:
+        """GET /ping."""
+        return self.request("GET", "/ping")
+
+
+class ManagementClient(_Api):
+    """Model registry operations on the (loopback) management port."""
+
+    kind = "management"
+
+    def models(self) -> list[dict]:
+        """Registered models: ``[{"modelName", "modelUrl"}]``."""
+        resp = self.request("GET", "/models", params={"limit": 1000})
+        resp.raise_for_status()
+        return resp.json().get("models", [])
+
+    def describe(self, model: str, version: str = "all") -> list[dict]:
+        """Registered versions of ``model`` with their workers ("" = the default; empty if none)."""
+        resp = self.request("GET", f"/models/{model}" + (f"/{version}" if version else ""))
+        if resp.status_code == 404:
+            return []
+        resp.raise_for_status()
+        return resp.json()
+
+    def register(self, url: str, initial_workers: int | None = None, synchronous: bool = True,
+                 timeout: float = 600.0) -> requests.Response:
+        """Register an archive (a file name in the model store)."""
+        params: dict[str, Any] = {"url": url, "synchronous": str(synchronous).lower()}
+        if initial_workers is not None:
+            params["initial_workers"] = initial_workers
+        return self.request("POST", "/models", params=params, timeout=timeout)
+
+    def set_default(self, model: str, version: str) -> requests.Response:
+        """Make ``version`` the one that answers /predictions/<model>."""
+        return self.request("PUT", f"/models/{model}/{version}/set-default")
+
+    def unregister(self, model: str, version: str | None = None, timeout: float = 120.0) -> requests.Response:
+        """Unregister a version (or the default one)."""
+        path = f"/models/{model}" + (f"/{version}" if version else "")
+        return self.request("DELETE", path, timeout=timeout)
+
+    def scale(self, model: str, min_worker: int, max_worker: int | None = None,
+              version: str | None = None, synchronous: bool = True) -> requests.Response:
+        """Set a version's worker count."""
+        path = f"/models/{model}" + (f"/{version}" if version else "")
+        params = {"min_worker": min_worker, "max_worker": max_worker or min_worker,
+                  "synchronous": str(synchronous).lower()}
+        return self.request("PUT", path, params=params, timeout=600)
+
+
+@dataclass
+class ModelState:
+    """One registered version as the management API reports it."""
+
+    name: str
+    version: str
+    default: bool
+    ready_workers: int
+    workers: int
+    url: str
+
+
+def model_states(mgmt: ManagementClient) -> list[ModelState]:
+    """Every registered version of every model, with worker readiness."""
+    states = []
+    for m in mgmt.models():
+        # "all" lists every version but not which is the default; the bare name answers that.
+        default = mgmt.describe(m["modelName"], "")
+        default_version = str(default[0]["modelVersion"]) if default else None
+        for d in mgmt.describe(m["modelName"]):
+            workers = d.get("workers", [])
+            states.append(ModelState(
+                name=d["modelName"], version=str(d["modelVersion"]), default=str(d["modelVersion"]) == default_version,
+                ready_workers=sum(w.get("status") == "READY" for w in workers), workers=len(workers),
+                url=d.get("modelUrl", ""),
+            ))
+    return states
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value; raise TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (requests.RequestException, FileNotFoundError, ValueError) as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" ({last_exc})" if last_exc else ""))

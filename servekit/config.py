@@ -1,0 +1,167 @@
+"""Per-model configuration (``models/<name>/model-config.yaml``), checked up front."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+AMP_CHOICES = ("off", "fp16", "bf16")
+DECODE_CHOICES = ("auto", "cpu", "cuda")
+# TorchServe's own keys at the top level of model-config.yaml that we check.
+TS_INT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+
+
+@dataclass(frozen=True)
+class HandlerOptions:
+    """The ``handler:`` section of model-config.yaml: what our handlers read at load."""
+
+    version: str = "1.0"
+    amp: str = "off"
+    channels_last: bool = True
+    topk: int = 5
+    decode_device: str = "auto"
+    channels: int = 3
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    labels: str | None = "labels.json"
+    warmup_batch_sizes: tuple[int, ...] = (1,)
+    cpu_threads: int | str = "auto"
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 8 * 1024 * 1024
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.amp not in AMP_CHOICES:
+            problems.append(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.decode_device not in DECODE_CHOICES:
+            problems.append(
+                f"decode_device must be one of {DECODE_CHOICES}, got {self.decode_device!r}"
+            )
+        if self.channels not in (1, 3):
+            problems.append(f"channels must be 1 or 3, got {self.channels!r}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            problems.append(f"mean and std need {self.channels} values each")
+        if any(s <= 0 for s in self.std):
+            problems.append("std values must be > 0")
+        if not (0 < self.crop <= self.resize):
+            problems.append(f"need 0 < crop <= resize, got crop={self.crop}, resize={self.resize}")
+        if self.topk < 1:
+            problems.append(f"topk must be >= 1, got {self.topk}")
+        if not self.warmup_batch_sizes or any(b < 1 for b in self.warmup_batch_sizes):
+            problems.append("warmup_batch_sizes must list batch sizes >= 1")
+        if self.cpu_threads != "auto" and (
+            not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
+        ):
+            problems.append(f"cpu_threads must be 'auto' or an integer >= 1, got {self.cpu_threads!r}")
+        if self.max_image_pixels < 1 or self.max_image_bytes < 1:
+            problems.append("max_image_pixels and max_image_bytes must be >= 1")
+        if problems:
+            raise ConfigError("invalid handler options: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "HandlerOptions":
+        """Build from the ``handler:`` mapping; unknown keys are an error, with the known ones named."""
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown handler option(s) {unknown}; known options: {sorted(known)}"
+            )
+        for key in ("mean", "std", "warmup_batch_sizes"):
+            if key in data:
+                data[key] = tuple(data[key])
+        if "amp" in data and data["amp"] in (False, None):
+            data["amp"] = "off"  # YAML reads a bare `off` as False
+        if "version" in data:
+            data["version"] = str(data["version"])
+        return cls(**data)
+
+    def threads(self, workers: int, cpus: int | None = None) -> int:
+        """Torch threads for one worker: explicit, or the machine's cores split across workers."""
+        if self.cpu_threads != "auto":
+            return int(self.cpu_threads)
+        cpus = cpus or os.cpu_count() or 1
+        return max(1, cpus // max(1, workers))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole model-config.yaml: TorchServe's keys plus our handler options."""
+
+    raw: dict[str, Any] = field(default_factory=dict)
+    handler: HandlerOptions = field(default_factory=HandlerOptions)
+
+    @property
+    def batch_size(self) -> int:
+        """TorchServe's batchSize (1 when unset)."""
+        return int(self.raw.get("batchSize", 1))
+
+    @property
+    def max_workers(self) -> int:
+        """TorchServe's maxWorkers (1 when unset)."""
+        return int(self.raw.get("maxWorkers", self.raw.get("minWorkers", 1)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "ModelConfig":
+        """Check TorchServe's integer keys and parse the handler section."""
+        data = dict(data or {})
+        bad = [k for k in TS_INT_KEYS if k in data and not isinstance(data[k], int)]
+        if bad:
+            raise ConfigError(f"model-config keys {bad} must be integers")
+        if data.get("minWorkers", 1) > data.get("maxWorkers", data.get("minWorkers", 1)):
+            raise ConfigError("minWorkers must not exceed maxWorkers")
+        return cls(raw=data, handler=HandlerOptions.from_dict(data.get("handler")))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+        """Read and check a model-config.yaml file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"model config not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc.message}") from exc
+
+    def with_version(self, version: str) -> "ModelConfig":
+        """A copy whose handler section carries ``version``."""
+        raw = dict(self.raw)
+        raw["handler"] = {**(raw.get("handler") or {}), "version": str(version)}
+        return ModelConfig.from_dict(raw)
+
+    def dump(self) -> str:
+        """YAML text for the archive."""
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+def read_properties(path: str | os.PathLike) -> dict[str, str]:
+    """Parse a Java-style ``key=value`` properties file (comments and blanks skipped)."""
+    props: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", "!")) or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        props[key.strip()] = value.strip()
+    return props
+
+
+def write_properties(props: dict[str, str], path: str | os.PathLike) -> None:
+    """Write ``key=value`` lines."""
+    Path(path).write_text("".join(f"{k}={v}\n" for k, v in props.items()))

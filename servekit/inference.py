@@ -1,0 +1,100 @@
+"""Run a loaded model: device, autocast dtype, channels_last, warm-up, top-k on the device."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .artifacts import LoadedModel
+from .config import HandlerOptions
+from .errors import ModelError, OutOfMemory
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def select_device(gpu_id: int | str | None) -> torch.device:
+    """The GPU TorchServe assigned, or the CPU when there is none."""
+    if gpu_id is not None and str(gpu_id) != "" and torch.cuda.is_available():
+        return torch.device("cuda", int(gpu_id))
+    return torch.device("cpu")
+
+
+def amp_dtype(opts: HandlerOptions, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this device; fp16 on a CPU falls back to bf16 (CPU autocast's type)."""
+    dtype = AMP_DTYPES[opts.amp]
+    if dtype is torch.float16 and device.type == "cpu":
+        log.warning("amp fp16 is not supported for CPU autocast; using bf16 on the CPU")
+        return torch.bfloat16
+    return dtype
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception is a device or host out-of-memory."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "defaultcpuallocator" in text
+
+
+@dataclass
+class TopK:
+    """Top-k class indices and probabilities for each item of a batch."""
+
+    indices: list[list[int]]
+    probs: list[list[float]]
+
+
+class Engine:
+    """A model on its device with its dtype, ready for batches."""
+
+    def __init__(self, model: LoadedModel, opts: HandlerOptions):
+        self.model = model
+        self.opts = opts
+        self.device = model.device
+        self.amp = amp_dtype(opts, self.device) if model.autocast else None
+        # The dtype the preprocessor should produce for the model's input.
+        self.input_dtype = model.input_dtype or torch.float32
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits for a preprocessed batch; out-of-memory becomes :class:`OutOfMemory` (507)."""
+        try:
+            with torch.inference_mode(), self._autocast():
+                return self.model(batch)
+        except Exception as exc:
+            if is_oom(exc):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise OutOfMemory(
+                    f"out of memory running a batch of {batch.shape[0]} on {self.device}; "
+                    "retry, or lower batchSize"
+                ) from None
+            raise ModelError(f"model failed: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
+
+    def topk(self, logits: torch.Tensor, k: int) -> TopK:
+        """Softmax + top-k on the device, then one transfer to the host."""
+        with torch.inference_mode():
+            logits = logits.float()
+            k = min(k, logits.shape[-1])
+            probs, idx = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+            both = torch.stack([probs, idx.to(probs.dtype)], 0).cpu()
+        return TopK(indices=both[1].long().tolist(), probs=both[0].tolist())
+
+    def warmup(self, batch_sizes: Sequence[int], sample_shape: tuple[int, ...], memory_format) -> None:
+        """Run each batch size once so the first request pays no compile or allocation cost."""
+        for bs in batch_sizes:
+            x = torch.zeros((bs, *sample_shape), device=self.device, dtype=self.input_dtype)
+            x = x.contiguous(memory_format=memory_format)
+            self.topk(self.forward(x), self.opts.topk)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,209 @@
+"""Decode and preprocess a batch of images as tensors (nvjpeg on a GPU, libjpeg-turbo on CPU)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from .config import HandlerOptions
+from .errors import InvalidInput, PayloadTooLarge, ServeKitError, UnsupportedMediaType
+
+log = logging.getLogger(__name__)
+
+JPEG, PNG = "JPEG", "PNG"
+SUPPORTED = (JPEG, PNG)
+_MAGIC = {b"\xff\xd8\xff": JPEG, b"\x89PNG\r\n\x1a\n": PNG}
+_B64_KEYS = ("data", "image", "b64", "body")
+
+
+def sniff_format(raw: bytes) -> str | None:
+    """JPEG or PNG from the magic bytes, else None."""
+    for magic, fmt in _MAGIC.items():
+        if raw.startswith(magic):
+            return fmt
+    return None
+
+
+def extract_bytes(item: Any) -> bytes:
+    """Image bytes from one TorchServe request item: raw body, multipart field or base64 JSON."""
+    if isinstance(item, dict):
+        for key in ("data", "body", "image", "file"):
+            if key in item and item[key] is not None:
+                return extract_bytes(item[key])
+        if "instances" in item and isinstance(item["instances"], list) and len(item["instances"]) == 1:
+            return extract_bytes(item["instances"][0])
+        raise InvalidInput(
+            "no image found: send the image as the raw body, a multipart field named "
+            "'data', or JSON {\"data\": \"<base64>\"}"
+        )
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        raw = bytes(item)
+        if not raw:
+            raise InvalidInput("empty body: send a JPEG or PNG image")
+        if sniff_format(raw) is None and raw.lstrip()[:1] in (b"{", b"["):
+            raise InvalidInput("malformed JSON body")
+        return raw
+    if isinstance(item, str):
+        return _b64decode(item)
+    raise InvalidInput(f"unsupported request item of type {type(item).__name__}")
+
+
+def _b64decode(text: str) -> bytes:
+    text = text.strip()
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    if not text:
+        raise InvalidInput("empty base64 image")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("the JSON image field is not valid base64") from None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, read without decoding the pixels."""
+
+    format: str
+    width: int
+    height: int
+
+
+def check_image(raw: bytes, opts: HandlerOptions) -> ImageHeader:
+    """Validate size, format and declared dimensions before any pixel is decoded."""
+    if len(raw) > opts.max_image_bytes:
+        raise PayloadTooLarge(
+            f"image is {len(raw)} bytes; the limit is {opts.max_image_bytes} (max_image_bytes)"
+        )
+    fmt = sniff_format(raw)
+    if fmt is None:
+        raise UnsupportedMediaType("not a JPEG or PNG image")
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"cannot read the {fmt} header: {exc}") from None
+    except Image.DecompressionBombError as exc:  # pragma: no cover - PIL's own limit
+        raise PayloadTooLarge(str(exc)) from None
+    if width < 1 or height < 1:
+        raise InvalidInput(f"image has no pixels ({width}x{height})")
+    if width * height > opts.max_image_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is "
+            f"{opts.max_image_pixels} (max_image_pixels)"
+        )
+    return ImageHeader(fmt, width, height)
+
+
+class Preprocessor:
+    """Decode + resize + centre-crop + normalise, built once per model at load."""
+
+    def __init__(self, opts: HandlerOptions, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.opts = opts
+        self.device = device
+        self.dtype = dtype
+        self.mode = ImageReadMode.GRAY if opts.channels == 1 else ImageReadMode.RGB
+        mean = torch.tensor(opts.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        inv_std = 1.0 / (torch.tensor(opts.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.mean = mean.to(device)
+        self.inv_std = inv_std.to(device)
+        self.memory_format = (
+            torch.channels_last if opts.channels_last and device.type == "cuda" else torch.contiguous_format
+        )
+        self.gpu_decode = device.type == "cuda" and opts.decode_device in ("auto", "cuda")
+        self._gpu_decode_failed = False
+
+    # -- decoding -------------------------------------------------------------------------
+    def decode_cpu(self, raw: bytes) -> torch.Tensor:
+        """One image to a uint8 CHW tensor on the CPU."""
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        try:
+            return decode_image(data, mode=self.mode)
+        except RuntimeError as exc:
+            raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
+
+    def decode_many(self, raws: Sequence[bytes], headers: Sequence[ImageHeader]) -> list[torch.Tensor | ServeKitError]:
+        """Decode a batch; JPEGs go to nvjpeg in one call on a GPU. Errors stay per item."""
+        out: list[torch.Tensor | ServeKitError] = [None] * len(raws)  # type: ignore[list-item]
+        jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG]
+        if self.gpu_decode and not self._gpu_decode_failed and jpeg_idx:
+            datas = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpeg_idx]
+            try:
+                decoded = decode_jpeg(datas, mode=self.mode, device=self.device)
+                for i, img in zip(jpeg_idx, decoded):
+                    out[i] = img
+            except RuntimeError as exc:
+                # One corrupt JPEG fails nvjpeg's whole batch call: retry one by one to isolate it.
+                log.debug("batched GPU decode failed (%s); decoding items one by one", _short(exc))
+                for i, data in zip(jpeg_idx, datas):
+                    out[i] = self._decode_gpu_one(data)
+        for i, raw in enumerate(raws):
+            if out[i] is None:
+                try:
+                    out[i] = self.decode_cpu(raw)
+                except ServeKitError as err:
+                    out[i] = err
+        return out
+
+    def _decode_gpu_one(self, data: torch.Tensor) -> torch.Tensor | ServeKitError:
+        try:
+            return decode_jpeg(data, mode=self.mode, device=self.device)
+        except RuntimeError as exc:
+            if "nvjpeg" in str(exc).lower() and "not" in str(exc).lower() and "support" in str(exc).lower():
+                log.warning("GPU JPEG decoding unavailable (%s); decoding on the CPU", _short(exc))
+                self._gpu_decode_failed = True
+            try:
+                return self.decode_cpu(bytes(data.numpy()))
+            except ServeKitError as err:
+                return err
+
+    # -- geometry and normalisation ----------------------------------------------------
+    def resize_crop(self, img: torch.Tensor) -> torch.Tensor:
+        """Resize the short side to ``resize`` (antialiased, bilinear) and centre-crop ``crop``."""
+        _, h, w = img.shape
+        size = self.opts.resize
+        if h <= w:
+            nh, nw = size, max(1, int(size * w / h))
+        else:
+            nh, nw = max(1, int(size * h / w)), size
+        x = img.unsqueeze(0).float()
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        c = self.opts.crop
+        top = int(round((nh - c) / 2.0))
+        left = int(round((nw - c) / 2.0))
+        return x[:, :, top : top + c, left : left + c]
+
+    def to_batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stack decoded images into one normalised NCHW batch on the model's device."""
+        crops = [self.resize_crop(img.to(self.device, non_blocking=True)) for img in images]
+        x = torch.cat(crops, 0).clamp_(0, 255).round_()
+        x = (x - self.mean) * self.inv_std
+        return x.to(dtype=self.dtype, memory_format=self.memory_format).contiguous(
+            memory_format=self.memory_format
+        )
+
+
+def reference_transform(opts: HandlerOptions):
+    """torchvision's PIL-based transform with the same settings, for parity tests."""
+    from torchvision import transforms as T
+
+    steps = [T.Resize(opts.resize), T.CenterCrop(opts.crop), T.ToTensor(), T.Normalize(opts.mean, opts.std)]
+    if opts.channels == 1:
+        steps.insert(0, T.Grayscale(1))
+    else:
+        steps.insert(0, T.Lambda(lambda im: im.convert("RGB")))
+    return T.Compose(steps)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,86 @@
+"""Shared fixtures: archives built once, a real TorchServe on free loopback ports per session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from servekit import server  # noqa: E402
+from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_overrides() -> dict[str, str]:
+    """config.properties overrides that put all three APIs on fresh loopback ports."""
+    return {
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        # Worker ports must not collide with another server on this machine.
+        "initial_worker_port": str(20000 + free_port() % 20000),
+    }
+
+
+@pytest.fixture(scope="session")
+def archives(tmp_path_factory) -> Path:
+    """A folder with digits-v1.0.mar and digits-v2.0.mar (same model, two versions)."""
+    out = tmp_path_factory.mktemp("archives")
+    for version in ("1.0", "2.0"):
+        archive(ArchiveRequest("digits", MODELS_DIR / "digits", out, version=version), log=lambda *_: None)
+    return out
+
+
+@dataclass
+class RunningServer:
+    """A TorchServe started for tests, with its config and clients."""
+
+    cfg: server.ServerConfig
+    proc: object
+
+    @property
+    def inference(self):
+        return self.cfg.inference()
+
+    @property
+    def management(self):
+        return self.cfg.management()
+
+
+def start_server(tmp: Path, archives_dir: Path, models: dict[str, str], **overrides) -> RunningServer:
+    """Start a server with its own store (copied archives), run dir and ports; wait until ready."""
+    store = tmp / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    for f in models.values():
+        shutil.copy2(archives_dir / f, store / f)
+    cfg = server.ServerConfig(tmp / "run", store, overrides={**port_overrides(), **overrides})
+    proc = server.start(cfg, models, log=lambda *_: None)
+    try:
+        server.wait_ready(cfg, list(models), timeout=300, proc=proc)
+    except Exception:
+        log = cfg.run_dir / "logs" / "torchserve.out"
+        print(log.read_text()[-5000:] if log.exists() else "no log")
+        server.stop(cfg.run_dir)
+        raise
+    return RunningServer(cfg, proc)
+
+
+@pytest.fixture(scope="session")
+def digits_server(tmp_path_factory, archives):
+    """One TorchServe serving digits v1.0 for the whole session."""
+    srv = start_server(tmp_path_factory.mktemp("digits-server"), archives, {"digits": "digits-v1.0.mar"})
+    yield srv
+    server.stop(srv.cfg.run_dir)
