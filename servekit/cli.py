@@ -21,7 +21,8 @@ WATCHER_PID = "watcher.pid"
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=server.DEFAULT_CONFIG, help="config.properties template")
+    p.add_argument("--config", type=Path, default=Path(os.environ.get("SERVEKIT_CONFIG", server.DEFAULT_CONFIG)),
+                   help="config.properties template (default: $SERVEKIT_CONFIG or the repository's)")
     p.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN, help="key_file.json, logs, pid files")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

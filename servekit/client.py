@@ -15,8 +15,15 @@ from .tokens import TokenFile
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
+def auth_failed(resp: requests.Response) -> bool:
+    """Whether TorchServe refused the token (0.12 answers 400 InvalidKeyException, not 401)."""
+    if resp.status_code == 401:
+        return True
+    return resp.status_code == 400 and "InvalidKeyException" in resp.text
+
+
 class _Api:
-    """A requests session that adds the bearer token and retries once on 401 with a re-read token."""
+    """A requests session that adds the bearer token and retries once, with a re-read token, on refusal."""
 
     kind = "inference"
 
@@ -30,14 +37,14 @@ class _Api:
         self.session = requests.Session()
 
     def request(self, method: str, path: str, **kw: Any) -> requests.Response:
-        """Send with the current token; on 401 re-read key_file.json once and retry."""
+        """Send with the current token; if it is refused, re-read key_file.json once and retry."""
         kw.setdefault("timeout", self.timeout)
         headers = dict(kw.pop("headers", None) or {})
         for attempt in (0, 1):
             if self.tokens is not None:
                 headers.update(self.tokens.header(self.kind, force=attempt == 1))
             resp = self.session.request(method, self.base + path, headers=headers, **kw)
-            if resp.status_code != 401 or self.tokens is None:
+            if not auth_failed(resp) or self.tokens is None:
                 return resp
         return resp
 

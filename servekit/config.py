@@ -90,7 +90,7 @@ class HandlerOptions:
         """Torch threads for one worker: explicit, or the machine's cores split across workers."""
         if self.cpu_threads != "auto":
             return int(self.cpu_threads)
-        cpus = cpus or os.cpu_count() or 1
+        cpus = cpus or available_cpus()
         return max(1, cpus // max(1, workers))
 
 
@@ -148,6 +148,21 @@ class ModelConfig:
     def dump(self) -> str:
         """YAML text for the archive."""
         return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def read_properties(path: str | os.PathLike) -> dict[str, str]:

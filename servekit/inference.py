@@ -26,11 +26,11 @@ def select_device(gpu_id: int | str | None) -> torch.device:
 
 
 def amp_dtype(opts: HandlerOptions, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this device; fp16 on a CPU falls back to bf16 (CPU autocast's type)."""
+    """The autocast dtype for this device; fp16 is a GPU setting, so it is off on a CPU (bf16 is kept)."""
     dtype = AMP_DTYPES[opts.amp]
     if dtype is torch.float16 and device.type == "cpu":
-        log.warning("amp fp16 is not supported for CPU autocast; using bf16 on the CPU")
-        return torch.bfloat16
+        log.info("amp fp16 applies on GPUs only; running fp32 on the CPU")
+        return None
     return dtype
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -157,7 +156,8 @@ def start(cfg: ServerConfig, models: dict[str, str] | None = None, log=print) ->
     (cfg.run_dir / "logs").mkdir(exist_ok=True)
     key_file = cfg.run_dir / "key_file.json"
     key_file.unlink(missing_ok=True)  # a stale key file would be mistaken for the new one
-    cmd = [shutil.which("torchserve", path=str(Path(sys.executable).parent)) or "torchserve",
+    # The launcher module runs the same code as the `torchserve` script, wherever it is installed.
+    cmd = [sys.executable, "-m", "ts.model_server",
            "--start", "--foreground", "--ts-config", str(props_file),
            "--model-store", str(cfg.model_store.resolve()), "--ncs"]
     if models:

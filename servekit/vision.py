@@ -36,7 +36,7 @@ def sniff_format(raw: bytes) -> str | None:
 def extract_bytes(item: Any) -> bytes:
     """Image bytes from one TorchServe request item: raw body, multipart field or base64 JSON."""
     if isinstance(item, dict):
-        for key in ("data", "body", "image", "file"):
+        for key in ("data", "body", "image", "file", "b64"):
             if key in item and item[key] is not None:
                 return extract_bytes(item[key])
         if "instances" in item and isinstance(item["instances"], list) and len(item["instances"]) == 1:

@@ -30,6 +30,8 @@ def port_overrides() -> dict[str, str]:
         "inference_address": f"http://127.0.0.1:{free_port()}",
         "management_address": f"http://127.0.0.1:{free_port()}",
         "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
         # Worker ports must not collide with another server on this machine.
         "initial_worker_port": str(20000 + free_port() % 20000),
     }

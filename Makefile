@@ -1,0 +1,74 @@
+# servekit: the one entry point.  `make serve` to serve the default models, `make test` to test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SERVEKIT := $(VENV)/bin/servekit
+STORE ?= model_store
+RUN_DIR ?= .run
+MODEL ?= digits
+IMG ?= tests/data/digit-7.png
+PYTEST_ARGS ?=
+
+.PHONY: help install dev archive serve stop status predict test test-fast bench docker k8s-tools k8s-check clean
+
+help:
+	@echo "make serve      install, archive the default models if missing, start TorchServe + reload watcher"
+	@echo "make stop       stop everything 'make serve' started"
+	@echo "make test       install dev extras and run the whole test suite against real TorchServe"
+	@echo "make archive    build versioned .mar files into $(STORE)/ (WEIGHTS=path for resnet50)"
+	@echo "make predict    IMG=path MODEL=name: classify an image"
+	@echo "make status     health and model versions"
+	@echo "make bench      benchmark our handler against stock TorchServe (JSON + PNG in bench-results/)"
+	@echo "make docker     build the container image (VARIANT=gpu|cpu, BASE_IMAGE=...)"
+	@echo "make k8s-check  render and validate the Kubernetes overlays"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+archive: install
+	$(SERVEKIT) archive --model-store $(STORE)
+
+serve: archive
+	$(SERVEKIT) serve --model-store $(STORE) --run-dir $(RUN_DIR)
+
+stop:
+	@if [ -x $(SERVEKIT) ]; then $(SERVEKIT) stop --run-dir $(RUN_DIR); fi
+
+status: install
+	-$(SERVEKIT) health --model-store $(STORE) --run-dir $(RUN_DIR)
+	-$(SERVEKIT) reload list --model-store $(STORE) --run-dir $(RUN_DIR)
+
+predict: install
+	$(SERVEKIT) predict $(IMG) --model $(MODEL) --model-store $(STORE) --run-dir $(RUN_DIR)
+
+k8s-tools: dev
+	bash scripts/k8s_tools.sh
+
+test: dev k8s-tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: dev
+	$(PY) -m pytest -m "not heavy and not container" $(PYTEST_ARGS)
+
+k8s-check: k8s-tools
+	$(PY) -m pytest tests/test_k8s.py -q
+
+bench: install
+	$(SERVEKIT) bench $(BENCH_ARGS)
+
+docker:
+	VARIANT=$(or $(VARIANT),gpu) BASE_IMAGE=$(BASE_IMAGE) bash docker/build.sh
+
+clean: stop
+	rm -rf build bench-results $(RUN_DIR) $(STORE)/*.mar

@@ -1,0 +1,189 @@
+"""Unit tests of the plain modules: no TorchServe involved."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.digits.model import encode, held_out
+from servekit.config import ConfigError, HandlerOptions, ModelConfig
+from servekit.errors import ExportMismatch, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from servekit.export import check_parity
+from servekit.inference import Engine, amp_dtype
+from servekit.java import find_java, parse_java_version
+from servekit.server import Archive, newest_versions, version_key
+from servekit.tokens import TokenFile
+from servekit.vision import Preprocessor, check_image, extract_bytes, reference_transform
+
+CPU = torch.device("cpu")
+
+
+def natural_image(w: int = 500, h: int = 375, seed: int = 0) -> Image.Image:
+    """A smooth, textured RGB image (not noise: resizing must behave as on a photo)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    chans = [np.sin(xx / (20 + 10 * c)) * np.cos(yy / (15 + 7 * c)) * 90 + 128 + rng.normal(0, 6, (h, w))
+             for c in range(3)]
+    return Image.fromarray(np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8), "RGB")
+
+
+# -- config -----------------------------------------------------------------------------
+def test_handler_options_reject_bad_values_with_actionable_message():
+    with pytest.raises(ConfigError, match="amp must be one of"):
+        HandlerOptions.from_dict({"amp": "fp8"})
+    with pytest.raises(ConfigError, match=r"unknown handler option\(s\) \['colour'\]; known options"):
+        HandlerOptions.from_dict({"colour": 1})
+    with pytest.raises(ConfigError, match="crop <= resize"):
+        HandlerOptions.from_dict({"crop": 300, "resize": 256})
+
+
+def test_model_config_reads_yaml_off_as_amp_off(tmp_path):
+    cfg_file = tmp_path / "model-config.yaml"
+    cfg_file.write_text("batchSize: 4\nmaxWorkers: 2\nhandler:\n  amp: off\n  cpu_threads: auto\n")
+    cfg = ModelConfig.load(cfg_file)
+    assert cfg.handler.amp == "off" and cfg.batch_size == 4
+    assert cfg.handler.threads(workers=2, cpus=16) == 8
+    assert cfg.with_version("3.1").handler.version == "3.1"
+    cfg_file.write_text("batchSize: four\n")
+    with pytest.raises(ConfigError, match="must be integers"):
+        ModelConfig.load(cfg_file)
+
+
+# -- decoding and preprocessing ----------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_preprocess_matches_torchvision_reference(fmt):
+    opts = HandlerOptions()
+    img = natural_image()
+    raw = encode(img, fmt)
+    pre = Preprocessor(opts, CPU)
+    ours = pre.to_batch([pre.decode_cpu(raw)])[0]
+    ref = reference_transform(opts)(Image.open(io.BytesIO(raw)))
+    assert ours.shape == ref.shape == (3, 224, 224)
+    diff = (ours - ref).abs()
+    # PIL and tensor antialiasing differ by rounding only: within 2/255 of the normalised range.
+    assert diff.mean() < 0.02 and diff.max() < 0.2, (diff.mean(), diff.max())
+
+
+def test_grayscale_preprocess_matches_reference():
+    opts = HandlerOptions(channels=1, resize=28, crop=28, mean=(0.5,), std=(0.5,))
+    img, _ = held_out(1)[0]
+    raw = encode(img, "PNG")
+    pre = Preprocessor(opts, CPU)
+    ours = pre.to_batch([pre.decode_cpu(raw)])[0]
+    ref = reference_transform(opts)(Image.open(io.BytesIO(raw)))
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_extract_bytes_accepts_raw_multipart_and_base64():
+    raw = encode(natural_image(64, 48), "JPEG")
+    assert extract_bytes(raw) == raw
+    assert extract_bytes({"data": raw}) == raw
+    assert extract_bytes({"data": base64.b64encode(raw).decode()}) == raw
+    assert extract_bytes({"instances": [{"b64": base64.b64encode(raw).decode()}]}) == raw
+    with pytest.raises(InvalidInput, match="not valid base64"):
+        extract_bytes({"data": "***not base64***"})
+    with pytest.raises(InvalidInput, match="empty body"):
+        extract_bytes(b"")
+    with pytest.raises(InvalidInput, match="no image found"):
+        extract_bytes({"text": "hello"})
+    with pytest.raises(InvalidInput, match="malformed JSON"):
+        extract_bytes(b'{"data": ')
+
+
+def test_check_image_refuses_bombs_non_images_and_oversize():
+    opts = HandlerOptions(max_image_pixels=1000 * 1000, max_image_bytes=50_000)
+    bomb = encode(Image.new("L", (2000, 2000)), "PNG")  # tiny file, 4 megapixels declared
+    with pytest.raises(PayloadTooLarge, match="max_image_pixels"):
+        check_image(bomb, opts)
+    with pytest.raises(UnsupportedMediaType, match="not a JPEG or PNG"):
+        check_image(b"GIF89a....", opts)
+    with pytest.raises(PayloadTooLarge, match="max_image_bytes"):
+        check_image(b"\xff\xd8\xff" + b"\0" * 60_000, opts)
+    truncated = encode(natural_image(), "JPEG")[:20]
+    with pytest.raises(InvalidInput):
+        check_image(truncated, HandlerOptions())
+
+
+# -- inference and postprocessing --------------------------------------------------------
+class _Fixed(torch.nn.Module):
+    def forward(self, x):
+        logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+        return logits.repeat(x.shape[0], 1)
+
+
+def test_topk_orders_classes_and_probabilities():
+    from servekit.artifacts import LoadedModel
+
+    engine = Engine(LoadedModel(_Fixed(), "torchscript", CPU, autocast=True), HandlerOptions(topk=3))
+    top = engine.topk(engine.forward(torch.zeros(2, 3, 4, 4)), 3)
+    expected = torch.softmax(torch.tensor([0.0, 3.0, 1.0, 2.0]), 0)
+    assert top.indices == [[1, 3, 2], [1, 3, 2]]
+    assert top.probs[0] == pytest.approx(expected[[1, 3, 2]].tolist(), rel=1e-6)
+
+
+def test_fp16_amp_is_a_gpu_setting():
+    assert amp_dtype(HandlerOptions(amp="fp16"), CPU) is None
+    assert amp_dtype(HandlerOptions(amp="bf16"), CPU) is torch.bfloat16
+
+
+def test_export_parity_check_refuses_a_disagreeing_artifact():
+    model = torch.nn.Linear(8, 4).eval()
+    x = torch.randn(5, 8)
+    err, agree = check_parity(model, model, x)
+    assert err == 0 and agree == 1
+    wrong = torch.nn.Linear(8, 4).eval()
+    with pytest.raises(ExportMismatch, match="relative error .* > tolerance"):
+        check_parity(model, wrong, x)
+
+
+def test_classifier_keeps_order_and_fails_bad_items_alone(tmp_path):
+    from servekit.classify import ImageClassifier
+    from models.digits.model import DigitsNet
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    torch.jit.trace(DigitsNet().eval(), torch.zeros(1, 1, 28, 28)).save(str(path))
+    opts = ModelConfig.load("models/digits/model-config.yaml").handler
+    clf = ImageClassifier(path, opts, CPU, [str(i) for i in range(10)])
+    good = encode(held_out(1)[0][0], "PNG")
+    results = clf.predict([good, b"not an image", good, InvalidInput("pre-failed")])
+    assert isinstance(results[1], UnsupportedMediaType)
+    assert isinstance(results[3], InvalidInput) and results[3].message == "pre-failed"
+    assert results[0] == results[2] and len(results[0]["predictions"]) == opts.topk
+    probs = [p["probability"] for p in results[0]["predictions"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+# -- Java, tokens, versions --------------------------------------------------------------
+def test_java_version_parsing_and_discovery():
+    assert parse_java_version('openjdk version "17.0.15" 2025-04-15') == 17
+    assert parse_java_version('java version "1.8.0_292"') == 8
+    assert parse_java_version("garbage") is None
+    assert find_java().major >= 17
+
+
+def test_token_file_rereads_on_change(tmp_path):
+    path = tmp_path / "key_file.json"
+
+    def write(inf):
+        path.write_text(json.dumps({"management": {"key": "m"}, "inference": {"key": inf}, "API": {"key": "a"}}))
+
+    write("one")
+    tokens = TokenFile(path)
+    assert tokens.header() == {"Authorization": "Bearer one"}
+    write("second")
+    assert tokens.header()["Authorization"] == "Bearer second"
+    assert tokens.keys().management == "m"
+
+
+def test_versions_sort_numerically():
+    assert version_key("1.10") > version_key("1.9") > version_key("1.0")
+    arcs = [Archive(None, "m", v) for v in ("1.0", "2.0", "1.10")] + [Archive(None, "n", "0.1")]
+    best = newest_versions(arcs)
+    assert best["m"].version == "2.0" and best["n"].version == "0.1"

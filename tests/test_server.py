@@ -1,0 +1,180 @@
+"""The core, end to end: a real TorchServe serving the digits model over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import ROOT, port_overrides
+from models.digits.model import encode, held_out
+from servekit import server
+from servekit.client import auth_failed
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def digits_images():
+    """Held-out digits (never seen in training) with their labels."""
+    return held_out()
+
+
+def _classify_all(srv, images, fmt):
+    client = srv.inference
+    ctype = "image/png" if fmt == "PNG" else "image/jpeg"
+
+    def one(pair):
+        img, label = pair
+        resp = client.predict("digits", encode(img, fmt), ctype)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["predictions"][0]["label"] == str(label)
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent, so TorchServe batches them
+        return list(pool.map(one, images))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_held_out_digits_are_classified_over_http(digits_server, digits_images, fmt):
+    hits = _classify_all(digits_server, digits_images, fmt)
+    accuracy = sum(hits) / len(hits)
+    print(f"{fmt}: {accuracy:.3%} of {len(hits)} held-out digits")
+    assert len(hits) >= 400 and accuracy >= 0.95
+
+
+def test_answer_shape_and_version_header(digits_server, digits_images):
+    img, label = digits_images[0]
+    resp = digits_server.inference.predict("digits", encode(img, "PNG"), "image/png")
+    assert resp.status_code == 200
+    assert resp.headers["X-Model-Version"] == "1.0" and resp.headers["X-Model-Name"] == "digits"
+    preds = resp.json()["predictions"]
+    assert [p["label"] for p in preds][0] == str(label) and len(preds) == 3
+    assert preds[0]["probability"] > 0.5 and preds[0]["probability"] >= preds[1]["probability"]
+
+
+def test_multipart_and_base64_json_inputs(digits_server, digits_images):
+    img, label = digits_images[1]
+    png = encode(img, "PNG")
+    inf = digits_server.inference
+    multipart = inf.request("POST", "/predictions/digits", files={"data": ("d.png", png, "image/png")})
+    as_json = inf.request("POST", "/predictions/digits", json={"data": base64.b64encode(png).decode()})
+    for resp in (multipart, as_json):
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["predictions"][0]["label"] == str(label)
+
+
+def test_a_bad_item_in_a_batch_fails_alone(digits_server, digits_images):
+    """Concurrent good and bad requests share batches; each bad one gets its own 4xx."""
+    inf = digits_server.inference
+    good = [(encode(img, "PNG"), "image/png", label) for img, label in digits_images[:12]]
+    bad = [(b"definitely not an image", "image/png", None), (b"", "image/png", None),
+           (encode(digits_images[0][0], "JPEG")[:40], "image/jpeg", None)]
+    items = [x for pair in zip(good, bad * 4) for x in pair]
+
+    def send(item):
+        body, ctype, label = item
+        return label, inf.predict("digits", body, ctype)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, items))
+    for label, resp in results:
+        if label is None:
+            assert 400 <= resp.status_code < 500, resp.text
+            assert resp.json()["message"]
+        else:
+            assert resp.status_code == 200 and resp.json()["predictions"][0]["label"] == str(label)
+
+
+def test_requests_without_or_with_a_wrong_token_are_rejected(digits_server, digits_images):
+    """TorchServe 0.12 refuses a bad token with 400 InvalidKeyException (401 in later releases)."""
+    cfg = digits_server.cfg
+    inf, mgmt = cfg.address("inference_address"), cfg.address("management_address")
+    body = encode(digits_images[0][0], "PNG")
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        resp = requests.post(f"{inf}/predictions/digits", data=body, timeout=30,
+                             headers={**headers, "Content-Type": "image/png"})
+        assert auth_failed(resp), resp.text
+        assert auth_failed(requests.get(f"{inf}/ping", headers=headers, timeout=30))
+        assert auth_failed(requests.get(f"{mgmt}/models", headers=headers, timeout=30))
+    # The inference key does not open the management API, and the right keys do.
+    assert auth_failed(requests.get(f"{mgmt}/models", headers=cfg.tokens.header("inference"), timeout=30))
+    assert requests.get(f"{mgmt}/models", headers=cfg.tokens.header("management"), timeout=30).status_code == 200
+    assert requests.get(f"{inf}/ping", headers=cfg.tokens.header("inference"), timeout=30).status_code == 200
+
+
+def test_ping_reports_healthy(digits_server):
+    resp = digits_server.inference.ping()
+    assert resp.status_code == 200 and resp.json()["status"] == "Healthy"
+
+
+def test_metrics_report_handler_stage_timings(digits_server, digits_images):
+    for img, _ in digits_images[:3]:
+        assert digits_server.inference.predict("digits", encode(img, "PNG"), "image/png").status_code == 200
+    text = ""
+    for _ in range(20):  # metrics reach the frontend through the worker log; allow a moment
+        text = requests.get(digits_server.cfg.address("metrics_address") + "/metrics", timeout=30).text
+        if "StageInferTime" in text:
+            break
+        time.sleep(0.5)
+    for name in ("StageDecodeTime", "StageInferTime", "StagePostprocessTime", "HandlerItems"):
+        lines = [l for l in text.splitlines() if l.startswith(name) and 'ModelName="digits"' in l]
+        assert lines, f"{name} missing from /metrics"
+        assert float(lines[0].rsplit(" ", 1)[1]) >= 0
+
+
+def test_effective_config_is_secure_by_default(digits_server):
+    props = digits_server.cfg.properties()
+    assert props["disable_token_authorization"] == "false"
+    assert props["install_py_dep_per_model"] == "false"
+    allowed = re.compile(props["allowed_urls"].replace("\\\\", "\\"))  # as Java reads the file
+    store = digits_server.cfg.model_store
+    assert allowed.fullmatch(f"file://{store}/digits-v1.0.mar")
+    for url in ("http://example.com/x.mar", "file:///etc/x.mar", f"file://{store}/../x.mar/y.mar"):
+        assert not allowed.fullmatch(url), url
+    repo = server.read_properties(ROOT / "config.properties")
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert repo[key].startswith("http://127.0.0.1:")
+
+
+def test_cli_serve_predict_health_stop_leaves_no_process(tmp_path, archives):
+    """`servekit serve` starts, answers, reports healthy; `servekit stop` leaves nothing behind."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "digits-v1.0.mar").write_bytes((archives / "digits-v1.0.mar").read_bytes())
+    run = tmp_path / "run"
+    sets = [arg for k, v in port_overrides().items() for arg in ("--set", f"{k}={v}")]
+    common = ["--model-store", str(store), "--run-dir", str(run), *sets]
+    cli = [sys.executable, "-m", "servekit.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([*cli, "serve", "--no-watch", *common], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "java:" in out.stdout and "Authorization: Bearer" in out.stdout
+    pgid = server.read_pid(run)
+    assert pgid and server.group_members(pgid)
+    try:
+        health = subprocess.run([*cli, "health", *common], capture_output=True, text=True, env=env, timeout=60)
+        assert health.returncode == 0 and "digits v1.0" in health.stdout
+        pred = subprocess.run([*cli, "predict", str(ROOT / "tests/data/digit-7.png"), *common],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert pred.returncode == 0, pred.stderr
+        assert pred.stdout.splitlines()[1].split()[-1] == "7"
+        # The curl line printed by serve works as printed.
+        curl = next(l for l in out.stdout.splitlines() if l.strip().startswith("curl"))
+        nxt = out.stdout.splitlines()[out.stdout.splitlines().index(curl) + 1]
+        shell = (curl.rstrip("\\") + " " + nxt.strip()).replace("@tests/", f"@{ROOT}/tests/")
+        answer = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
+        assert json.loads(answer.stdout)["predictions"][0]["label"] == "7", answer.stdout + answer.stderr
+    finally:
+        stop = subprocess.run([*cli, "stop", "--run-dir", str(run)], capture_output=True, text=True, env=env, timeout=120)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert server.group_members(pgid) == []
+    health = subprocess.run([*cli, "health", *common], capture_output=True, text=True, env=env, timeout=60)
+    assert health.returncode == 1
