@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import requests
+
 from . import server
 from .errors import ServeKitError
 
@@ -285,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     except ServeKitError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    except requests.ConnectionError as exc:
+        url = exc.request.url if exc.request is not None else "the server"
+        print(f"error: cannot reach {url}: is TorchServe running? (make serve)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -167,15 +167,15 @@ class Preprocessor:
                 return err
 
     # -- geometry and normalisation ----------------------------------------------------
-    def resize_crop(self, img: torch.Tensor) -> torch.Tensor:
-        """Resize the short side to ``resize`` (antialiased, bilinear) and centre-crop ``crop``."""
-        _, h, w = img.shape
+    def resize_crop(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Resize the short side of same-sized NCHW images to ``resize`` (antialiased) and centre-crop."""
+        h, w = imgs.shape[-2:]
         size = self.opts.resize
         if h <= w:
             nh, nw = size, max(1, int(size * w / h))
         else:
             nh, nw = max(1, int(size * h / w)), size
-        x = img.unsqueeze(0).float()
+        x = imgs.float()
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         c = self.opts.crop
@@ -184,9 +184,16 @@ class Preprocessor:
         return x[:, :, top : top + c, left : left + c]
 
     def to_batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Stack decoded images into one normalised NCHW batch on the model's device."""
-        crops = [self.resize_crop(img.to(self.device, non_blocking=True)) for img in images]
-        x = torch.cat(crops, 0).clamp_(0, 255).round_()
+        """One normalised NCHW batch on the model's device; same-sized images are resized together."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+        c = self.opts.crop
+        x = torch.empty((len(images), self.opts.channels, c, c), device=self.device)
+        for idx in groups.values():
+            stacked = torch.stack([images[i].to(self.device, non_blocking=True) for i in idx])
+            x[torch.tensor(idx, device=self.device) if len(idx) < len(images) else slice(None)] = self.resize_crop(stacked)
+        x = x.clamp_(0, 255).round_()
         x = (x - self.mean) * self.inv_std
         return x.to(dtype=self.dtype, memory_format=self.memory_format).contiguous(
             memory_format=self.memory_format

@@ -187,3 +187,13 @@ def test_versions_sort_numerically():
     arcs = [Archive(None, "m", v) for v in ("1.0", "2.0", "1.10")] + [Archive(None, "n", "0.1")]
     best = newest_versions(arcs)
     assert best["m"].version == "2.0" and best["n"].version == "0.1"
+
+
+def test_batch_of_mixed_sizes_keeps_order():
+    """Same-sized images are resized together; the batch order is the input order."""
+    pre = Preprocessor(HandlerOptions(), CPU)
+    sizes = [(500, 375), (320, 480), (500, 375), (256, 256)]
+    imgs = [pre.decode_cpu(encode(natural_image(w, h, seed=i), "PNG")) for i, (w, h) in enumerate(sizes)]
+    batch = pre.to_batch(imgs)
+    for i, img in enumerate(imgs):
+        assert torch.allclose(batch[i], pre.to_batch([img])[0], atol=1e-5), i

@@ -1,0 +1,11 @@
+"""`servekit archive` as a script: see `python scripts/archive.py --help`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from servekit.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["archive", *sys.argv[1:]]))

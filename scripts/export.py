@@ -1,0 +1,11 @@
+"""`servekit export` as a script: see `python scripts/export.py --help`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from servekit.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["export", *sys.argv[1:]]))
