@@ -10,7 +10,7 @@ MODEL ?= digits
 IMG ?= tests/data/digit-7.png
 PYTEST_ARGS ?=
 
-.PHONY: help install dev archive serve stop status predict test test-fast bench docker k8s-tools k8s-check clean
+.PHONY: help install dev archive serve stop status rollout rollback versions predict test test-fast bench docker k8s-tools k8s-check clean
 
 help:
 	@echo "make serve      install, archive the default models if missing, start TorchServe + reload watcher"
@@ -19,6 +19,7 @@ help:
 	@echo "make archive    build versioned .mar files into $(STORE)/ (WEIGHTS=path for resnet50)"
 	@echo "make predict    IMG=path MODEL=name: classify an image"
 	@echo "make status     health and model versions"
+	@echo "make rollout    MODEL=name VERSION=v: make a version the default (rollback: MODEL=name)"
 	@echo "make bench      benchmark our handler against stock TorchServe (JSON + PNG in bench-results/)"
 	@echo "make docker     build the container image (VARIANT=gpu|cpu, BASE_IMAGE=...)"
 	@echo "make k8s-check  render and validate the Kubernetes overlays"
@@ -48,6 +49,15 @@ stop:
 status: install
 	-$(SERVEKIT) health --model-store $(STORE) --run-dir $(RUN_DIR)
 	-$(SERVEKIT) reload list --model-store $(STORE) --run-dir $(RUN_DIR)
+
+rollout: install
+	$(SERVEKIT) reload rollout $(MODEL) $(VERSION) --model-store $(STORE) --run-dir $(RUN_DIR)
+
+rollback: install
+	$(SERVEKIT) reload rollback $(MODEL) --model-store $(STORE) --run-dir $(RUN_DIR)
+
+versions: install
+	$(SERVEKIT) reload list --model-store $(STORE) --run-dir $(RUN_DIR)
 
 predict: install
 	$(SERVEKIT) predict $(IMG) --model $(MODEL) --model-store $(STORE) --run-dir $(RUN_DIR)

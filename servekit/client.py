@@ -23,9 +23,10 @@ def auth_failed(resp: requests.Response) -> bool:
 
 
 class _Api:
-    """A requests session that adds the bearer token and retries once, with a re-read token, on refusal."""
+    """A requests session that adds the bearer token and carries requests through key rotation."""
 
     kind = "inference"
+    attempts = 6
 
     def __init__(self, base_url: str, token_file: str | os.PathLike | TokenFile | None, timeout: float = 60.0):
         self.base = base_url.rstrip("/")
@@ -37,15 +38,20 @@ class _Api:
         self.session = requests.Session()
 
     def request(self, method: str, path: str, **kw: Any) -> requests.Response:
-        """Send with the current token; if it is refused, re-read key_file.json once and retry."""
+        """Send with the current token; while it is refused, re-read key_file.json and retry.
+
+        Keys rotate (token API) and expire; a refused key is retried a few times with a fresh
+        read, since TorchServe writes the new key file just after it starts refusing the old key.
+        """
         kw.setdefault("timeout", self.timeout)
         headers = dict(kw.pop("headers", None) or {})
-        for attempt in (0, 1):
+        for attempt in range(self.attempts):
             if self.tokens is not None:
-                headers.update(self.tokens.header(self.kind, force=attempt == 1))
+                headers.update(self.tokens.header(self.kind, force=attempt > 0))
             resp = self.session.request(method, self.base + path, headers=headers, **kw)
             if not auth_failed(resp) or self.tokens is None:
                 return resp
+            time.sleep(0.05 * (attempt + 1))
         return resp
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +27,32 @@ class TokenFile:
         self._keys: Keys | None = None
 
     def keys(self, force: bool = False) -> Keys:
-        """Current keys; re-reads the file when its mtime or size changed, or when forced."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{self.path} not found: is TorchServe running with token authorization "
-                "from this run directory?"
-            ) from None
-        stamp = (st.st_mtime_ns, st.st_size)
-        if force or self._keys is None or stamp != self._stamp:
-            self._keys = parse_keys(self.path.read_text())
-            self._stamp = stamp
+        """Current keys; re-read when the file changed (or when forced).
+
+        TorchServe rewrites the file in place when keys rotate, so a read can catch it half
+        written: retry briefly, then keep the last good keys.
+        """
+        for attempt in range(5):
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                if self._keys is not None:
+                    return self._keys
+                raise FileNotFoundError(
+                    f"{self.path} not found: is TorchServe running with token authorization "
+                    "from this run directory?"
+                ) from None
+            stamp = (st.st_mtime_ns, st.st_size)
+            if not force and self._keys is not None and stamp == self._stamp:
+                return self._keys
+            try:
+                self._keys = parse_keys(self.path.read_text())
+                self._stamp = stamp
+                return self._keys
+            except (ValueError, KeyError, TypeError):
+                time.sleep(0.02 * (attempt + 1))
+        if self._keys is None:
+            raise ValueError(f"{self.path} does not hold TorchServe keys")
         return self._keys
 
     def header(self, kind: str = "inference", force: bool = False) -> dict[str, str]:

@@ -1,0 +1,413 @@
+"""Hot reload against a real TorchServe: publish, fail, roll back, rotate keys, restart and remove, under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import free_port, start_server
+from servekit import reload, server
+from servekit.archive import MODELS_DIR, ArchiveRequest, archive
+from servekit.client import model_states, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from reload_failing_handler import LOAD_ERROR  # noqa: E402
+
+INTERVAL = 0.5
+THREADS = 8
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def publish(src: Path, store: Path) -> float:
+    """Publish like `servekit archive` does: copy to a hidden .part file, then rename; returns the rename time."""
+    target = store / src.name
+    part = store / f".{target.name}.part"
+    shutil.copyfile(src, part)
+    os.replace(part, target)
+    return time.monotonic()
+
+
+def server_args(cfg: server.ServerConfig) -> list[str]:
+    """The command-line arguments that point `servekit reload` at a server."""
+    args = ["--run-dir", str(cfg.run_dir), "--model-store", str(cfg.model_store), "--config", str(cfg.template)]
+    for k, v in cfg.overrides.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+class WatcherProcess:
+    """`python -m servekit.reload watch` as its own process, as `servekit serve` runs it."""
+
+    def __init__(self, cfg: server.ServerConfig, log: Path, *extra: str):
+        self.cfg, self.log, self.extra = cfg, log, extra
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "WatcherProcess":
+        cmd = [sys.executable, "-m", "servekit.reload", "watch", *server_args(self.cfg),
+               "--interval", str(INTERVAL), *self.extra]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; the exit code (None if it was not running)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def status(self) -> dict:
+        path = self.cfg.run_dir / reload.STATUS_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def wait_polls(self, count: int = 2, timeout: float = 60) -> dict:
+        """Wait for ``count`` further completed polls of this watcher process; the status after them."""
+        seen: list[str] = []
+
+        def polled():
+            w = self.status().get("watcher", {})
+            assert self.proc.poll() is None, f"watcher exited with {self.proc.returncode}:\n{self.tail()}"
+            if w.get("pid") == self.proc.pid and w.get("state") == "running" and w.get("heartbeat") not in seen:
+                seen.append(w["heartbeat"])
+            return len(seen) > count
+
+        wait_until(polled, timeout, interval=INTERVAL / 2, what=f"{count} polls of the watcher")
+        return self.status()
+
+    def tail(self, chars: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+
+
+class Load:
+    """Clients posting real digit PNGs and checking each label; records (time, version) of every good answer."""
+
+    def __init__(self, cfg: server.ServerConfig, samples: list[tuple[bytes, str]], threads: int = THREADS):
+        self.cfg, self.samples, self.threads = cfg, samples, threads
+        self.answers: list[tuple[float, str]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+
+    def start(self) -> "Load":
+        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)]
+        for t in self._workers:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(timeout=120)
+
+    def _run(self, seed: int) -> None:
+        client = reload.inference_client(self.cfg, timeout=60)
+        rng = random.Random(seed)
+        while not self._stop.is_set():
+            body, label = rng.choice(self.samples)
+            try:
+                resp = client.predict("digits", body, "image/png")
+            except requests.RequestException as exc:
+                self.failures.append(f"{time.monotonic():.3f} connection: {exc}")
+                continue
+            if resp.status_code != 200:
+                self.failures.append(f"{time.monotonic():.3f} {resp.status_code}: {resp.text[:200]}")
+                continue
+            top = resp.json()["predictions"][0]["label"]
+            if top != label:
+                self.failures.append(f"{time.monotonic():.3f} predicted {top}, expected {label}")
+                continue
+            self.answers.append((time.monotonic(), resp.headers.get("X-Model-Version", "?")))
+            time.sleep(0.02)  # bounded load: leave the 2 cores some room for the worker being started
+
+    def first(self, version: str, after: float = 0.0) -> float | None:
+        return min((t for t, v in list(self.answers) if v == version and t >= after), default=None)
+
+    def versions(self, start: float, end: float = float("inf")) -> Counter:
+        return Counter(v for t, v in list(self.answers) if start <= t <= end)
+
+
+def digit_samples(cfg: server.ServerConfig, count: int = 60) -> list[tuple[bytes, str]]:
+    """Held-out digits the served model classifies correctly (so a wrong label means a wrong answer)."""
+    from models.digits.model import encode, held_out
+
+    client = cfg.inference()
+    good = []
+    for image, label in held_out(count):
+        body = encode(image, "PNG")
+        resp = client.predict("digits", body, "image/png")
+        assert resp.status_code == 200, resp.text
+        if resp.json()["predictions"][0]["label"] == str(label):
+            good.append((body, str(label)))
+    assert len(good) >= count * 0.8, f"only {len(good)}/{count} held-out digits classified correctly"
+    return good
+
+
+def versions_of(cfg: server.ServerConfig, model: str = "digits") -> tuple[list[str], str | None]:
+    """Registered versions of a model (sorted) and its default."""
+    states = [s for s in model_states(reload.management_client(cfg)) if s.name == model]
+    return sorted(s.version for s in states), next((s.version for s in states if s.default), None)
+
+
+def rotate_keys(cfg: server.ServerConfig) -> None:
+    """Regenerate the management and inference keys through the token API, as an operator would."""
+    base = cfg.address("management_address")
+    for kind in ("management", "inference"):
+        api_key = cfg.tokens.keys(force=True).api
+        resp = requests.post(f"{base}/token", params={"type": kind},
+                             headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+
+
+def failing_archives(staging: Path, source: Path) -> tuple[Path, Path]:
+    """digits v3.0 as random bytes, and digits v3.1 that registers but whose workers fail to load."""
+    staging.mkdir(parents=True, exist_ok=True)
+    corrupt = staging / "digits-v3.0.mar"
+    corrupt.write_bytes(random.Random(3).randbytes(64 * 1024))
+    refusing = archive(ArchiveRequest("digits", MODELS_DIR / "digits", staging, version="3.1",
+                                      artifact=_extract(source, "model.pt", staging),
+                                      handler=FIXTURES / "reload_failing_handler.py"), log=lambda *_: None)
+    return corrupt, refusing
+
+
+def _extract(mar: Path, member: str, out: Path) -> Path:
+    """Pull one file (and labels.json beside it) out of an archive, to package it again."""
+    with zipfile.ZipFile(mar) as zf:
+        for name in (member, "labels.json"):
+            (out / name).write_bytes(zf.read(name))
+    return out / member
+
+
+# -- store scanning and pin rules (no server) ---------------------------------------------------
+def test_scanner_takes_only_settled_readable_archives(tmp_path, archives):
+    store = tmp_path / "store"
+    store.mkdir()
+    scanner = reload.StoreScanner(store, settle=0.3)
+    shutil.copyfile(archives / "digits-v1.0.mar", store / ".digits-v1.0.mar.part")
+    (store / "digits-v9.0.mar.tmp").write_bytes(b"half")
+    (store / ".hidden.mar").write_bytes(b"hidden")
+    scan = scanner.poll()
+    assert (scan.archives, scan.bad, scan.pending) == ([], [], [])
+
+    os.replace(store / ".digits-v1.0.mar.part", store / "digits-v1.0.mar")
+    assert scanner.poll().pending == [store / "digits-v1.0.mar"]
+    assert scanner.poll().archives == [], "taken before it held still for the settle time"
+    time.sleep(0.35)
+    scan = scanner.poll()
+    assert [(a.name, a.version, a.error) for a in scan.archives] == [("digits", "1.0", None)]
+
+    growing = store / "digits-v3.0.mar"
+    growing.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    scanner.poll()
+    time.sleep(0.35)
+    with open(growing, "ab") as f:
+        f.write(b"\0" * 100)
+    assert growing in scanner.poll().pending, "a file that changed between polls was taken"
+    time.sleep(0.35)
+    scan = scanner.poll()
+    assert [(b.name, b.version) for b in scan.bad] == [("digits", "3.0")]
+    assert "not a valid model archive" in scan.bad[0].error
+
+
+def test_pins_hold_until_a_newer_version_arrives():
+    assert reload.choose_version([], None) is None
+    assert reload.choose_version(["1.0", "2.0", "10.0", "9.5"], None) == "10.0"
+    pin = reload.Pin("1.0", newest="2.0")
+    assert reload.choose_version(["1.0", "2.0"], pin) == "1.0"
+    assert reload.choose_version(["1.0", "2.0", "1.5"], pin) == "1.0", "an older publish released the pin"
+    assert reload.choose_version(["1.0", "2.0", "2.1"], pin) == "2.1"
+    assert reload.choose_version(["2.0", "3.0"], pin) == "3.0", "a pin on a version no longer usable held"
+
+
+# -- under load -----------------------------------------------------------------------------------
+@pytest.mark.server
+@pytest.mark.heavy
+def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archives):
+    """v1 -> v2 by publishing, corrupt and failing v3 ignored, rollback, rollout, key rotation: no failed request."""
+    corrupt, refusing = failing_archives(tmp_path / "staging", archives / "digits-v1.0.mar")
+    srv = start_server(tmp_path / "srv", archives, {"digits": "digits-v1.0.mar"})
+    cfg, store = srv.cfg, srv.cfg.model_store
+    watcher = WatcherProcess(cfg, tmp_path / "watcher.log", "--metrics-port", str(free_port()))
+    load = Load(cfg, digit_samples(cfg))
+    try:
+        watcher.start()
+        status = watcher.wait_polls(2)
+        assert status["models"]["digits"]["default"] == "1.0"
+        load.start()
+        load_started = time.monotonic()
+        time.sleep(2)
+
+        # A new version: published by rename, answering within seconds, the old one retired.
+        published = publish(archives / "digits-v2.0.mar", store)
+        wait_until(lambda: load.first("2.0"), 60, what=f"a v2.0 answer\n{watcher.tail()}")
+        first_v2 = load.first("2.0") - published
+        wait_until(lambda: versions_of(cfg) == (["2.0"], "2.0"), 60, what="v1.0 to be unregistered")
+        switched = time.monotonic()
+        event = watcher.status()["models"]["digits"].get("last_event", {})
+        assert (event.get("event"), event.get("version")) == ("default", "2.0"), event
+        print(f"\npublish -> first v2.0 answer: {first_v2:.2f} s (register to default: {event['seconds']} s)")
+
+        # Keys rotate while the watcher and the clients run.
+        rotate_keys(cfg)
+        time.sleep(1)
+        rotate_keys(cfg)
+
+        # A corrupt archive and one whose model fails to load change nothing.
+        publish(corrupt, store)
+        publish(refusing, store)
+
+        def both_failed():
+            failed = watcher.status().get("failed_archives", {})
+            return {"digits-v3.0.mar", "digits-v3.1.mar"} <= set(failed) and failed
+
+        failed = wait_until(both_failed, 120, what=f"both v3 archives to be recorded as failed\n{watcher.tail()}")
+        assert "not a valid model archive" in failed["digits-v3.0.mar"]["reason"]
+        assert LOAD_ERROR in failed["digits-v3.1.mar"]["reason"], failed["digits-v3.1.mar"]
+        assert versions_of(cfg) == (["2.0"], "2.0"), "a failed version stayed registered or took over"
+        status = watcher.wait_polls(3)
+        assert len(status["models"]["digits"]["failures"]) == 2, "a failed archive was retried"
+        assert status["watcher"]["failed_polls"] == 0, status["watcher"]["last_error"]
+        listing = inventory_text(cfg)
+        assert "digits-v3.1.mar" in listing and LOAD_ERROR in listing, listing
+        assert "digits-v3.0.mar" in listing and "FAILED" in listing, listing
+        assert set(load.versions(switched + 3)) == {"2.0"}, "v1.0 answered after the switch"
+
+        # Roll back to v1.0 (the watcher must not roll forward again), then out to v2.0.
+        assert reload.main(["rollback", "digits", *server_args(cfg)]) == 0
+        rolled_back = time.monotonic()
+        assert versions_of(cfg) == (["1.0"], "1.0")
+        assert reload.read_pins(store)["digits"].version == "1.0"
+        watcher.wait_polls(3)
+        assert versions_of(cfg) == (["1.0"], "1.0"), "the watcher rolled forward past the pin"
+        assert set(load.versions(rolled_back + 0.5)) == {"1.0"}
+
+        assert reload.main(["rollout", "digits", "2.0", *server_args(cfg)]) == 0
+        rolled_out = time.monotonic()
+        assert versions_of(cfg) == (["2.0"], "2.0")
+        time.sleep(2)
+        assert set(load.versions(rolled_out + 0.5)) == {"2.0"}
+        metrics = requests.get(f"http://127.0.0.1:{watcher.extra[1]}/metrics", timeout=10).text
+    finally:
+        load.stop()
+        load_seconds = time.monotonic() - load_started
+        code = watcher.stop()
+        server.stop(cfg.run_dir)
+    assert code == 0, watcher.tail()
+    assert not load.failures, f"{len(load.failures)} failed requests, first: {load.failures[:5]}"
+    seen = load.versions(0)
+    assert seen["1.0"] > 50 and seen["2.0"] > 50, seen
+    assert 'servekit_reload_total{model="digits",result="success"} 1.0' in metrics
+    assert 'servekit_reload_total{model="digits",result="failure"} 2.0' in metrics
+    assert 'servekit_model_default_version_info{model="digits",version="2.0"} 1.0' in metrics
+    assert "Traceback" not in watcher.tail(10**6), watcher.tail()
+    result = {"publish_to_first_v2_s": round(first_v2, 3), "requests": sum(seen.values()),
+              "answers_by_version": dict(seen), "clients": THREADS, "poll_interval_s": INTERVAL,
+              "register_to_default_s": event["seconds"],
+              "steps_s": event.get("steps"), "load_seconds": round(load_seconds, 1),
+              "requests_per_s": round(sum(seen.values()) / load_seconds, 1)}
+    (tmp_path / "reload-timing.json").write_text(json.dumps(result, indent=2))
+    print(f"reload timing: {json.dumps(result)} ({tmp_path / 'reload-timing.json'})")
+    assert first_v2 < 60
+
+
+def inventory_text(cfg: server.ServerConfig) -> str:
+    """What `servekit reload list` prints."""
+    proc = subprocess.run([sys.executable, "-m", "servekit.reload", "list", *server_args(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# -- restart, new models, removal ----------------------------------------------------------------------
+@pytest.mark.server
+@pytest.mark.heavy
+def test_restart_is_idempotent_and_removed_archives_unregister(tmp_path, archives):
+    srv = start_server(tmp_path / "srv", archives, {"digits": "digits-v2.0.mar"})
+    cfg, store = srv.cfg, srv.cfg.model_store
+    shutil.copyfile(archives / "digits-v1.0.mar", store / "digits-v1.0.mar")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    other = archive(ArchiveRequest("digits-b", MODELS_DIR / "digits", staging, version="1.0",
+                                   artifact=_extract(archives / "digits-v1.0.mar", "model.pt", staging)),
+                    log=lambda *_: None)
+    metrics_port = free_port()
+    log = tmp_path / "watcher.log"
+    first = WatcherProcess(cfg, log).start()
+    second = WatcherProcess(cfg, log, "--metrics-port", str(metrics_port))
+    keeping = WatcherProcess(cfg, log, "--keep-removed")
+    access_log = cfg.run_dir / "logs" / "access_log.log"
+    try:
+        first.wait_polls(2)
+        assert versions_of(cfg) == (["2.0"], "2.0"), "the watcher moved an up-to-date model"
+        # A version registered by hand (e.g. for /predictions/digits/1.0) is left alone while in the store.
+        assert cfg.management().register("digits-v1.0.mar", initial_workers=1).status_code == 200
+        first.wait_polls(2)
+        before = versions_of(cfg)
+        assert before == (["1.0", "2.0"], "2.0")
+
+        assert first.stop() == 0, first.tail()
+        assert first.status()["watcher"]["state"] == "stopped"
+        registrations = access_log.read_text().count('"POST /models?')
+        second.start()
+        second.wait_polls(3)
+        assert versions_of(cfg) == before, "the restarted watcher changed the registered versions"
+        assert access_log.read_text().count('"POST /models?') == registrations, "the restart registered again"
+
+        # A new model name is registered and made the default.
+        publish(other, store)
+        wait_until(lambda: versions_of(cfg, "digits-b") == (["1.0"], "1.0"), 120,
+                   what=f"digits-b to be registered\n{second.tail()}")
+        from models.digits.model import encode, held_out
+
+        image, label = held_out(1)[0]
+        resp = cfg.inference().predict("digits-b", encode(image, "PNG"), "image/png")
+        assert resp.status_code == 200 and resp.headers["X-Model-Name"] == "digits-b", resp.text
+        assert resp.json()["predictions"][0]["label"] == str(label)
+
+        # Removing a non-default version's archive unregisters that version only.
+        (store / "digits-v1.0.mar").unlink()
+        wait_until(lambda: versions_of(cfg) == (["2.0"], "2.0"), 60, what="v1.0 to be unregistered")
+        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert 'servekit_model_default_version_info{model="digits",version="2.0"} 1.0' in metrics
+        assert 'servekit_model_default_version_info{model="digits-b",version="1.0"} 1.0' in metrics
+        assert 'servekit_reload_total{model="digits-b",result="success"} 1.0' in metrics
+
+        # Removing a model's last archive unregisters the model.
+        (store / "digits-v2.0.mar").unlink()
+        wait_until(lambda: versions_of(cfg) == ([], None), 60, what="digits to be unregistered")
+        assert versions_of(cfg, "digits-b") == (["1.0"], "1.0"), "another model was touched"
+        status = second.wait_polls(1)
+        assert status["models"]["digits"]["last_event"]["event"] == "removed"
+        assert status["models"]["digits"]["default"] is None
+        assert second.stop() == 0, second.tail()
+
+        # With --keep-removed, a model whose archive is gone keeps serving.
+        keeping.start()
+        (store / other.name).unlink()
+        keeping.wait_polls(4)
+        assert versions_of(cfg, "digits-b") == (["1.0"], "1.0")
+    finally:
+        for w in (first, second, keeping):
+            w.stop()
+        server.stop(cfg.run_dir)
+    assert keeping.proc.returncode == 0, keeping.tail()
+    assert "Traceback" not in log.read_text(), keeping.tail()
