@@ -121,9 +121,20 @@ def _stop_watcher(run_dir: Path) -> None:
     (run_dir / WATCHER_PID).unlink(missing_ok=True)
 
 
+def startup_archives(store: Path) -> dict[str, server.Archive]:
+    """The archive each model starts with: the newest, unless a rollback pinned an older one."""
+    from .reload import choose_version, read_pins
+
+    by_model: dict[str, dict[str, server.Archive]] = {}
+    for found in server.scan_store(store, log=print):
+        by_model.setdefault(found.name, {})[found.version] = found
+    pins = read_pins(store)
+    return {name: versions[choose_version(versions, pins.get(name))] for name, versions in by_model.items()}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = server_config(args)
-    archives = server.newest_versions(server.scan_store(cfg.model_store, log=print))
+    archives = startup_archives(cfg.model_store)
     wanted = args.models.split(",") if args.models else sorted(archives)
     missing = [m for m in wanted if m not in archives]
     if missing:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from packaging.version import InvalidVersion, Version
 
 from .archive import read_manifest
 from .client import InferenceClient, ManagementClient, model_states, wait_until
@@ -27,8 +28,12 @@ PID_FILE = "server.pid"
 
 
 def version_key(version: str) -> tuple:
-    """Sort key for versions like 1.0, 1.10, 2.0-rc1 (numeric parts compared as numbers)."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_+]", version))
+    """Sort key for versions: PEP 440 order (1.10 > 1.9, 2.0rc1 < 2.0); other strings sort below, by parts."""
+    try:
+        return (1, Version(version), ())
+    except InvalidVersion:
+        parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_+]", version))
+        return (0, Version("0"), parts)
 
 
 @dataclass(frozen=True)
@@ -51,15 +56,6 @@ def scan_store(store: str | os.PathLike, log=None) -> list[Archive]:
             if log:
                 log(f"skipping {mar.name}: {exc}")
     return found
-
-
-def newest_versions(archives: list[Archive]) -> dict[str, Archive]:
-    """The newest version of each model."""
-    best: dict[str, Archive] = {}
-    for a in archives:
-        if a.name not in best or version_key(a.version) > version_key(best[a.name].version):
-            best[a.name] = a
-    return best
 
 
 @dataclass

@@ -17,7 +17,7 @@ from servekit.errors import ExportMismatch, InvalidInput, PayloadTooLarge, Unsup
 from servekit.export import check_parity
 from servekit.inference import Engine, amp_dtype
 from servekit.java import find_java, parse_java_version
-from servekit.server import Archive, newest_versions, version_key
+from servekit.server import version_key
 from servekit.tokens import TokenFile
 from servekit.vision import Preprocessor, check_image, extract_bytes, reference_transform
 
@@ -184,9 +184,8 @@ def test_token_file_rereads_on_change(tmp_path):
 
 def test_versions_sort_numerically():
     assert version_key("1.10") > version_key("1.9") > version_key("1.0")
-    arcs = [Archive(None, "m", v) for v in ("1.0", "2.0", "1.10")] + [Archive(None, "n", "0.1")]
-    best = newest_versions(arcs)
-    assert best["m"].version == "2.0" and best["n"].version == "0.1"
+    assert sorted(["2.0", "1.10", "2.0-rc1", "1.0", "custom"], key=version_key) == [
+        "custom", "1.0", "1.10", "2.0-rc1", "2.0"]
 
 
 def test_batch_of_mixed_sizes_keeps_order():
