@@ -1,0 +1,106 @@
+"""Time from publishing a new ResNet-50 archive to the first answer from it, under load (GPU figure)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from servekit import server  # noqa: E402
+from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
+from servekit.bench.images import synthetic_jpeg  # noqa: E402
+from servekit.client import InferenceClient  # noqa: E402
+from tests.conftest import port_overrides  # noqa: E402
+
+
+def model_dir_with_workers(tmp: Path, workers: int) -> Path:
+    """A copy of models/resnet50 whose model-config asks for ``workers`` workers."""
+    out = tmp / "resnet50"
+    shutil.copytree(MODELS_DIR / "resnet50", out)
+    cfg = yaml.safe_load((out / "model-config.yaml").read_text())
+    cfg["minWorkers"] = cfg["maxWorkers"] = workers
+    (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def main() -> int:
+    """Serve v1 with N workers, publish v2 under load, report publish -> first v2 answer."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("gpu-reload.json"))
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-reload-"))
+    staging, store = tmp / "staging", tmp / "store"
+    store.mkdir()
+    mdir = model_dir_with_workers(tmp, args.workers)
+    for version in ("1.0", "2.0"):  # the second build finds the first one's artifact up to date
+        archive(ArchiveRequest("resnet50", mdir, staging, version=version))
+    shutil.copy2(staging / "resnet50-v1.0.mar", store)
+    cfg = server.ServerConfig(tmp / "run", store, overrides=port_overrides())
+    proc = server.start(cfg, {"resnet50": "resnet50-v1.0.mar"})
+    server.wait_ready(cfg, ["resnet50"], timeout=600, proc=proc)
+    watcher = subprocess.Popen([sys.executable, "-m", "servekit.reload", "watch", "--run-dir", str(cfg.run_dir),
+                                "--model-store", str(store), "--interval", "0.5",
+                                *[a for k, v in cfg.overrides.items() for a in ("--set", f"{k}={v}")]])
+    body = synthetic_jpeg()
+    stop = threading.Event()
+    seen: Counter = Counter()
+    first_v2: list[float] = []
+
+    def client() -> None:
+        inf = InferenceClient(cfg.address("inference_address"), cfg.tokens)
+        while not stop.is_set():
+            try:
+                resp = inf.predict("resnet50", body, "image/jpeg")
+                seen[(resp.status_code, resp.headers.get("X-Model-Version"))] += 1
+                if resp.headers.get("X-Model-Version") == "2.0" and not first_v2:
+                    first_v2.append(time.monotonic())
+            except Exception as exc:  # counted, not raised: the figure is the failure count
+                seen[("error", type(exc).__name__)] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
+    for t in threads:
+        t.start()
+    time.sleep(5)
+    part = store / ".resnet50-v2.0.mar.part"
+    shutil.copy2(staging / "resnet50-v2.0.mar", part)
+    published = time.monotonic()
+    part.rename(store / "resnet50-v2.0.mar")
+    while not first_v2 and time.monotonic() - published < 300:
+        time.sleep(0.1)
+    time.sleep(5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    watcher.terminate()
+    watcher.wait(timeout=30)
+    server.stop(cfg.run_dir)
+    import torch
+
+    report = {
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "workers": args.workers, "clients": args.clients,
+        "publish_to_first_v2_s": round(first_v2[0] - published, 2) if first_v2 else None,
+        "responses": {f"{k[0]} v{k[1]}": n for k, n in seen.items()},
+        "failed": sum(n for k, n in seen.items() if k[0] != 200),
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0 if first_v2 and report["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
