@@ -100,8 +100,10 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, log=print) -> Path:
     weights = Path(req.weights) if req.weights else None
     if weights is not None and not weights.is_file():
         raise ConfigError(f"weights file not found: {weights}")
+    # A .pt2 is compiled for one input layout: channels_last where the GPU handler feeds it so.
+    channels_last = cfg.handler.channels_last and fmt == "pt2" and req.device.startswith("cuda")
     stamp = _sha([req.model_dir / "build.py", *(p for p in req.model_dir.glob("*.py") if p.name != "build.py")],
-                 f"{fmt}|{cfg.handler.amp}|{req.freeze}|{weights and weights.stat().st_mtime_ns}|{weights}")
+                 f"{fmt}|{cfg.handler.amp}|{req.freeze}|{channels_last}|{weights and weights.stat().st_mtime_ns}|{weights}")
     stamp_file = out_dir / "stamp"
     if out.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp and not req.force:
         log(f"{req.name}: artifact up to date ({out.relative_to(ROOT) if out.is_relative_to(ROOT) else out})")
@@ -109,7 +111,8 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, log=print) -> Path:
     log(f"{req.name}: building the model")
     model = module.build_model(str(weights) if weights else None, log=log)
     log(f"{req.name}: exporting ({fmt}) and checking it against eager")
-    export(model, module.example_inputs(), out, fmt, req.device, cfg.handler.amp, req.freeze, log_fn=log)
+    export(model, module.example_inputs(), out, fmt, req.device, cfg.handler.amp, req.freeze, log_fn=log,
+           channels_last=channels_last)
     stamp_file.write_text(stamp)
     labels = getattr(module, "LABELS", None)
     if labels:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import platform
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,17 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 TORCHSCRIPT, AOTI, EXPORTED, ONNX = "torchscript", "aoti", "exported_program", "onnx"
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Keys this project writes into an AOTInductor package's metadata at export.
+META_DTYPE, META_MEMORY_FORMAT = "servekit_input_dtype", "servekit_memory_format"
+# The CPU features each instruction-set name in AOTI_CPU_ISA needs (torch's own detection).
+_ISA_CHECKS = {
+    "avx2": "_is_avx2_supported",
+    "avx512": "_is_avx512_supported",
+    "avx512_vnni": "_is_vnni_supported",
+    "amx_tile": "_is_amx_tile_supported",
+}
 
 
 @dataclass
@@ -35,58 +48,170 @@ class LoadedModel:
         return self.fn(x)
 
 
+def dtype_sidecar(path: str | os.PathLike) -> Path:
+    """``<file>.dtype``: the input dtype an AOTInductor package was compiled for, beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".dtype")
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise ConfigError(f"{path} is not a valid .pt2 package (not a zip file)") from None
+
+
 def artifact_kind(path: str | os.PathLike) -> str:
     """Which loader a file needs, from its suffix and (for ``.pt2``) its contents."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".pt", ".pth", ".ts", ".torchscript"):
+    if suffix in TORCHSCRIPT_SUFFIXES:
         return TORCHSCRIPT
     if suffix == ".onnx":
         return ONNX
     if suffix == ".pt2":
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
-            raise ConfigError(f"{path} is not a valid .pt2 package (not a zip file)") from None
-        return AOTI if any("aotinductor" in n for n in names) else EXPORTED
+        names = _zip_names(path)
+        if any("/data/aotinductor/" in n for n in names):
+            return AOTI
+        if any(n.endswith(("/models/model.json", "serialized_exported_program.json")) for n in names):
+            return EXPORTED
+        raise ConfigError(
+            f"{path} is a zip file but neither an AOTInductor package nor a torch.export program"
+        )
     raise ConfigError(
         f"unknown artifact type {suffix!r} for {path}: expected .pt (TorchScript), "
         ".pt2 (torch.export / AOTInductor) or .onnx"
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
-    module = torch.jit.load(str(path), map_location=device).eval()
+    try:
+        module = torch.jit.load(str(path), map_location=device).eval()
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"cannot load {path.name} as TorchScript: {_first_line(exc)}. A state_dict or pickled "
+            "model saved with torch.save is not TorchScript: export it (`servekit export`) first."
+        ) from None
     return LoadedModel(module, TORCHSCRIPT, device, autocast=True)
 
 
 def _load_exported(path: Path, device: torch.device) -> LoadedModel:
-    module = torch.export.load(str(path)).module().to(device)
+    try:
+        module = torch.export.load(str(path)).module().to(device)
+    except Exception as exc:  # deserialisation errors come from many layers
+        raise ConfigError(f"cannot load torch.export program {path.name} on {device}: {_first_line(exc)}") from None
     return LoadedModel(module, EXPORTED, device, autocast=True)
 
 
+def aoti_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata AOTInductor stores in a package (device, platform, CPU ISA, ours), read without loading it."""
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if "/data/aotinductor/" in name and name.endswith("_metadata.json"):
+                return {str(k): str(v) for k, v in json.loads(zf.read(name)).items()}
+    return {}
+
+
+def check_aoti_compatible(meta: dict[str, str], device: torch.device, name: str) -> None:
+    """Refuse, with the reason, a package that cannot run here (rather than crash the worker)."""
+    built_for = meta.get("AOTI_DEVICE_KEY")
+    redo = f"re-export it on a machine of the serving kind (`servekit export --format pt2 --device {device.type}`)"
+    if built_for and built_for != device.type:
+        extra = " and this machine has no usable CUDA GPU" if built_for == "cuda" and not torch.cuda.is_available() else ""
+        raise ConfigError(
+            f"{name} is an AOTInductor package compiled for {built_for}, but it is being loaded on "
+            f"{device}{extra}. A .pt2 package runs only on the device type it was compiled for: {redo}, "
+            "or serve the TorchScript/ONNX artifact, which is device independent."
+        )
+    machine = meta.get("AOTI_MACHINE")
+    if machine and machine != platform.machine():
+        raise ConfigError(f"{name} was compiled for {machine}, this machine is {platform.machine()}: {redo}")
+    if built_for == "cpu":
+        isa = meta.get("AOTI_CPU_ISA", "").lower().split()
+        missing = [f for f in isa if f in _ISA_CHECKS and not getattr(torch.cpu, _ISA_CHECKS[f], lambda: True)()]
+        if missing:
+            raise ConfigError(
+                f"{name} was compiled for CPUs with {' '.join(isa)}; this CPU lacks {', '.join(missing)} "
+                f"(running it would crash with an illegal instruction): {redo}, or export with "
+                "ATEN_CPU_CAPABILITY=avx2 set for a package that runs on older CPUs."
+            )
+
+
+def aoti_input_dtype(path: Path, meta: dict[str, str]) -> torch.dtype:
+    """The input dtype of a package: its ``.dtype`` sidecar, checked against what the package records."""
+    recorded = meta.get(META_DTYPE)
+    side = dtype_sidecar(path)
+    name = side.read_text().strip() if side.is_file() else recorded or "float32"
+    if name not in DTYPES:
+        raise ConfigError(f"{side}: unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    if recorded and name != recorded:
+        raise ConfigError(
+            f"{side} says {name} but {path.name} was compiled for {recorded} input: the sidecar belongs "
+            "to another export; re-export, or delete the sidecar"
+        )
+    return DTYPES[name]
+
+
+def match_layout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``x`` with exactly the strides an AOTInductor package was compiled for (a copy only if they differ).
+
+    Compiled kernels index with the export example's strides: other strides give wrong numbers
+    silently, even a channels_last batch of one-channel images, which ``is_contiguous()`` accepts.
+    """
+    if x.dim() != 4:
+        memory_format = torch.contiguous_format
+    expected = torch.empty(x.shape, device="meta", memory_format=memory_format).stride()
+    return x if x.stride() == expected else x.clone(memory_format=memory_format)
+
+
+def _aoti_runner(path: Path, index: int) -> Callable:
+    """The package's runner, built directly where this torch allows, else by ``aoti_load_package``.
+
+    torch's loader imports the export machinery (seconds) and compiles CPU feature probes (10-20 s
+    per fresh process with a cold inductor cache, and a compiler at serving time) only to log a
+    mismatch that check_aoti_compatible has already ruled out; the direct runner loads in milliseconds.
+    """
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+    except (AttributeError, TypeError, RuntimeError):  # another torch, or an older package layout
+        return torch._inductor.aoti_load_package(str(path), device_index=index)
+
+    def run(x: torch.Tensor):
+        outputs = loader.boxed_run([x])
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return run
+
+
 def _load_aoti(path: Path, device: torch.device) -> LoadedModel:
+    try:
+        meta = aoti_metadata(path)
+    except (zipfile.BadZipFile, OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not a readable AOTInductor package: {_first_line(exc)}") from None
+    check_aoti_compatible(meta, device, path.name)
+    dtype = aoti_input_dtype(path, meta)
+    memory_format = torch.channels_last if meta.get(META_MEMORY_FORMAT) == "channels_last" else torch.contiguous_format
     index = device.index if device.type == "cuda" and device.index is not None else -1
     try:
-        runner = torch._inductor.aoti_load_package(str(path), device_index=index)
+        runner = _aoti_runner(path, index)
     except Exception as exc:  # the AOTI runtime raises plain RuntimeErrors with long text
         raise ConfigError(
-            f"cannot load AOTInductor package {path} on {device}: {str(exc).splitlines()[0][:300]}. "
-            "A .pt2 package is compiled for one device type: re-export it for this device "
-            "(`servekit export --format pt2 --device cuda|cpu`)."
+            f"cannot load AOTInductor package {path} on {device}: {_first_line(exc)}. "
+            "A .pt2 package is compiled for one device type and software stack: re-export it here "
+            f"(`servekit export --format pt2 --device {device.type}`)."
         ) from None
-    dtype = _aoti_input_dtype(path)
-    return LoadedModel(runner, AOTI, device, autocast=False, input_dtype=dtype)
 
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return runner(match_layout(x.to(device=device, dtype=dtype), memory_format))
 
-def _aoti_input_dtype(path: Path) -> torch.dtype | None:
-    """The input dtype recorded beside the package at export (``<file>.dtype``), if any."""
-    side = path.with_suffix(path.suffix + ".dtype")
-    if side.is_file():
-        name = side.read_text().strip()
-        return getattr(torch, name) if name != "float32" else None
-    return None
+    return LoadedModel(run, AOTI, device, autocast=False,
+                       input_dtype=None if dtype is torch.float32 else dtype)
 
 
 def _load_onnx(path: Path, device: torch.device) -> LoadedModel:
@@ -95,10 +220,22 @@ def _load_onnx(path: Path, device: torch.device) -> LoadedModel:
     except ImportError:
         raise ConfigError("serving .onnx needs onnxruntime: pip install onnxruntime") from None
     providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), providers=providers)
-    name = session.get_inputs()[0].name
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        else:
+            log.warning("onnxruntime has no CUDA provider here; %s runs on the CPU", path.name)
+    options = ort.SessionOptions()
+    # Share the cores the way torch does (TorchServe splits them across workers).
+    options.intra_op_num_threads = torch.get_num_threads()
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ConfigError(f"onnxruntime cannot load {path.name}: {_first_line(exc)}") from None
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ConfigError(f"{path.name} takes {len(inputs)} inputs; an image classifier takes one")
+    name = inputs[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
         out = session.run(None, {name: x.detach().float().cpu().contiguous().numpy()})[0]
@@ -118,6 +255,7 @@ LOADERS: dict[str, Callable[[Path, torch.device], LoadedModel]] = {
 def load_artifact(path: str | os.PathLike, device: torch.device) -> LoadedModel:
     """Load ``path`` onto ``device`` with the loader its type needs."""
     path = Path(path)
+    device = torch.device(device)
     if not path.is_file():
         raise ConfigError(f"model artifact not found: {path}")
     kind = artifact_kind(path)

@@ -69,10 +69,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model_dir = MODELS_DIR / args.model
     module = load_build_module(model_dir)
-    amp = args.amp or ModelConfig.load(model_dir / "model-config.yaml").handler.amp
+    cfg_file = model_dir / "model-config.yaml"
+    amp = args.amp or (ModelConfig.load(cfg_file).handler.amp if cfg_file.is_file() else "off")
     model = module.build_model(args.weights)
     report = export(model, module.example_inputs(), args.output, args.format, args.device, amp,
-                    args.freeze, args.opset, log_fn=print)
+                    args.freeze, args.opset, log_fn=print, channels_last=args.channels_last)
     print(json.dumps({"output": str(args.output), "relative_error": report.errors,
                       "top1_agreement": report.top1_agreement}))
     return 0
@@ -250,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights")
     p.add_argument("--freeze", action="store_true")
     p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--channels-last", action="store_true", help="compile a .pt2 for channels_last input")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="start TorchServe (and the reload watcher); wait until ready")

@@ -3,41 +3,80 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import re
 import tempfile
-from dataclasses import dataclass
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from .artifacts import load_artifact
+from .artifacts import TORCHSCRIPT_SUFFIXES, META_DTYPE, META_MEMORY_FORMAT, dtype_sidecar, load_artifact
 from .errors import ConfigError, ExportMismatch
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("trace", "script", "pt2", "onnx")
 SUFFIX = {"trace": ".pt", "script": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
-# Stated tolerances on the relative error ||artifact - eager|| / ||eager||.
+# The suffixes the loader recognises for each format's artifact.
+SUFFIXES = {"trace": TORCHSCRIPT_SUFFIXES, "script": TORCHSCRIPT_SUFFIXES, "pt2": (".pt2",), "onnx": (".onnx",)}
+# Stated tolerances on the relative error ||artifact - eager|| / ||eager||, per precision.
 TOLERANCE = {None: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 AMP = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The opsets torch's TorchScript-based ONNX exporter (dynamo=False) can write.
+ONNX_OPSETS = range(7, 21)
 
 
 @dataclass
 class ParityReport:
-    """How close an artifact came to eager, per precision checked."""
+    """How close an artifact came to eager, per precision checked (worst batch), and where time went."""
 
     errors: dict[str, float]
     top1_agreement: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    if torch.isnan(out).any():
+    if out.shape != ref.shape or not torch.isfinite(out).all():
         return float("inf")
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """fp32 for None, else the dtype's short name (float16, bfloat16)."""
+    return "fp32" if dtype is None else str(dtype).replace("torch.", "")
+
+
+def amp_for(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype serving will use on ``device`` (fp16 is a GPU setting: off on a CPU, as in the Engine)."""
+    if amp not in AMP:
+        raise ConfigError(f"unknown amp {amp!r}; choose one of {tuple(AMP)}")
+    dtype = AMP[amp]
+    return None if dtype is torch.float16 and device.type == "cpu" else dtype
+
+
+def parity_inputs(example: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Named check batches: the example, its negation, one item alone and a fresh batch of another size.
+
+    The negation sends a model that branches on the sign of its input down the other path; the other
+    batch sizes show whether the batch dimension really is dynamic.
+    """
+    gen = torch.Generator().manual_seed(0)
+    shape = (example.shape[0] + 1, *example.shape[1:])
+    fresh = torch.randn(shape, generator=gen) * example.float().std().cpu() + example.float().mean().cpu()
+    return [
+        ("example", example),
+        ("negated example", -example),
+        ("single item", example[:1]),
+        (f"fresh batch of {shape[0]}", fresh.to(example)),
+    ]
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -46,117 +85,262 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def check_parity(eager: Callable, artifact: Callable, inputs: torch.Tensor,
+def check_parity(eager: Callable, artifact: Callable,
+                 inputs: torch.Tensor | Sequence[torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
                  amp: torch.dtype | None = None, artifact_autocast: bool = True,
-                 artifact_dtype: torch.dtype | None = None) -> tuple[float, float]:
-    """Relative error and top-1 agreement of ``artifact`` vs ``eager``; raises past the tolerance."""
-    device = inputs.device
-    with torch.inference_mode():
-        with _autocast(device, amp):
-            ref = eager(inputs)
-        x = inputs if artifact_dtype is None else inputs.to(artifact_dtype)
-        with _autocast(device, amp if artifact_autocast else None):
-            out = artifact(x)
-    err = relative_error(out, ref)
-    agree = float((out.float().argmax(-1) == ref.float().argmax(-1)).float().mean())
+                 artifact_dtype: torch.dtype | None = None, hint: str = "") -> tuple[float, float]:
+    """Worst relative error and lowest top-1 agreement of ``artifact`` vs ``eager`` over the batches.
+
+    Raises :class:`ExportMismatch` at the first batch past the tolerance for ``amp``.
+    """
+    batches = [("inputs", inputs)] if isinstance(inputs, torch.Tensor) else list(inputs)
+    batches = [b if isinstance(b, tuple) else (f"batch {i + 1}", b) for i, b in enumerate(batches)]
     tol = TOLERANCE[amp]
-    name = "fp32" if amp is None else str(amp).replace("torch.", "")
-    if not err <= tol:
-        raise ExportMismatch(
-            f"exported artifact disagrees with the eager model under {name}: relative error "
-            f"{err:.3g} > tolerance {tol:g} (top-1 agreement {agree:.1%}); nothing was written. "
-            "If the model has data-dependent control flow, export with --method script."
-        )
-    return err, agree
+    worst, lowest = 0.0, 1.0
+    for label, x in batches:
+        device = x.device
+        with torch.inference_mode():
+            with _autocast(device, amp):
+                ref = eager(x)
+            xa = x if artifact_dtype is None else x.to(artifact_dtype)
+            with _autocast(device, amp if artifact_autocast else None):
+                out = artifact(xa)
+        err = relative_error(out, ref)
+        agree = float((out.float().argmax(-1) == ref.float().argmax(-1)).float().mean()) if out.shape == ref.shape else 0.0
+        if not err <= tol:
+            raise ExportMismatch(
+                f"exported artifact disagrees with the eager model under {precision_name(amp)} on the "
+                f"{label} (shape {tuple(x.shape)}): relative error {err:.3g} > tolerance {tol:g} "
+                f"(top-1 agreement {agree:.1%}); nothing was written.{hint}"
+            )
+        worst, lowest = max(worst, err), min(lowest, agree)
+    return worst, lowest
 
 
-def _trace(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.jit.trace(model, example, check_trace=False)
+# -- TorchScript ---------------------------------------------------------------------------------
+def _trace(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.jit.ScriptModule, list[str]]:
+    """Trace, collecting the tracer's warnings (they name the lines a trace cannot follow)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        with torch.inference_mode(False), torch.no_grad():
+            module = torch.jit.trace(model, example, check_trace=False)
+    notes = []
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            note = f"{Path(w.filename).name}:{w.lineno}: {str(w.message).split('. ')[0]}"
+            if note not in notes:
+                notes.append(note)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return module, notes
 
 
-def _script(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    return torch.jit.script(model)
+def _script(model: torch.nn.Module) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.script(model)
+    except Exception as exc:  # the frontend raises several types, each with the offending source
+        raise ConfigError(
+            f"torch.jit.script cannot compile the model:\n{str(exc).strip()[:2000]}\n"
+            "Use --format trace (no data-dependent control flow) or --format pt2."
+        ) from None
 
 
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike,
-                       method: str = "trace", freeze: bool = False) -> Path:
-    """Trace or script ``model`` and save it (optionally frozen) to ``path``."""
-    module = {"trace": _trace, "script": _script}[method](model.eval(), example)
+                       method: str = "trace", freeze: bool = False) -> list[str]:
+    """Trace or script ``model`` and save it (optionally frozen) to ``path``; returns the tracer's warnings."""
+    model = model.eval()
+    module, notes = _trace(model, example) if method == "trace" else (_script(model), [])
     if freeze:
         module = torch.jit.freeze(module.eval())
-    path = Path(path)
     module.save(str(path))
-    return path
+    return notes
+
+
+# -- torch.export + AOTInductor -----------------------------------------------------------------
+def _export_failure(exc: Exception) -> ConfigError:
+    text = str(exc)
+    where = ""
+    marker = "The following call raised this error:"
+    if marker in text:
+        lines = text.split(marker, 1)[1].strip().splitlines()[:2]
+        where = " at " + " ".join(line.strip() for line in lines)
+    data_dependent = "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__
+    hint = (
+        "Python control flow on a tensor's values cannot be captured: rewrite the branch with "
+        "torch.cond, or export with --format script."
+        if data_dependent else "Fix the model for torch.export, or use --format script / trace."
+    )
+    return ConfigError(f"torch.export cannot capture the model: {text.strip().splitlines()[0][:300]}{where}. {hint}")
+
+
+def _check_compiler(device: torch.device) -> None:
+    """AOTInductor compiles C++ (and, on a GPU, loads Triton kernels): say so up front when it cannot."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:  # inductor raises its own error types for a missing compiler
+        raise ConfigError(
+            f"AOTInductor needs a C++ compiler to build a .pt2 package ({exc.__class__.__name__}: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'not found'}): install g++ "
+            "(apt-get install g++) or set CXX"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("exporting a .pt2 for cuda needs a CUDA GPU on the exporting machine")
 
 
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike,
-               device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 256) -> Path:
-    """torch.export with a dynamic batch dimension, compiled by AOTInductor for ``device``."""
-    model = model.eval().to(device)
-    example = example.to(device)
-    if dtype is not None:
-        model = model.to(dtype)
-        example = example.to(dtype)
+               device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 1024,
+               channels_last: bool = False) -> Path:
+    """torch.export with a dynamic batch dimension, compiled by AOTInductor for ``device``.
+
+    ``dtype`` (a half type, GPU only) and ``channels_last`` are baked into the package, recorded in its
+    metadata and in the ``<file>.dtype`` sidecar; the loader converts inputs to match.
+    """
+    device = torch.device(device)
+    _check_compiler(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # A copy: converting dtype or layout must not touch the caller's (eager reference) model.
+    model = copy.deepcopy(model).eval().to(device=device, dtype=dtype or torch.float32)
+    model = model.to(memory_format=memory_format)
+    example = example.to(device=device, dtype=dtype or torch.float32).contiguous(memory_format=memory_format)
+    if example.shape[0] == 1:
+        example = torch.cat([example, example])  # a batch of 1 would be specialised as a constant
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    # The runtime needs to know the input dtype the graph was compiled for.
-    Path(str(path) + ".dtype").write_text(str(dtype or torch.float32).replace("torch.", ""))
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # export raises many error types; all mean "cannot capture"
+        raise _export_failure(exc) from None
+    name = precision_name(dtype).replace("fp32", "float32")
+    metadata = {META_DTYPE: name, META_MEMORY_FORMAT: "channels_last" if channels_last else "contiguous"}
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs={"aot_inductor.metadata": metadata}
+        )
+    except Exception as exc:
+        raise ConfigError(f"AOTInductor could not compile the model for {device}: {str(exc).strip()[:500]}") from None
+    # Packed into the archive beside the model; the loader checks it against the package's metadata.
+    dtype_sidecar(path).write_text(name + "\n")
     return Path(path)
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+def _unsupported_operator(exc: Exception, opset: int) -> ConfigError:
+    text = str(exc)
+    op = re.search(r"operator '([^']+)'", text)
+    since = re.search(r"added in version (\d+)", text)
+    name = op.group(1) if op else text.splitlines()[0]
+    if since:
+        what = f"It has an ONNX export from opset {since.group(1)}: pass --opset {since.group(1)}."
+    else:
+        what = (
+            f"No opset up to {ONNX_OPSETS[-1]} has it: replace the operator in the model, register a "
+            "symbolic for it (torch.onnx.register_custom_op_symbolic), or serve the TorchScript or "
+            ".pt2 artifact instead."
+        )
+    return ConfigError(f"ONNX export failed: operator {name} is not supported at opset {opset}. {what}")
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike,
                 opset: int = 18) -> Path:
-    """ONNX with a dynamic batch axis at an explicit opset."""
+    """ONNX (fp32, dynamic batch axis) at an explicit opset, with torch's TorchScript-based exporter.
+
+    The dynamo exporter (torch's default) needs the onnxscript package; the TorchScript-based one
+    (``dynamo=False``) needs nothing beyond torch and is what runs here.
+    """
+    if opset not in ONNX_OPSETS:
+        raise ConfigError(f"ONNX opset {opset} is not supported; choose {ONNX_OPSETS[0]}..{ONNX_OPSETS[-1]}")
+    model = copy.deepcopy(model).float().cpu().eval()
+    example = example.detach().float().cpu()
+    if example.shape[0] == 1:
+        example = torch.cat([example, example])
     try:
-        torch.onnx.export(
-            model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-            dynamo=False,
-        )
-    except Exception as exc:
-        text = str(exc)
-        op = ""
-        if "Unsupported" in text or "not supported" in text:
-            op = text.split("'")[1] if "'" in text else text.splitlines()[0]
-            raise ConfigError(
-                f"ONNX export failed: operator {op} is not supported at opset {opset}. Try a newer "
-                "--opset, replace the operator in the model, or serve the TorchScript/.pt2 artifact."
-            ) from None
-        raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based exporter, knowingly
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the parity check catches what they warn of
+            with torch.no_grad():
+                torch.onnx.export(
+                    model, (example,), str(path), input_names=["input"], output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                    dynamo=False,
+                )
+    except torch.onnx.errors.UnsupportedOperatorError as exc:
+        raise _unsupported_operator(exc, opset) from None
+    except (torch.onnx.errors.OnnxExporterError, RuntimeError) as exc:
+        raise ConfigError(f"ONNX export failed at opset {opset}: {str(exc).strip().splitlines()[0][:300]}") from None
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(path), full_check=True)
+    except ImportError:
+        log.warning("onnx is not installed; skipping the ONNX checker (onnxruntime still checks parity)")
+    except Exception as exc:  # onnx.checker.ValidationError and shape-inference errors
+        raise ConfigError(f"the exported ONNX graph is invalid: {str(exc).strip().splitlines()[0][:300]}") from None
     return Path(path)
+
+
+# -- the one entry point ---------------------------------------------------------------------------
+def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, path: Path, device: torch.device,
+           amp_dtype: torch.dtype | None, freeze: bool, opset: int, channels_last: bool) -> list[str]:
+    if fmt in ("trace", "script"):
+        return export_torchscript(model, example, path, fmt, freeze)
+    if fmt == "pt2":
+        # AOTInductor bakes the dtype in: a half-precision graph for GPU AMP, fp32 otherwise.
+        export_pt2(model, example, path, device, amp_dtype if device.type == "cuda" else None,
+                   channels_last=channels_last)
+    else:
+        export_onnx(model, example, path, opset)
+    return []
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Move the artifact's side files first, the artifact last: it never appears without them."""
+    main = tmp / path.name
+    for side in sorted(tmp.iterdir()):
+        if side != main:
+            os.replace(side, path.parent / side.name)
+    os.replace(main, path)
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, fmt: str = "trace",
            device: str | torch.device = "cpu", amp: str = "off", freeze: bool = False,
-           opset: int = 18, log_fn=log.info) -> ParityReport:
-    """Export in ``fmt``, check against eager (fp32 and the configured AMP dtype), then write ``path``.
+           opset: int = 18, log_fn=log.info, *, channels_last: bool = False,
+           check_inputs: Sequence[torch.Tensor] | None = None) -> ParityReport:
+    """Export in ``fmt``, check against eager (fp32 and the AMP dtype) on several batches, then write ``path``.
 
-    The artifact is first written to a temporary file; ``path`` only appears if every check passes.
+    The artifact is written to a temporary folder beside ``path``; ``path`` (and its ``.dtype``
+    sidecar for .pt2) only appear once every check passes.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES[fmt]:
+        raise ConfigError(f"a {fmt} artifact is loaded by its suffix: name it *{SUFFIX[fmt]}, not {path.name}")
     device = torch.device(device)
-    amp_dtype = AMP[amp]
-    if device.type == "cpu" and amp_dtype is torch.float16:
-        amp_dtype = torch.bfloat16  # CPU autocast runs bf16
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA GPU here")
+    amp_dtype = amp_for(amp, device)
     model = model.eval().to(device)
     example = example.to(device)
-    path = Path(path)
+    batches = ([(f"check batch {i + 1}", b.to(device)) for i, b in enumerate(check_inputs)]
+               if check_inputs else parity_inputs(example))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_path = Path(tmp) / path.name
-        if fmt in ("trace", "script"):
-            export_torchscript(model, example, tmp_path, fmt, freeze)
-        elif fmt == "pt2":
-            # AOTInductor bakes the dtype in: a half-precision graph for GPU AMP, fp32 otherwise.
-            pt2_dtype = amp_dtype if (amp_dtype is not None and device.type == "cuda") else None
-            export_pt2(model, example, tmp_path, device, pt2_dtype)
-        else:
-            export_onnx(model.cpu(), example.cpu(), tmp_path, opset)
+        t0 = time.perf_counter()
+        notes = _write(fmt, model, example, tmp_path, device, amp_dtype, freeze, opset, channels_last)
+        seconds["export"] = time.perf_counter() - t0
+        for note in notes:
+            log_fn(f"export {fmt}: tracer warning: {note}")
+        hint = (" Tracing records one path through the model; tracer warnings: " + "; ".join(notes[:3]) + "."
+                if notes else "")
+        if fmt in ("trace", "onnx"):
+            hint += " If the model has data-dependent control flow, export with --format script."
+        t0 = time.perf_counter()
         loaded = load_artifact(tmp_path, device)
+        seconds["load"] = time.perf_counter() - t0
         if loaded.input_dtype is not None:  # a half-precision AOTInductor graph
             precisions = [loaded.input_dtype]
         elif loaded.autocast and amp_dtype is not None:
@@ -164,12 +348,15 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLik
         else:
             precisions = [None]
         errors, agree = {}, {}
+        t0 = time.perf_counter()
         for dt in precisions:
-            err, ag = check_parity(model, loaded, example, amp=dt, artifact_autocast=loaded.autocast,
-                                   artifact_dtype=loaded.input_dtype)
-            name = "fp32" if dt is None else str(dt).replace("torch.", "")
-            errors[name], agree[name] = err, ag
-            log_fn(f"export {fmt}: parity {name}: relative error {err:.2e}, top-1 agreement {ag:.0%}")
-        for side in Path(tmp).iterdir():
-            os.replace(side, path.parent / side.name.replace(tmp_path.name, path.name, 1))
-    return ParityReport(errors, agree)
+            err, ag = check_parity(model, loaded, batches, amp=dt, artifact_autocast=loaded.autocast,
+                                   artifact_dtype=loaded.input_dtype, hint=hint)
+            errors[precision_name(dt)], agree[precision_name(dt)] = err, ag
+            log_fn(f"export {fmt}: parity {precision_name(dt)} on {len(batches)} batches: "
+                   f"worst relative error {err:.2e}, top-1 agreement {ag:.0%}")
+        seconds["check"] = time.perf_counter() - t0
+        _publish(Path(tmp), path)
+    log_fn(f"export {fmt}: wrote {path} (export {seconds['export']:.1f} s, load {seconds['load']:.2f} s)")
+    return ParityReport(errors, agree, seconds)
+
