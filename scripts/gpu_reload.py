@@ -22,7 +22,7 @@ from servekit import server  # noqa: E402
 from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
 from servekit.bench.images import synthetic_jpeg  # noqa: E402
 from servekit.client import InferenceClient  # noqa: E402
-from tests.conftest import port_overrides  # noqa: E402
+from servekit.server import private_ports as port_overrides  # noqa: E402
 
 
 def model_dir_with_workers(tmp: Path, workers: int) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +114,26 @@ def _env(cfg: ServerConfig, java_home: Path) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TS_DISABLE_SYSTEM_METRICS", "false")
     return env
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def private_ports() -> dict[str, str]:
+    """config.properties overrides that give a server its own loopback ports (APIs, gRPC, workers)."""
+    return {
+        "inference_address": f"http://127.0.0.1:{free_port()}",
+        "management_address": f"http://127.0.0.1:{free_port()}",
+        "metrics_address": f"http://127.0.0.1:{free_port()}",
+        "grpc_inference_port": str(free_port()),
+        "grpc_management_port": str(free_port()),
+        # Worker ports must not collide with another server on this machine.
+        "initial_worker_port": str(20000 + free_port() % 20000),
+    }
 
 
 def group_members(pgid: int) -> list[int]:

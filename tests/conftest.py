@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,24 +16,9 @@ from servekit import server  # noqa: E402
 from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def port_overrides() -> dict[str, str]:
-    """config.properties overrides that put all three APIs on fresh loopback ports."""
-    return {
-        "inference_address": f"http://127.0.0.1:{free_port()}",
-        "management_address": f"http://127.0.0.1:{free_port()}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": str(free_port()),
-        "grpc_management_port": str(free_port()),
-        # Worker ports must not collide with another server on this machine.
-        "initial_worker_port": str(20000 + free_port() % 20000),
-    }
+    """Fresh loopback ports for a test server (see servekit.server.private_ports)."""
+    return server.private_ports()
 
 
 @pytest.fixture(scope="session")

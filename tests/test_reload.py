@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port, start_server
+from conftest import start_server
+from servekit.server import free_port
 from servekit import reload, server
 from servekit.archive import MODELS_DIR, ArchiveRequest, archive
 from servekit.client import model_states, wait_until
