@@ -10,7 +10,7 @@ MODEL ?= digits
 IMG ?= tests/data/digit-7.png
 PYTEST_ARGS ?=
 
-.PHONY: help install dev archive serve stop status rollout rollback versions predict test test-fast bench docker k8s-tools k8s-check clean
+.PHONY: help install dev archive serve stop status rollout rollback versions predict test test-fast bench docker container-base docker-lint container-image container-test k8s-tools k8s-check clean
 
 help:
 	@echo "make serve      install, archive the default models if missing, start TorchServe + reload watcher"
@@ -79,6 +79,19 @@ bench: install
 
 docker:
 	VARIANT=$(or $(VARIANT),gpu) BASE_IMAGE=$(BASE_IMAGE) bash docker/build.sh
+
+# Without an image registry: a Debian base made with debootstrap, imported into podman.
+container-base:
+	bash docker/podman-setup.sh
+
+docker-lint: install
+	bash docker/lint.sh
+
+container-image: container-base
+	BASE_IMAGE=localhost/debian-base:bookworm VARIANT=cpu bash docker/build.sh
+
+container-test: dev container-image
+	$(PY) -m pytest -m container tests/test_container.py $(PYTEST_ARGS)
 
 clean: stop
 	rm -rf build bench-results $(RUN_DIR) $(STORE)/*.mar

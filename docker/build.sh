@@ -12,6 +12,7 @@
 #   PY_VERSION  python of BASE_IMAGE (X.Y) the wheels are for; default: asked from the base
 #               image when it is present locally, else guessed from its name, else the host's
 #   ENGINE      podman | docker (default: podman when installed)
+#   PRUNE       0 keeps superseded (dangling) build images; default: podman prunes them
 # Extra arguments are passed to the build command (e.g. --no-cache).
 set -euo pipefail
 
@@ -109,14 +110,23 @@ fi
 cp build/requirements.txt "$WHEELS/requirements.txt"
 
 # ---- 2. image -----------------------------------------------------------------------------------
-args=(-f docker/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "VARIANT=$VARIANT"
-  --tag "$IMAGE")
+args=(-f docker/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "VARIANT=$VARIANT")
+t0=$(date +%s)
 if [[ $ENGINE == podman ]]; then
   # docker format keeps HEALTHCHECK (the OCI image format has no field for it).
   args+=(--format docker --ignorefile docker/Dockerfile.dockerignore --layers)
+  # Tag the deps stage (the venv with the pinned dependencies, ~6 GB) so that pruning below
+  # keeps it as the layer cache of the next build; with everything cached this takes seconds.
+  base_id=$(printf '%s' "$BASE_IMAGE" | sha256sum | cut -c1-12)
+  podman build "${args[@]}" --target deps --tag "localhost/servekit-cache:deps-$base_id" "$@" .
 else
   export DOCKER_BUILDKIT=1 # RUN --mount and docker/Dockerfile.dockerignore need BuildKit
 fi
-t0=$(date +%s)
-"$ENGINE" build "${args[@]}" "$@" .
+"$ENGINE" build "${args[@]}" --tag "$IMAGE" "$@" .
 log "built $IMAGE in $(($(date +%s) - t0))s"
+if [[ $ENGINE == podman && ${PRUNE:-1} != 0 ]]; then
+  # Superseded builds of this Dockerfile (untagged, nothing built on them) would otherwise fill
+  # the disk by several GB per dependency change. PRUNE=0 keeps them.
+  podman image prune --force --filter label=io.servekit.build=servekit >/dev/null
+  log "pruned superseded servekit build images"
+fi

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from . import server
@@ -106,19 +107,22 @@ def _spawn_watcher(cfg: server.ServerConfig, foreground: bool) -> subprocess.Pop
     return proc
 
 
-def _stop_watcher(run_dir: Path) -> None:
+def _stop_watcher(run_dir: Path, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM the watcher, wait up to 10 s, then SIGKILL it."""
     try:
         pid = int((run_dir / WATCHER_PID).read_text())
     except (FileNotFoundError, ValueError):
         return
     try:
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
+        if proc is not None:  # our own child: reap it, or it lingers as a zombie
+            proc.wait(timeout=10)
+        else:
+            psutil.Process(pid).wait(timeout=10)
+    except (ProcessLookupError, psutil.NoSuchProcess):
         pass
+    except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+        os.kill(pid, signal.SIGKILL)
     (run_dir / WATCHER_PID).unlink(missing_ok=True)
 
 
@@ -164,9 +168,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     while not stopping and proc.poll() is None:
         time.sleep(0.5)
+        if watcher is not None and watcher.poll() is not None and not stopping:
+            print(f"reload watcher exited with code {watcher.returncode}; restarting it", flush=True)
+            time.sleep(2)
+            watcher = _spawn_watcher(cfg, args.foreground)
     print("stopping: watcher, then TorchServe", flush=True)
     if watcher is not None:
-        _stop_watcher(cfg.run_dir)
+        _stop_watcher(cfg.run_dir, watcher)
     server.stop(cfg.run_dir, timeout=args.grace)
     return 0 if stopping else (proc.returncode or 1)
 
