@@ -10,7 +10,7 @@ MODEL ?= digits
 IMG ?= tests/data/digit-7.png
 PYTEST_ARGS ?=
 
-.PHONY: help install dev archive serve stop status rollout rollback versions predict test test-fast bench docker container-base docker-lint container-image container-test k8s-tools k8s-check clean
+.PHONY: help install dev archive serve stop status rollout rollback versions predict test test-fast bench docker container-base docker-lint container-image container-test k8s-tools k8s-check soak clean
 
 help:
 	@echo "make serve      install, archive the default models if missing, start TorchServe + reload watcher"
@@ -73,6 +73,9 @@ test-fast: dev
 
 k8s-check: k8s-tools
 	$(PY) -m pytest tests/test_k8s.py -q
+
+soak: dev
+	$(PY) scripts/soak.py $(SOAK_ARGS)
 
 bench: install
 	$(SERVEKIT) bench $(BENCH_ARGS)

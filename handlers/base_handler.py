@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from servekit.config import ModelConfig
-from servekit.errors import ServeKitError, UnsupportedMediaType
-from servekit.inference import select_device
+from servekit.errors import ModelError, OutOfMemory, ServeKitError, UnsupportedMediaType
+from servekit.inference import is_oom, select_device
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,17 @@ class BaseHandler:
         """One TorchServe batch: items in, one JSON answer per item, order kept."""
         t0 = time.perf_counter()
         items = [self._item(row, context, i) for i, row in enumerate(data)]
-        results = self.run(items)
+        try:
+            results = self.run(items)
+        except Exception as exc:  # a bug or resource failure: answer every item, keep the worker
+            log.exception("handler failed on a batch of %d", len(items))
+            results = [_batch_error(exc)] * len(items)
         out = []
         for i, res in enumerate(results):
             context.set_response_header(i, "X-Model-Version", self.version)
             context.set_response_header(i, "X-Model-Name", self.model_name)
             if isinstance(res, ServeKitError):
-                context.set_response_status(res.status, res.message, idx=i)
+                context.set_response_status(res.status, _reason(res.message), idx=i)
                 out.append(json.dumps({"code": res.status, "type": type(res).__name__, "message": res.message}))
             else:
                 out.append(json.dumps(res, separators=(",", ":")))
@@ -133,3 +137,22 @@ class BaseHandler:
                 metrics.add_counter("HandlerItemErrors", errors, None, dims())
         except Exception:  # metrics must never fail a request
             log.debug("metrics emission failed", exc_info=True)
+
+
+def _batch_error(exc: Exception) -> ServeKitError:
+    """The per-item error for an exception that escaped the pipeline (507 for out-of-memory, else 500)."""
+    if isinstance(exc, ServeKitError):
+        return exc
+    detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if is_oom(exc):
+        return OutOfMemory(f"out of memory: {text}; retry, or lower batchSize")
+    return ModelError(f"the handler failed on this batch: {text}")
+
+
+def _reason(message: str) -> str:
+    """An HTTP reason phrase of printable ASCII: TorchServe 0.12 frames the phrase by its length in
+    characters, so one non-ASCII character (e.g. from a client's Content-Type) would corrupt the
+    worker's reply and get the worker killed."""
+    text = message.encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if c.isprintable() else " " for c in text)

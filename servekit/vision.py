@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -212,5 +213,10 @@ def reference_transform(opts: HandlerOptions):
     return T.Compose(steps)
 
 
+# torchvision prefixes its decode errors with "function, /build/path/file.cpp:LINE, ".
+_SOURCE_PREFIX = re.compile(r"^[^,]*, \S+\.(?:cpp|cc|cu|h):\d+, ")
+
+
 def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    text = _SOURCE_PREFIX.sub("", str(exc).strip())
+    return text.splitlines()[0][:200] if text else type(exc).__name__
