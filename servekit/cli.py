@@ -302,6 +302,9 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``servekit`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["reload"], ["bench"]):  # these parse their own arguments
+        return _delegate(f"servekit.{argv[0]}", argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The benchmark on the GPU host (one H100): our handler vs TorchServe's stock image_classifier.
+# Run from the repository root. Results (results.json, report.md, bench.png, bench.log) go to $OUT.
+#
+#   bash scripts/gpu_bench.sh ours    # model-only + decode ceilings, our handler on the whole grid (estimated ~5 min)
+#   bash scripts/gpu_bench.sh stock   # stock handler, untuned and tuned threads (estimated ~4 min)
+#   bash scripts/gpu_bench.sh all     # both in one go (estimated ~9 min; may not fit a 10-minute command limit)
+#
+# Then, on any machine, merge the phases into one table and plot:
+#   python3 -m servekit.bench report ours/results.json stock/results.json --out bench-results/gpu
+bash .gpu/setup.sh && . /tmp/gpu-env.sh
+set -euo pipefail
+
+phase=${1:-all}
+out=${OUT:-bench-results/gpu}
+mkdir -p "$out"
+# Absolute: TorchServe's workers import servekit from their own working directories.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+python3 - <<'PY'
+import importlib, shutil, torch
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+for mod in ("ts.model_server", "model_archiver", "captum", "pynvml", "matplotlib"):
+    importlib.import_module(mod)
+print("java on PATH:", shutil.which("java"))
+PY
+# TorchServe finds GPUs through nvidia-smi: without it every worker would run on the CPU.
+command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found" >&2; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+case "$phase" in
+  ours)  args=(--gpu --configs ours) ;;
+  stock) args=(--gpu --configs stock,stock-tuned --no-micro) ;;
+  all)   args=(--gpu) ;;
+  *)     echo "usage: $0 [ours|stock|all]" >&2; exit 2 ;;
+esac
+python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"

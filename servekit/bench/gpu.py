@@ -1,0 +1,87 @@
+"""GPU utilisation and memory per worker during a measured window, through NVML (nvidia-ml-py)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable
+
+try:
+    import pynvml
+except ImportError:  # no nvidia-ml-py: GPU columns stay empty
+    pynvml = None
+
+
+def nvml_available() -> bool:
+    """Whether NVML can be initialised and sees at least one GPU."""
+    if pynvml is None:
+        return False
+    try:
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except pynvml.NVMLError:
+        return False
+
+
+class GpuSampler:
+    """Sample every GPU's utilisation and each process's memory in a background thread."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.enabled = nvml_available()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.util: list[float] = []
+        self.used_mib: list[float] = []
+        self.per_pid_mib: dict[int, float] = {}
+
+    def _sample(self) -> None:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        while not self._stop.is_set():
+            utils, used = [], 0.0
+            for h in handles:
+                utils.append(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                used += pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                    mib = (p.usedGpuMemory or 0) / 2**20
+                    self.per_pid_mib[p.pid] = max(self.per_pid_mib.get(p.pid, 0.0), mib)
+            self.util.append(sum(utils) / len(utils))
+            self.used_mib.append(used)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "GpuSampler":
+        if self.enabled:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self, worker_pids: Iterable[int], workers: int) -> dict[str, Any] | None:
+        """Mean/max utilisation (%), peak memory in use, and peak memory per worker (MiB)."""
+        if not self.enabled or not self.util:
+            return None
+        pids = set(worker_pids)
+        mine = [mib for pid, mib in self.per_pid_mib.items() if pid in pids]
+        # Inside a container NVML may report host pids: then split the device's memory evenly.
+        per_worker = sum(mine) / len(mine) if mine else max(self.used_mib) / max(1, workers)
+        return {
+            "util_mean_pct": round(sum(self.util) / len(self.util), 1),
+            "util_max_pct": round(max(self.util), 1),
+            "mem_used_mib_max": round(max(self.used_mib)),
+            "mem_per_worker_mib": round(per_worker),
+            "mem_per_worker_source": "per-process" if mine else "device total / workers",
+        }
+
+
+def gpu_names() -> list[str]:
+    """Names of the GPUs NVML sees (empty without NVML)."""
+    if not nvml_available():
+        return []
+    names = []
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+        names.append(name.decode() if isinstance(name, bytes) else str(name))
+    return names

@@ -1,0 +1,507 @@
+"""Build, archive, serve and load each configuration; collect everything into one results dict."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import psutil
+import yaml
+
+from .. import server
+from ..archive import MODELS_DIR, ArchiveRequest, archive, build_artifact
+from ..client import model_states, wait_until
+from ..config import ModelConfig
+from . import report, stock
+from .gpu import GpuSampler, gpu_names
+from .images import synthetic_jpeg
+from .loadgen import Target, run_load
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Point:
+    """TorchServe's batching settings for one run."""
+
+    workers: int
+    batch: int
+    delay: int
+
+
+@dataclass
+class Plan:
+    """Everything one benchmark invocation does."""
+
+    model: str
+    device: str
+    configs: Sequence[str]
+    points: Sequence[Point]
+    stock_points: Sequence[Point]
+    concurrency: Sequence[int]
+    duration: float
+    warmup: float
+    out: Path
+    loadgen_procs: int | None = None
+    handler_overrides: dict[str, Any] = field(default_factory=dict)
+    amp: str | None = None  # our handler's amp: None keeps model-config's; "auto" picks from the ceiling
+    freeze: bool | str = False  # True, False or "auto" (picked from the ceiling)
+    channels_last_weights: bool = True
+    weights: str | None = None
+    micro: bool = True
+    micro_seconds: float = 2.0
+    ceiling_batches: Sequence[int] = (1, 8)
+    ceiling_threads: int = 1  # CPU only: torch threads for the model-only ceiling
+    decode_batches: Sequence[int] = (32, 64)
+    image_bytes: int = 170_000
+    keep: bool = False
+    command: str = ""
+
+
+@dataclass
+class Artifacts:
+    """The exported model and the copies derived from it, reused by every archive."""
+
+    traced: Path
+    served: Path  # what both handlers serve (the traced file, or its channels_last-weights copy)
+    frozen: Path | None  # ``served``, frozen: ours only, with --freeze
+    plain_frozen: Path | None  # ``traced``, frozen: for the model-only ceiling
+    labels: list[str]
+    base_config: dict[str, Any]
+
+    def for_ours(self, frozen: bool) -> Path:
+        """The artifact our handler serves."""
+        return self.frozen if frozen and self.frozen else self.served
+
+
+@contextlib.contextmanager
+def env_vars(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block (the server inherits them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or platform's guess)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The bf16/AMX-related CPU flags present (they decide whether bf16 autocast can pay off)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"))
+
+
+def machine_meta(plan: Plan) -> dict[str, Any]:
+    """Where and how the numbers were taken."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+    import torchvision
+
+    try:
+        torchserve = version("torchserve")
+    except PackageNotFoundError:  # importable from a path without its metadata
+        torchserve = "unknown"
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": plan.command,
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": gpu_names(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torchserve": torchserve,
+        "model": plan.model,
+        "device": plan.device,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
+    """Export the model once (reusing an up-to-date build), then derive the copies the plan needs."""
+    from .micro import derived_artifact
+
+    model_dir = MODELS_DIR / plan.model
+    cfg = ModelConfig.load(model_dir / "model-config.yaml")
+    req = ArchiveRequest(plan.model, model_dir, workdir / "store-base", weights=plan.weights)
+    traced = build_artifact(req, cfg, log=log)
+    labels_file = traced.parent / "labels.json"
+
+    def derive(name: str, **kw: bool) -> Path:
+        folder = workdir / "artifacts" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if labels_file.is_file():
+            shutil.copy2(labels_file, folder / "labels.json")
+        return derived_artifact(traced, folder / "model.pt", **kw)
+
+    cl = plan.channels_last_weights
+    served = derive("channels-last", channels_last=True) if cl else traced
+    frozen = derive("frozen", channels_last=cl, freeze=True) if plan.freeze else None  # True or "auto"
+    plain_frozen = derive("plain-frozen", freeze=True) if plan.micro else None
+    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else []
+    return Artifacts(traced, served, frozen, plain_frozen, [str(x) for x in labels], cfg.raw)
+
+
+def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The model-config for one point: workers, batch and delay set, warm-up at 1 and the batch size."""
+    raw = copy.deepcopy(base)
+    raw.update(minWorkers=point.workers, maxWorkers=point.workers, batchSize=point.batch, maxBatchDelay=point.delay)
+    handler = raw.setdefault("handler", {}) or {}
+    handler["warmup_batch_sizes"] = sorted({1, point.batch})
+    handler.update(overrides)
+    raw["handler"] = handler
+    ModelConfig.from_dict(raw)  # refuse a bad override before anything is packaged
+    return raw
+
+
+def archive_ours(plan: Plan, art: Artifacts, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
+    """Package our handler with this point's model-config into a store of its own."""
+    raw = ours_config(art.base_config, point, plan.handler_overrides)
+    model_dir = workdir / "configs" / label
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "model-config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    store = workdir / "stores" / label
+    mar = archive(ArchiveRequest(plan.model, model_dir, store, artifact=art.for_ours(plan.freeze), force=True),
+                  log=lambda *_: None)
+    return mar, raw
+
+
+def archive_stock(plan: Plan, art: Artifacts, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
+    """Package the stock handler with this point's batching settings."""
+    raw = {"minWorkers": point.workers, "maxWorkers": point.workers, "batchSize": point.batch,
+           "maxBatchDelay": point.delay, "responseTimeout": int(art.base_config.get("responseTimeout", 120))}
+    mar = stock.archive_stock(plan.model, art.served, art.labels, workdir / "stores" / label, raw)
+    return mar, raw
+
+
+def worker_processes(pgid: int) -> list[psutil.Process]:
+    """TorchServe's Python workers in a server's process group."""
+    procs = []
+    for pid in server.group_members(pgid):
+        try:
+            p = psutil.Process(pid)
+            if any("model_service_worker" in part for part in p.cmdline()):
+                procs.append(p)
+        except psutil.Error:
+            continue
+    return procs
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in a group."""
+    total = 0.0
+    for pid in server.group_members(pgid):
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def busy_seconds() -> float:
+    """Machine-wide busy CPU seconds (everything but idle and iowait)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def start_server(plan: Plan, store: Path, mar: Path, workers: int, env: dict[str, str],
+                 run_dir: Path) -> tuple[server.ServerConfig, Any]:
+    """Start TorchServe on free ports with ``env`` and wait for every worker to be READY."""
+    overrides = server.private_ports()
+    if plan.device == "cpu":
+        overrides["number_of_gpu"] = "0"
+    cfg = server.ServerConfig(run_dir, store, overrides=overrides)
+    with env_vars(env):
+        proc = server.start(cfg, {plan.model: mar.name}, log=lambda *_: None)
+    try:
+        server.wait_ready(cfg, [plan.model], timeout=900, proc=proc)
+
+        def all_ready() -> bool:
+            states = [s for s in model_states(cfg.management()) if s.name == plan.model and s.default]
+            return bool(states) and states[0].ready_workers >= workers
+
+        wait_until(all_ready, 900, what=f"{workers} READY workers")
+    except Exception:
+        server.stop(run_dir)
+        raise
+    return cfg, proc
+
+
+def measure(plan: Plan, cfg: server.ServerConfig, proc: Any, workers: int, body: bytes, topk: int,
+            log: Log) -> list[dict]:
+    """Warm the server up, then one measured window per concurrency level."""
+    key = cfg.tokens.keys().inference
+    target = Target(url=f"{cfg.address('inference_address')}/predictions/{plan.model}", body=body,
+                    headers={"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"}, topk=topk)
+    run_load(target, max(plan.concurrency), duration=max(1.0, plan.warmup), warmup=0.0,
+             processes=plan.loadgen_procs)  # untimed: first batches, JIT profiling, allocator growth
+    worker_pids = [p.pid for p in worker_processes(proc.pid)]
+    points = []
+    probes = {"server": lambda: group_cpu_seconds(proc.pid), "machine": busy_seconds}
+    for conc in plan.concurrency:
+        loadavg = os.getloadavg()[0]
+        with GpuSampler() as gpu:
+            load = run_load(target, conc, plan.duration, plan.warmup, plan.loadgen_procs, probes)
+        server_cores = load.probes.get("server", 0.0)
+        point = report.point_summary(
+            load, server_cpu_cores=round(server_cores, 2), machine_busy_cores=round(load.probes.get("machine", 0.0), 2),
+            loadavg_1m=round(loadavg, 2), gpu=gpu.summary(worker_pids, workers))
+        lat = point["latency_ms"]
+        log(f"    c={conc:4d}: {point['rps']:8.1f} req/s  p50 {lat['p50']} ms  p99 {lat['p99']} ms  "
+            f"errors {point['errors']}  loadgen {point['loadgen_cpu_cores']:.2f} cores  server {server_cores:.2f} cores")
+        if load.error_samples:
+            log(f"      errors: {load.error_samples[:2]}")
+        if load.loadgen_cores > 0.8 * load.processes:
+            log("      the load generator was nearly saturated: raise --loadgen-procs")
+        points.append(point)
+    return points
+
+
+def worker_env_threads(pgid: int) -> list[str | None]:
+    """OMP_NUM_THREADS as each worker process sees it."""
+    out = []
+    for p in worker_processes(pgid):
+        try:
+            out.append(p.environ().get("OMP_NUM_THREADS"))
+        except psutil.Error:
+            out.append(None)
+    return out
+
+
+def package(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, slug: str,
+            default_threads: int) -> tuple[Path, int, dict[str, str], int, dict[str, Any]]:
+    """Archive one configuration: (archive, threads per worker, server env, top-k, facts for the record)."""
+    if config == "ours":
+        mar, raw = archive_ours(plan, art, point, workdir, slug)
+        opts = ModelConfig.from_dict(raw).handler
+        facts = {"handler": "servekit handlers/image_classifier.py", "amp": opts.amp, "frozen": plan.freeze,
+                 "handler_options": raw["handler"]}
+        threads, env, topk = opts.threads(point.workers), {}, opts.topk
+    else:
+        mar, raw = archive_stock(plan, art, point, workdir, slug)
+        facts = {"handler": "TorchServe image_classifier (stock)", "amp": "off", "frozen": False}
+        cores = os.cpu_count() or 1
+        threads = default_threads if config == "stock" else max(1, cores // point.workers)
+        env, topk = {"OMP_NUM_THREADS": str(threads)}, 5
+    facts["model_config"] = {k: v for k, v in raw.items() if k != "handler"}
+    return mar, threads, env, topk, facts
+
+
+def run_one(plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path,
+            default_threads: int, log: Log) -> dict[str, Any]:
+    """Archive, serve, load and stop one configuration at one point; failures are recorded, not raised."""
+    label = f"{config} w{point.workers} b{point.batch} d{point.delay}"
+    slug = label.replace(" ", "-")
+    run: dict[str, Any] = {"config": config, "label": label, "workers": point.workers, "batch": point.batch,
+                           "delay_ms": point.delay}
+    run_dir = workdir / "runs" / slug
+    try:
+        mar, threads, env, topk, facts = package(plan, art, config, point, workdir, slug, default_threads)
+        run.update(facts, threads_per_worker=threads)
+        log(f"  {label}: {threads} thread(s)/worker; starting TorchServe")
+        t0 = time.monotonic()
+        cfg, proc = start_server(plan, mar.parent, mar, point.workers, env, run_dir)
+    except Exception as exc:  # keep going: one configuration failing must not lose the others
+        run["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"    failed to start: {run['error']}\n{_tail(run_dir / 'logs' / 'torchserve.out')}")
+        return run
+    try:
+        run["startup_s"] = round(time.monotonic() - t0, 1)
+        run["worker_omp_num_threads"] = worker_env_threads(proc.pid)
+        workers = cfg.management().describe(plan.model, "")[0].get("workers", [])
+        run["workers_on_gpu"] = sum(bool(w.get("gpu")) for w in workers)
+        if plan.device == "cuda" and not run["workers_on_gpu"]:
+            raise RuntimeError("no worker is on a GPU: TorchServe found none (is nvidia-smi on PATH?)")
+        run["points"] = measure(plan, cfg, proc, point.workers, body, topk, log)
+    except Exception as exc:
+        run["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"    failed: {run['error']}\n{_tail(run_dir / 'logs' / 'torchserve.out')}")
+    finally:
+        server.stop(run_dir)
+    return run
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | None]]:
+    """(config, point, same_as) in run order: point by point so slow drift hits every configuration alike.
+
+    A tuned stock run whose thread count equals the stock default is the untuned run again: it is not rerun.
+    """
+    cores = os.cpu_count() or 1
+    order = []
+    points = list(dict.fromkeys([*plan.points, *plan.stock_points]))
+    for point in points:
+        for config in plan.configs:
+            if (point in plan.points) if config == "ours" else (point in plan.stock_points):
+                same = None
+                if (config == "stock-tuned" and "stock" in plan.configs
+                        and max(1, cores // point.workers) == default_threads):
+                    same = f"stock w{point.workers} b{point.batch} d{point.delay}"
+                order.append((config, point, same))
+    return order
+
+
+def run_micro(plan: Plan, art: Artifacts, body: bytes, log: Log) -> dict[str, list]:
+    """Model-only ceiling and decode-only rates, with no server running."""
+    import torch
+
+    from .micro import CPU_VARIANTS, GPU_VARIANTS, decode_rates, model_ceiling
+
+    device = torch.device("cuda" if plan.device == "cuda" else "cpu")
+    opts = ModelConfig.from_dict(art.base_config).handler
+    if device.type == "cpu":
+        # One thread by default: a per-core rate that other load on the machine disturbs least.
+        torch.set_num_threads(plan.ceiling_threads)
+    variants = GPU_VARIANTS if device.type == "cuda" else CPU_VARIANTS
+    log("model-only ceiling:")
+    ceiling = model_ceiling(art.traced, art.plain_frozen, device, opts, plan.ceiling_batches, variants,
+                            plan.micro_seconds, log)
+    log("decode-only:")
+    decode = decode_rates(body, opts, device, plan.decode_batches, plan.micro_seconds, log)
+    return {"ceiling": ceiling, "decode": decode}
+
+
+def choose_levers(plan: Plan, ceiling: Sequence[dict], cpu_bf16: bool) -> dict[str, Any]:
+    """Resolve ``amp``/``freeze`` set to "auto": the fastest model-only variant at the largest batch wins.
+
+    Only variants with the served memory layout compete. Without a ceiling, bf16 is chosen where the
+    CPU has native bf16 instructions (AVX512-BF16 or AMX) and the artifact is not frozen.
+    """
+    layout = plan.channels_last_weights
+    batch = max(plan.ceiling_batches) if plan.ceiling_batches else None
+    rows = [r for r in ceiling if r.get("images_per_s") and r["batch"] == batch and r["channels_last"] == layout
+            and (plan.amp == "auto" or r["amp"] == (plan.amp not in (None, "off")))
+            and (plan.freeze == "auto" or r["frozen"] == bool(plan.freeze))]
+    if rows:
+        best = max(rows, key=lambda r: r["images_per_s"])
+        amp = "bf16" if best["amp"] else "off"
+        frozen = best["frozen"]
+        why = (f"fastest model-only variant at batch {batch}: {best['variant']} ({best['images_per_s']} images/s) of "
+               + ", ".join(f"{r['variant']} {r['images_per_s']}" for r in rows))
+    else:
+        amp, frozen = ("bf16" if cpu_bf16 else "off"), False
+        why = "no model-only measurement: bf16 where the CPU has AVX512-BF16/AMX, not frozen"
+    return {"amp": amp if plan.amp == "auto" else plan.amp,
+            "freeze": frozen if plan.freeze == "auto" else bool(plan.freeze), "why": why}
+
+
+def resolve_levers(plan: Plan, results: dict[str, Any], log: Log) -> None:
+    """Fix ``plan.amp``/``plan.freeze`` before any server starts, and record why."""
+    if plan.amp != "auto" and plan.freeze != "auto":
+        if plan.amp is not None:
+            plan.handler_overrides["amp"] = plan.amp
+        return
+    flags = results["meta"].get("cpu_flags", [])
+    choice = choose_levers(plan, results.get("ceiling", []),
+                           cpu_bf16=any(f in flags for f in ("avx512_bf16", "amx_bf16")))
+    log(f"our handler: amp {choice['amp'] or 'from model-config'}, frozen {choice['freeze']} ({choice['why']})")
+    results["meta"]["choices"] = choice
+    plan.amp, plan.freeze = choice["amp"], choice["freeze"]
+    if plan.amp is not None:
+        plan.handler_overrides["amp"] = plan.amp
+
+
+def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
+    """Run the whole plan and write results.json, bench.png and report.md into ``plan.out``."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    if any(c != "ours" for c in plan.configs):
+        stock.check_stock_available()
+    results: dict[str, Any] = {"meta": machine_meta(plan), "plan": _plan_dict(plan), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="servekit-bench-") as tmp:
+        workdir = Path(tmp)
+        log(f"building {plan.model}")
+        art = prepare_artifacts(plan, workdir, log)
+        results["meta"]["artifact"] = {
+            "export": "TorchScript trace", "weights": plan.weights or "seeded random initialisation",
+            "channels_last_weights": plan.channels_last_weights,
+            "size_mb": round(art.served.stat().st_size / 1e6, 1)}
+        body = synthetic_jpeg(target_bytes=plan.image_bytes)
+        results["meta"]["image"] = {"width": 500, "height": 375, "bytes": len(body), "format": "JPEG q90 4:4:4"}
+        log(f"request body: synthetic 500x375 JPEG, {len(body) / 1000:.0f} kB")
+        if plan.micro:
+            results.update(run_micro(plan, art, body, log))
+        resolve_levers(plan, results, log)
+        results["meta"]["artifact"]["ours_frozen"] = plan.freeze
+        defaults = stock.default_threads() if any(c != "ours" for c in plan.configs) else os.cpu_count() or 1
+        results["meta"]["stock_default_threads"] = defaults
+        order = schedule(plan, defaults)
+        log(f"{len(order)} configuration(s) x {len(plan.concurrency)} concurrency level(s)")
+        done: dict[str, dict] = {}
+        for config, point, same_as in order:
+            if same_as and same_as in done:
+                run = {**copy.deepcopy(done[same_as]), "config": config, "same_as": same_as,
+                       "label": f"{config} w{point.workers} b{point.batch} d{point.delay}"}
+                log(f"  {run['label']}: same settings as {same_as}; not rerun")
+            else:
+                run = run_one(plan, art, config, point, body, workdir, defaults, log)
+            done[run["label"]] = run
+            results["runs"].append(run)
+            report.write_json(results, plan.out / "results.json")  # partial results survive a crash
+        if plan.keep:
+            shutil.copytree(workdir / "runs", plan.out / "server-runs", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(".ts.sock*"))
+    results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["comparison"] = report.comparison_rows(results["runs"])
+    write_outputs(results, plan.out)
+    return results
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> str:
+    """results.json, report.md and bench.png; returns the Markdown report."""
+    text = report.full_report(results)
+    report.write_json(results, out / "results.json")
+    (out / "report.md").write_text(text)
+    meta = results.get("meta")
+    title = ""
+    if isinstance(meta, dict):
+        title = f"{meta.get('model')} on {meta.get('device')}: {', '.join(meta.get('gpus') or []) or meta.get('cpu')}"
+    report.plot(results.get("runs", []), out / "bench.png", title)
+    return text
+
+
+def _plan_dict(plan: Plan) -> dict[str, Any]:
+    d = {k: v for k, v in vars(plan).items() if k not in ("out",)}
+    d["points"] = [vars(p) for p in plan.points]
+    d["stock_points"] = [vars(p) for p in plan.stock_points]
+    d["out"] = str(plan.out)
+    return d
+

@@ -1,0 +1,203 @@
+"""The benchmark's pure logic, plus one short end-to-end run against a real TorchServe (digits)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from servekit.archive import MODELS_DIR, ArchiveRequest, build_artifact, read_manifest
+from servekit.bench import PROFILES, build_parser, main, plan_from_args
+from servekit.bench.images import synthetic_jpeg
+from servekit.bench.loadgen import LoadResult, split, summarize, valid_answer
+from servekit.bench.report import comparison_rows, comparison_table, merge, percentiles, point_summary, runs_table
+from servekit.bench.runner import Point, choose_levers, ours_config, schedule
+from servekit.bench.stock import archive_stock, index_to_name
+from servekit.config import ModelConfig
+from servekit.errors import ConfigError
+
+
+def test_percentiles_interpolate_linearly():
+    values = list(range(1, 101))
+    assert percentiles(values) == {"p50": 50.5, "p90": 90.1, "p99": 99.01}
+    assert percentiles([7.0]) == {"p50": 7.0, "p90": 7.0, "p99": 7.0}
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
+
+
+def test_summarize_counts_only_the_window():
+    t0 = 1000.0
+    records = [
+        (t0 - 1.0, t0 - 0.5, 200, None),    # warm-up: ignored entirely
+        (t0 - 0.2, t0 + 0.3, 200, None),    # started before, ended inside: throughput yes, latency no
+        (t0 + 1.0, t0 + 1.1, 200, None),    # inside
+        (t0 + 2.0, t0 + 2.4, 500, "HTTP 500: boom"),
+        (t0 + 9.8, t0 + 10.5, 200, None),   # started inside, ended after: latency yes, throughput no
+    ]
+    res = summarize(records, t0, t0 + 10.0, concurrency=2, processes=1, cpu_s=0.5)
+    assert res.completed == 2
+    assert res.rps == pytest.approx(0.2)
+    assert sorted(round(x) for x in res.latencies_ms) == [100, 700]
+    assert res.errors == 1 and res.error_samples == ["HTTP 500: boom"]
+    assert res.loadgen_cores == pytest.approx(0.05)
+
+
+def test_split_spreads_connections_over_processes():
+    assert split(32, 3) == [11, 11, 10]
+    assert split(2, 8) == [1, 1]
+    assert sum(split(128, 4)) == 128
+
+
+def test_valid_answer_accepts_both_handlers_formats():
+    ours = {"predictions": [{"label": str(i), "index": i, "probability": 0.1} for i in range(5)]}
+    stock = {"tench": 0.5, "goldfish": 0.2, "shark": 0.1, "hen": 0.1, "cock": 0.05}
+    assert valid_answer(json.dumps(ours).encode(), 5)
+    assert valid_answer(json.dumps(stock).encode(), 5)
+    assert not valid_answer(json.dumps(ours).encode(), 3)
+    assert not valid_answer(b"<html>oops</html>", 5)
+    assert not valid_answer(b"[1, 2, 3, 4, 5]", 5)
+
+
+def _run(config: str, label: str, rps_by_conc: dict[int, float], errors: int = 0) -> dict:
+    points = []
+    for conc, rps in rps_by_conc.items():
+        load = LoadResult(conc, 1, 10.0, int(rps * 10), [10.0, 20.0, 30.0], errors)
+        points.append(point_summary(load, server_cpu_cores=1.5, machine_busy_cores=2.0))
+    return {"config": config, "label": label, "threads_per_worker": 1, "points": points}
+
+
+def test_comparison_picks_the_best_run_and_computes_speedups():
+    runs = [
+        _run("ours", "ours w1", {1: 10.0, 8: 30.0}),
+        _run("ours", "ours w2", {1: 8.0, 8: 36.0}),
+        _run("stock", "stock w1", {1: 5.0, 8: 9.0}),
+        _run("stock-tuned", "stock-tuned w2", {1: 4.0, 8: 12.0}),
+        _run("stock-tuned", "stock-tuned w4", {1: 100.0, 8: 100.0}, errors=3),  # dropped requests: not a best
+    ]
+    rows = {r["concurrency"]: r for r in comparison_rows(runs)}
+    assert rows[1]["ours"] == 10.0 and rows[1]["ours_run"] == "ours w1"
+    assert rows[8]["ours"] == 36.0 and rows[8]["ours_run"] == "ours w2"
+    assert rows[8]["speedup_vs_stock"] == pytest.approx(4.0)
+    assert rows[8]["speedup_vs_stock_tuned"] == pytest.approx(3.0)
+    assert rows["peak"]["ours"] == 36.0 and rows["peak"]["stock-tuned"] == 12.0
+    table = comparison_table(runs)
+    assert "| 8 | 36.0 | 9.0 | 12.0 | 4.00x | 3.00x | ours w2 | stock w1 | stock-tuned w2 |" in table
+    merged = merge([{"runs": runs[:2]}, {"runs": runs[2:], "ceiling": [{"variant": "fp32"}]}])
+    assert len(merged["runs"]) == 5 and merged["ceiling"] == [{"variant": "fp32"}]
+
+
+def test_runs_table_shows_every_point_and_failures():
+    runs = [_run("ours", "ours w1", {1: 10.0, 8: 30.0}),
+            {"config": "stock", "label": "stock w1", "error": "RuntimeError: TorchServe exited"}]
+    table = runs_table(runs).splitlines()
+    assert len(table) == 2 + 2 + 1
+    assert table[2].startswith("| ours w1 | 1 | 1 | 10.0 | 20.0 | 28.0 | 29.8 | 0 | 0.00 | 1.50 | 6.7 | 0.50 |")
+    assert "failed: RuntimeError: TorchServe exited" in table[4]
+
+
+def test_synthetic_jpeg_is_a_170kb_500x375_jpeg():
+    data = synthetic_jpeg()
+    assert abs(len(data) - 170_000) <= 0.02 * 170_000
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "JPEG" and im.size == (500, 375) and im.mode == "RGB"
+    assert synthetic_jpeg() == data  # seeded: every run sends the same bytes
+    assert len(synthetic_jpeg(target_bytes=60_000)) < len(data)
+
+
+def test_index_to_name_keeps_top_k_keys_distinct():
+    mapping = index_to_name(["cat", "crane", "dog", "crane"])
+    assert mapping == {"0": "cat", "1": "crane (1)", "2": "dog", "3": "crane (3)"}
+
+
+def test_ours_config_sets_batching_and_rejects_bad_overrides():
+    base = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 32, "responseTimeout": 120,
+            "handler": {"amp": "fp16", "warmup_batch_sizes": [1, 32]}}
+    raw = ours_config(base, Point(2, 8, 5), {"amp": "bf16"})
+    assert (raw["minWorkers"], raw["maxWorkers"], raw["batchSize"], raw["maxBatchDelay"]) == (2, 2, 8, 5)
+    assert raw["handler"] == {"amp": "bf16", "warmup_batch_sizes": [1, 8]}
+    assert base["handler"]["amp"] == "fp16"  # the model's own config is left alone
+    with pytest.raises(ConfigError, match="amp"):
+        ours_config(base, Point(1, 8, 5), {"amp": "int4"})
+
+
+def test_quick_profile_and_overrides():
+    args = build_parser().parse_args(["--quick", "--concurrency", "1,4", "--amp", "bf16"])
+    plan = plan_from_args(args, [])
+    assert plan.device == "cpu" and list(plan.concurrency) == [1, 4]
+    assert plan.points == [Point(w, 8, 5) for w in PROFILES["quick"]["workers"]]
+    assert plan.amp == "bf16" and plan.freeze == "auto"
+    gpu = plan_from_args(build_parser().parse_args(["--gpu"]), [])
+    assert gpu.device == "cuda" and {p.batch for p in gpu.points} == {32, 64} and {p.batch for p in gpu.stock_points} == {32}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--configs", "ours,mine"])
+
+
+def _ceiling(variant: str, amp: bool, frozen: bool, ips: float, batch: int = 8, cl: bool = True) -> dict:
+    return {"variant": variant, "amp": amp, "channels_last": cl, "frozen": frozen, "batch": batch, "images_per_s": ips}
+
+
+def test_auto_levers_pick_the_fastest_model_only_variant():
+    plan = plan_from_args(build_parser().parse_args(["--quick"]), [])
+    ceiling = [_ceiling("fp32", False, False, 9.0), _ceiling("bf16", True, False, 19.0),
+               _ceiling("bf16+frozen", True, True, 21.0), _ceiling("fp32+frozen", False, True, 9.5),
+               _ceiling("bf16+frozen", True, True, 99.0, batch=1),         # not the largest batch
+               _ceiling("bf16+frozen", True, True, 99.0, cl=False)]        # not the served layout
+    choice = choose_levers(plan, ceiling, cpu_bf16=True)
+    assert (choice["amp"], choice["freeze"]) == ("bf16", True)
+    assert "bf16+frozen (21.0 images/s)" in choice["why"]
+    plan.freeze = False  # forced off: only unfrozen variants compete
+    assert choose_levers(plan, ceiling, cpu_bf16=True)[("freeze")] is False
+    assert choose_levers(plan, ceiling, cpu_bf16=True)["amp"] == "bf16"
+    plan.freeze = "auto"
+    assert choose_levers(plan, [], cpu_bf16=False) == {
+        "amp": "off", "freeze": False, "why": "no model-only measurement: bf16 where the CPU has AVX512-BF16/AMX, not frozen"}
+
+
+def test_schedule_does_not_rerun_a_tuned_point_equal_to_the_default(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    plan = plan_from_args(build_parser().parse_args(["--quick", "--workers", "1,2"]), [])
+    order = schedule(plan, default_threads=2)
+    assert [(c, p.workers, same) for c, p, same in order] == [
+        ("ours", 1, None), ("stock", 1, None), ("stock-tuned", 1, "stock w1 b8 d5"),
+        ("ours", 2, None), ("stock", 2, None), ("stock-tuned", 2, None),
+    ]
+
+
+def test_stock_archive_uses_the_builtin_handler(tmp_path):
+    model_dir = MODELS_DIR / "digits"
+    artifact = build_artifact(ArchiveRequest("digits", model_dir, tmp_path / "unused"),
+                              ModelConfig.load(model_dir / "model-config.yaml"), log=lambda *_: None)
+    mar = archive_stock("digits", artifact, [str(i) for i in range(10)], tmp_path,
+                        {"minWorkers": 2, "batchSize": 4, "handler": {"amp": "off"}})
+    manifest = read_manifest(mar)
+    assert manifest["model"]["handler"] == "image_classifier"
+    assert manifest["model"]["serializedFile"] == "model.pt"
+
+
+@pytest.mark.server
+def test_bench_end_to_end_smoke(tmp_path):
+    out = tmp_path / "out"
+    rc = main(["--model", "digits", "--configs", "ours", "--workers", "1", "--batch", "4", "--delay", "5",
+               "--concurrency", "2", "--duration", "2", "--warmup", "0.5", "--micro-seconds", "0.1",
+               "--ceiling-batch", "2", "--out", str(out)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["model"] == "digits" and results["meta"]["cores"] >= 1
+    assert results["meta"]["image"]["bytes"] > 160_000
+    (run,) = results["runs"]
+    assert run["config"] == "ours" and "error" not in run
+    assert run["model_config"]["batchSize"] == 4 and run["threads_per_worker"] >= 1
+    (point,) = run["points"]
+    assert point["concurrency"] == 2 and point["errors"] == 0 and point["completed"] > 0 and point["rps"] > 0
+    assert set(point["latency_ms"]) == {"p50", "p90", "p99", "mean", "max"}
+    assert 0 < point["latency_ms"]["p50"] <= point["latency_ms"]["p99"]
+    assert point["loadgen_cpu_cores"] >= 0 and point["server_cpu_cores"] > 0
+    assert {c["variant"] for c in results["ceiling"]} >= {"fp32", "bf16", "fp32+frozen"}
+    assert all(c["images_per_s"] > 0 for c in results["ceiling"] + results["decode"])
+    assert results["comparison"][-1]["concurrency"] == "peak" and results["comparison"][-1]["ours"] > 0
+    assert (out / "bench.png").stat().st_size > 10_000
+    assert "| ours w1 b4 d5 |" in (out / "report.md").read_text()
+    # The report command redraws the same tables from the JSON.
+    assert main(["report", str(out / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == (out / "report.md").read_text()
