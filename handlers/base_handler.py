@@ -49,7 +49,8 @@ class BaseHandler:
         torch.set_num_threads(opts.threads(self.config.max_workers))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cudnn.benchmark = True
+            # Autotuning picks faster kernels per shape, at a start-up cost paid in the warm-up.
+            torch.backends.cudnn.benchmark = opts.cudnn_benchmark
         serialized = context.manifest.get("model", {}).get("serializedFile")
         if not serialized:
             raise ServeKitError("the archive's manifest names no serialized model file")

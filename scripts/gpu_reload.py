@@ -25,12 +25,13 @@ from servekit.client import InferenceClient  # noqa: E402
 from servekit.server import private_ports as port_overrides  # noqa: E402
 
 
-def model_dir_with_workers(tmp: Path, workers: int) -> Path:
-    """A copy of models/resnet50 whose model-config asks for ``workers`` workers."""
+def model_dir_with_workers(tmp: Path, workers: int, handler: dict) -> Path:
+    """A copy of models/resnet50 whose model-config asks for ``workers`` workers (and handler overrides)."""
     out = tmp / "resnet50"
     shutil.copytree(MODELS_DIR / "resnet50", out)
     cfg = yaml.safe_load((out / "model-config.yaml").read_text())
     cfg["minWorkers"] = cfg["maxWorkers"] = workers
+    cfg["handler"].update(handler)
     (out / "model-config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
 
@@ -40,12 +41,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--warmup", default=None, help="warm-up batch sizes, e.g. 32 (default: model-config)")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("gpu-reload.json"))
     args = parser.parse_args()
+    handler: dict = {}
+    if args.warmup:
+        handler["warmup_batch_sizes"] = [int(b) for b in args.warmup.split(",")]
+    if args.no_cudnn_benchmark:
+        handler["cudnn_benchmark"] = False
     tmp = Path(tempfile.mkdtemp(prefix="gpu-reload-"))
     staging, store = tmp / "staging", tmp / "store"
     store.mkdir()
-    mdir = model_dir_with_workers(tmp, args.workers)
+    mdir = model_dir_with_workers(tmp, args.workers, handler)
     for version in ("1.0", "2.0"):  # the second build finds the first one's artifact up to date
         archive(ArchiveRequest("resnet50", mdir, staging, version=version))
     shutil.copy2(staging / "resnet50-v1.0.mar", store)
@@ -92,10 +100,12 @@ def main() -> int:
 
     report = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "workers": args.workers, "clients": args.clients,
+        "workers": args.workers, "clients": args.clients, "handler_overrides": handler,
         "publish_to_first_v2_s": round(first_v2[0] - published, 2) if first_v2 else None,
         "responses": {f"{k[0]} v{k[1]}": n for k, n in seen.items()},
         "failed": sum(n for k, n in seen.items() if k[0] != 200),
+        "worker_ready_lines": [line.split("MODEL_LOG - ")[-1] for log in (cfg.run_dir / "logs").glob("model_log*.log")
+                               for line in log.read_text(errors="replace").splitlines() if " ready on " in line],
     }
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

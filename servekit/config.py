@@ -37,6 +37,7 @@ class HandlerOptions:
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 8 * 1024 * 1024
     cuda_graphs: bool = False
+    cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
         problems = []
