@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +13,7 @@ import torch
 
 from .artifacts import load_artifact
 from .config import HandlerOptions
-from .errors import InvalidInput, ServeKitError
+from .errors import ServeKitError
 from .inference import Engine
 from .vision import Preprocessor, check_image
 
@@ -41,7 +41,6 @@ class StageTimes:
     decode: float = 0.0
     infer: float = 0.0
     postprocess: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class ImageClassifier:
@@ -95,7 +94,6 @@ class ImageClassifier:
             times.decode = (t1 - t0) * 1000
             try:
                 logits = self.engine.forward(batch)
-                t2 = time.perf_counter()
                 top = self.engine.topk(logits, self.opts.topk)
             except ServeKitError as err:
                 for i in ok_idx:
@@ -106,7 +104,6 @@ class ImageClassifier:
                 for i, idx, probs in zip(ok_idx, top.indices, top.probs):
                     results[i] = self.format(idx, probs)
                 times.postprocess = (time.perf_counter() - t3) * 1000
-                times.extra["forward_launch"] = (t2 - t1) * 1000
         else:
             times.decode = (time.perf_counter() - t0) * 1000
         self.last_times = times
@@ -120,13 +117,3 @@ class ImageClassifier:
             preds.append({"label": label, "index": idx, "probability": round(float(p), 6)})
         return {"predictions": preds}
 
-
-def classify_files(clf: ImageClassifier, paths: Sequence[str | os.PathLike]) -> list[dict | ServeKitError]:
-    """Convenience: classify image files from disk."""
-    raws: list[bytes | ServeKitError] = []
-    for p in paths:
-        try:
-            raws.append(Path(p).read_bytes())
-        except OSError as exc:
-            raws.append(InvalidInput(f"cannot read {p}: {exc}"))
-    return clf.predict(raws)

@@ -36,7 +36,6 @@ class HandlerOptions:
     cpu_threads: int | str = "auto"
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 8 * 1024 * 1024
-    cuda_graphs: bool = False
     cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
