@@ -115,10 +115,25 @@ t0=$(date +%s)
 if [[ $ENGINE == podman ]]; then
   # docker format keeps HEALTHCHECK (the OCI image format has no field for it).
   args+=(--format docker --ignorefile docker/Dockerfile.dockerignore --layers)
-  # Tag the deps stage (the venv with the pinned dependencies, ~6 GB) so that pruning below
-  # keeps it as the layer cache of the next build; with everything cached this takes seconds.
+  # Tag the venv stage (the pinned dependencies, ~6 GB) so that pruning below keeps it as the
+  # layer cache of the next build; with everything cached this takes seconds.
   base_id=$(printf '%s' "$BASE_IMAGE" | sha256sum | cut -c1-12)
-  podman build "${args[@]}" --target deps --tag "localhost/servekit-cache:deps-$base_id" "$@" .
+  # An uncached venv layer needs about twice the wheelhouse (the installed venv plus the layer
+  # being committed); fail up front with a clear message instead of "no space left" mid-build.
+  store=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
+  mkdir -p "$store"
+  free_mb=$(df -Pm "$store" | awk 'NR == 2 {print $4}')
+  need_mb=$((2 * $(du -sm "$WHEELS" | cut -f1) + 2048))
+  if ((free_mb < need_mb)); then
+    if podman image exists "localhost/servekit-cache:venv-$base_id"; then
+      log "warning: only ${free_mb} MB free in $store; fine if the venv layer is cached"
+    else
+      log "only ${free_mb} MB free in $store; the image build needs about ${need_mb} MB."
+      log "free some space (podman image prune -a; podman system df shows what is used)"
+      exit 1
+    fi
+  fi
+  podman build "${args[@]}" --target venv --tag "localhost/servekit-cache:venv-$base_id" "$@" .
 else
   export DOCKER_BUILDKIT=1 # RUN --mount and docker/Dockerfile.dockerignore need BuildKit
 fi
