@@ -70,6 +70,13 @@ def load_build_module(model_dir: Path) -> ModuleType:
     return module
 
 
+def calibration_of(module, quantize: str):
+    """The build hook's own int8 calibration batches (``calibration_inputs()``), if it has any."""
+    if quantize == "off" or not hasattr(module, "calibration_inputs"):
+        return None
+    return list(module.calibration_inputs())
+
+
 @dataclass
 class ArchiveRequest:
     """What to archive and how."""
@@ -84,6 +91,7 @@ class ArchiveRequest:
     handler: Path | None = None
     device: str = "cpu"
     freeze: bool = False
+    quantize: str = "off"
     force: bool = False
 
 
@@ -95,7 +103,7 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, log=print) -> Path:
     fmt = req.fmt or getattr(module, "EXPORT_METHOD", "trace")
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {FORMATS}")
-    out_dir = BUILD_DIR / req.name / f"{fmt}-{req.device}"
+    out_dir = BUILD_DIR / req.name / (f"{fmt}-{req.device}" if req.quantize == "off" else f"{fmt}-{req.quantize}-{req.device}")
     out = out_dir / f"model{SUFFIX[fmt]}"
     weights = Path(req.weights) if req.weights else None
     if weights is not None and not weights.is_file():
@@ -103,7 +111,7 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, log=print) -> Path:
     # A .pt2 is compiled for one input layout: channels_last where the GPU handler feeds it so.
     channels_last = cfg.handler.channels_last and fmt == "pt2" and req.device.startswith("cuda")
     stamp = _sha([req.model_dir / "build.py", *(p for p in req.model_dir.glob("*.py") if p.name != "build.py")],
-                 f"{fmt}|{cfg.handler.amp}|{req.freeze}|{channels_last}|{weights and weights.stat().st_mtime_ns}|{weights}")
+                 f"{fmt}|{cfg.handler.amp}|{req.freeze}|{req.quantize}|{channels_last}|{weights and weights.stat().st_mtime_ns}|{weights}")
     stamp_file = out_dir / "stamp"
     if out.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp and not req.force:
         log(f"{req.name}: artifact up to date ({out.relative_to(ROOT) if out.is_relative_to(ROOT) else out})")
@@ -112,7 +120,7 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, log=print) -> Path:
     model = module.build_model(str(weights) if weights else None, log=log)
     log(f"{req.name}: exporting ({fmt}) and checking it against eager")
     export(model, module.example_inputs(), out, fmt, req.device, cfg.handler.amp, req.freeze, log_fn=log,
-           channels_last=channels_last)
+           channels_last=channels_last, quantize=req.quantize, calibration=calibration_of(module, req.quantize))
     stamp_file.write_text(stamp)
     labels = getattr(module, "LABELS", None)
     if labels:

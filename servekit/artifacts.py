@@ -90,7 +90,23 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def is_quantized_torchscript(path: str | os.PathLike) -> bool:
+    """True for a TorchScript archive whose code calls quantized (int8) operators."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any("ops.quantized." in zf.read(n).decode("utf-8", "replace")
+                       for n in zf.namelist() if "/code/" in n and n.endswith(".py"))
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
+    quantized = is_quantized_torchscript(path)
+    if quantized and device.type != "cpu":
+        raise ConfigError(
+            f"{path.name} is an int8 (quantized) TorchScript model, which runs on the CPU only; on {device} "
+            "serve the fp32 export (amp: fp16/bf16 gives the GPU's fast path)"
+        )
     try:
         module = torch.jit.load(str(path), map_location=device).eval()
     except RuntimeError as exc:
@@ -98,7 +114,8 @@ def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
             f"cannot load {path.name} as TorchScript: {_first_line(exc)}. A state_dict or pickled "
             "model saved with torch.save is not TorchScript: export it (`servekit export`) first."
         ) from None
-    return LoadedModel(module, TORCHSCRIPT, device, autocast=True)
+    # int8 kernels take fp32 input and quantize it themselves: autocast has nothing to do there.
+    return LoadedModel(module, TORCHSCRIPT, device, autocast=not quantized)
 
 
 def _load_exported(path: Path, device: torch.device) -> LoadedModel:

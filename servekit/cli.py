@@ -58,13 +58,13 @@ def cmd_archive(args: argparse.Namespace) -> int:
         archive(ArchiveRequest(
             name=name, model_dir=model_dir, store=args.model_store, version=args.version, fmt=args.format,
             weights=weights or None, artifact=args.artifact, handler=args.handler, device=args.device,
-            freeze=args.freeze, force=args.force,
+            freeze=args.freeze, quantize=args.quantize, force=args.force,
         ))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .archive import MODELS_DIR, load_build_module
+    from .archive import MODELS_DIR, calibration_of, load_build_module
     from .config import ModelConfig
     from .export import export
 
@@ -74,7 +74,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     amp = args.amp or (ModelConfig.load(cfg_file).handler.amp if cfg_file.is_file() else "off")
     model = module.build_model(args.weights)
     report = export(model, module.example_inputs(), args.output, args.format, args.device, amp,
-                    args.freeze, args.opset, log_fn=print, channels_last=args.channels_last)
+                    args.freeze, args.opset, log_fn=print, channels_last=args.channels_last,
+                    quantize=args.quantize, calibration=calibration_of(module, args.quantize))
     print(json.dumps({"output": str(args.output), "relative_error": report.errors,
                       "top1_agreement": report.top1_agreement}))
     return 0
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handler", type=Path, help="handler file (default: handlers/image_classifier.py)")
     p.add_argument("--device", default="cpu", help="device to export for (.pt2 is device specific)")
     p.add_argument("--freeze", action="store_true", help="freeze TorchScript")
+    p.add_argument("--quantize", choices=["off", "int8"], default="off",
+                   help="int8: a CPU-only int8 graph, calibrated and checked against fp32 (trace, --device cpu)")
     p.add_argument("--force", action="store_true", help="rebuild and overwrite an existing version")
     p.set_defaults(func=cmd_archive)
 
@@ -260,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", action="store_true")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--channels-last", action="store_true", help="compile a .pt2 for channels_last input")
+    p.add_argument("--quantize", choices=["off", "int8"], default="off",
+                   help="int8: a CPU-only int8 graph, calibrated and checked against fp32 (trace, --device cpu)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="start TorchServe (and the reload watcher); wait until ready")

@@ -18,6 +18,7 @@ import torch
 
 from .artifacts import TORCHSCRIPT_SUFFIXES, META_DTYPE, META_MEMORY_FORMAT, dtype_sidecar, load_artifact
 from .errors import ConfigError, ExportMismatch
+from .quantize import INT8_MIN_AGREEMENT, INT8_TOLERANCE, check_quantize, quantize_int8, split_calibration
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,14 @@ def amp_for(amp: str, device: torch.device) -> torch.dtype | None:
     return None if dtype is torch.float16 and device.type == "cpu" else dtype
 
 
+def calibration_batches(example: torch.Tensor, batches: int = 6, size: int = 4) -> list[torch.Tensor]:
+    """Random batches shaped and scaled like ``example``: int8 calibration when the model has no data of its own."""
+    gen = torch.Generator().manual_seed(2)
+    std, mean = example.float().std().cpu(), example.float().mean().cpu()
+    return [(torch.randn((size, *example.shape[1:]), generator=gen) * std + mean).to(example)
+            for _ in range(batches)]
+
+
 def parity_inputs(example: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """Named check batches: the example, its negation, one item alone and a fresh batch of another size.
 
@@ -88,14 +97,17 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def check_parity(eager: Callable, artifact: Callable,
                  inputs: torch.Tensor | Sequence[torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
                  amp: torch.dtype | None = None, artifact_autocast: bool = True,
-                 artifact_dtype: torch.dtype | None = None, hint: str = "") -> tuple[float, float]:
+                 artifact_dtype: torch.dtype | None = None, hint: str = "", precision: str | None = None,
+                 tolerance: float | None = None, min_agreement: float = 0.0) -> tuple[float, float]:
     """Worst relative error and lowest top-1 agreement of ``artifact`` vs ``eager`` over the batches.
 
-    Raises :class:`ExportMismatch` at the first batch past the tolerance for ``amp``.
+    Raises :class:`ExportMismatch` at the first batch past the tolerance (by default the one for ``amp``)
+    or below ``min_agreement``.
     """
     batches = [("inputs", inputs)] if isinstance(inputs, torch.Tensor) else list(inputs)
     batches = [b if isinstance(b, tuple) else (f"batch {i + 1}", b) for i, b in enumerate(batches)]
-    tol = TOLERANCE[amp]
+    tol = TOLERANCE[amp] if tolerance is None else tolerance
+    precision = precision or precision_name(amp)
     worst, lowest = 0.0, 1.0
     for label, x in batches:
         device = x.device
@@ -107,11 +119,11 @@ def check_parity(eager: Callable, artifact: Callable,
                 out = artifact(xa)
         err = relative_error(out, ref)
         agree = float((out.float().argmax(-1) == ref.float().argmax(-1)).float().mean()) if out.shape == ref.shape else 0.0
-        if not err <= tol:
+        if not (err <= tol and agree >= min_agreement):
             raise ExportMismatch(
-                f"exported artifact disagrees with the eager model under {precision_name(amp)} on the "
-                f"{label} (shape {tuple(x.shape)}): relative error {err:.3g} > tolerance {tol:g} "
-                f"(top-1 agreement {agree:.1%}); nothing was written.{hint}"
+                f"exported artifact disagrees with the eager model under {precision} on the "
+                f"{label} (shape {tuple(x.shape)}): relative error {err:.3g} (tolerance {tol:g}), "
+                f"top-1 agreement {agree:.1%} (at least {min_agreement:.0%}); nothing was written.{hint}"
             )
         worst, lowest = max(worst, err), min(lowest, agree)
     return worst, lowest
@@ -306,11 +318,13 @@ def _publish(tmp: Path, path: Path) -> None:
 def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, fmt: str = "trace",
            device: str | torch.device = "cpu", amp: str = "off", freeze: bool = False,
            opset: int = 18, log_fn=log.info, *, channels_last: bool = False,
-           check_inputs: Sequence[torch.Tensor] | None = None) -> ParityReport:
+           check_inputs: Sequence[torch.Tensor] | None = None, quantize: str = "off",
+           calibration: Sequence[torch.Tensor] | None = None) -> ParityReport:
     """Export in ``fmt``, check against eager (fp32 and the AMP dtype) on several batches, then write ``path``.
 
     The artifact is written to a temporary folder beside ``path``; ``path`` (and its ``.dtype``
-    sidecar for .pt2) only appear once every check passes.
+    sidecar for .pt2) only appear once every check passes. ``quantize="int8"`` (CPU, trace) exports a
+    frozen int8 graph calibrated on part of ``calibration`` and checked on the rest.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
@@ -320,17 +334,24 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLik
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no CUDA GPU here")
+    check_quantize(quantize, fmt, device)
     amp_dtype = amp_for(amp, device)
     model = model.eval().to(device)
     example = example.to(device)
     batches = ([(f"check batch {i + 1}", b.to(device)) for i, b in enumerate(check_inputs)]
                if check_inputs else parity_inputs(example))
+    reference, written = model, model
+    if quantize == "int8":
+        calib, held = split_calibration(calibration or calibration_batches(example))
+        written, freeze, amp_dtype = quantize_int8(model, calib), True, None
+        batches = [(f"held-out batch {i + 1}", b) for i, b in enumerate(held)]
+        batches.append(("single held-out item", held[0][:1]))
     path.parent.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_path = Path(tmp) / path.name
         t0 = time.perf_counter()
-        notes = _write(fmt, model, example, tmp_path, device, amp_dtype, freeze, opset, channels_last)
+        notes = _write(fmt, written, example, tmp_path, device, amp_dtype, freeze, opset, channels_last)
         seconds["export"] = time.perf_counter() - t0
         for note in notes:
             log_fn(f"export {fmt}: tracer warning: {note}")
@@ -349,6 +370,13 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLik
             precisions = [None]
         errors, agree = {}, {}
         t0 = time.perf_counter()
+        if quantize == "int8":
+            err, ag = check_parity(reference, loaded, batches, artifact_autocast=False, hint=hint, precision="int8",
+                                   tolerance=INT8_TOLERANCE, min_agreement=INT8_MIN_AGREEMENT)
+            errors["int8"], agree["int8"] = err, ag
+            log_fn(f"export {fmt}: parity int8 vs fp32 on {len(batches)} held-out batches: "
+                   f"worst relative error {err:.2e}, top-1 agreement {ag:.0%}")
+            precisions = []
         for dt in precisions:
             err, ag = check_parity(model, loaded, batches, amp=dt, artifact_autocast=loaded.autocast,
                                    artifact_dtype=loaded.input_dtype, hint=hint)

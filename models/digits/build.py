@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import SIZE, train
+from .model import SIZE, train, training_batches
 
 EXPORT_METHOD = "trace"
 LABELS = [str(i) for i in range(10)]
@@ -24,3 +24,8 @@ def build_model(weights: str | None = None, log=print) -> torch.nn.Module:
 def example_inputs(batch: int = 4) -> torch.Tensor:
     """Sample inputs for tracing and parity checks."""
     return torch.randn(batch, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def calibration_inputs(batches: int = 8, size: int = 32) -> list[torch.Tensor]:
+    """Real training digits, preprocessed as served: int8 calibration (and its held-out check)."""
+    return training_batches(batches, size)

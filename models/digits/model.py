@@ -92,3 +92,12 @@ def train(epochs: int = 12, log=print) -> DigitsNet:
         acc = (model(_tensor([render(d) for d in xt])).argmax(1).numpy() == yt).mean()
     log(f"digits: trained {epochs} epochs, held-out accuracy {acc:.3f}")
     return model
+
+
+def training_batches(batches: int, size: int) -> list[torch.Tensor]:
+    """``batches`` batches of ``size`` training digits, as model input (never the held-out split)."""
+    (x, _), _ = split()
+    rng = np.random.default_rng(SEED + 1)
+    idx = rng.permutation(len(x))[: batches * size]
+    images = _tensor([render(x[i]) for i in idx])
+    return list(images.split(size))

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="state dict for the model (default: seeded random weights)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where the workers run")
     p.add_argument("--configs", type=_configs, default=["ours", "stock", "stock-tuned"],
-                   help="comma-separated: ours, stock (default threads), stock-tuned (cores/workers threads)")
+                   help="comma-separated: ours, ours-int8 (int8 artifact, CPU only), stock (default threads), "
+                        "stock-tuned (cores/workers threads)")
     p.add_argument("--workers", type=_ints, help="workers per device, e.g. 1,2")
     p.add_argument("--batch", type=_ints, help="TorchServe batchSize values, e.g. 8,32")
     p.add_argument("--delay", type=_ints, help="maxBatchDelay values in ms, e.g. 5")
@@ -96,6 +97,8 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         value = getattr(args, name, None)
         return prof[name] if value is None else value
 
+    if "ours-int8" in args.configs and pick("device") == "cuda":
+        raise SystemExit("servekit bench: ours-int8 is a CPU configuration (int8 kernels run on the CPU only)")
     workers, batch, delay = pick("workers"), pick("batch"), pick("delay")
     stock_workers = pick("stock_workers") or workers
     stock_batch = pick("stock_batch") or batch

@@ -24,10 +24,11 @@ class Variant:
     amp: bool
     channels_last: bool
     frozen: bool
+    int8: bool = False  # the int8 export (CPU): amp does not apply
 
     def name(self, device: torch.device) -> str:
         """E.g. ``bf16+channels_last+frozen``."""
-        parts = [("fp16" if device.type == "cuda" else "bf16") if self.amp else "fp32"]
+        parts = ["int8" if self.int8 else ("fp16" if device.type == "cuda" else "bf16") if self.amp else "fp32"]
         parts += ["channels_last"] * self.channels_last + ["frozen"] * self.frozen
         return "+".join(parts)
 
@@ -71,13 +72,18 @@ def derived_artifact(artifact: Path, out: Path, channels_last: bool = False, fre
     return out
 
 
+INT8_VARIANT = Variant(amp=False, channels_last=False, frozen=True, int8=True)
+
+
 def model_ceiling(artifact: Path, frozen_artifact: Path | None, device: torch.device, opts: HandlerOptions,
                   batch_sizes: Sequence[int], variants: Sequence[Variant], seconds: float,
-                  log: Callable[[str], None] = print) -> list[dict]:
+                  log: Callable[[str], None] = print, int8_artifact: Path | None = None) -> list[dict]:
     """Images/s of the artifact on preprocessed tensors already on ``device``, per variant and batch size."""
     results = []
+    if int8_artifact is not None:
+        variants = [*variants, INT8_VARIANT]
     for variant in variants:
-        path = frozen_artifact if variant.frozen else artifact
+        path = int8_artifact if variant.int8 else frozen_artifact if variant.frozen else artifact
         if path is None:
             continue
         try:

@@ -9,7 +9,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-CONFIGS = ("ours", "stock", "stock-tuned")
+CONFIGS = ("ours", "ours-int8", "stock", "stock-tuned")
+OURS = ("ours", "ours-int8")  # our handler's families (ours-int8: the int8 artifact, CPU only)
 QUANTILES = (50, 90, 99)
 
 
@@ -72,9 +73,11 @@ def comparison_rows(runs: Sequence[dict]) -> list[dict[str, Any]]:
                 pick = fam.get(level)
             row[cfg] = pick[0] if pick else None
             row[f"{cfg}_run"] = pick[1] if pick else None
-        row["speedup_vs_stock"] = row["ours"] / row["stock"] if row["ours"] and row["stock"] else None
-        row["speedup_vs_stock_tuned"] = (row["ours"] / row["stock-tuned"]
-                                         if row["ours"] and row["stock-tuned"] else None)
+        for ours in OURS:
+            prefix = "" if ours == "ours" else "int8_"
+            row[f"{prefix}speedup_vs_stock"] = row[ours] / row["stock"] if row[ours] and row["stock"] else None
+            row[f"{prefix}speedup_vs_stock_tuned"] = (row[ours] / row["stock-tuned"]
+                                                      if row[ours] and row["stock-tuned"] else None)
         rows.append(row)
     return rows
 
@@ -92,12 +95,18 @@ def _num(v: float | None, digits: int = 1) -> str | None:
 def comparison_table(runs: Sequence[dict]) -> str:
     """Ours vs stock (untuned) vs stock (tuned): best requests/s per concurrency and the speed-ups."""
     rows = []
+    int8 = any(r.get("config") == "ours-int8" for r in runs)
     for r in comparison_rows(runs):
-        rows.append([r["concurrency"], _num(r["ours"]), _num(r["stock"]), _num(r["stock-tuned"]),
-                     _ratio(r["ours"], r["stock"]), _ratio(r["ours"], r["stock-tuned"]),
-                     r["ours_run"], r["stock_run"], r["stock-tuned_run"]])
-    return _md(["concurrency", "ours req/s", "stock req/s", "stock tuned req/s", "ours/stock",
-                "ours/stock tuned", "best ours run", "best stock run", "best stock tuned run"], rows)
+        row = [r["concurrency"], _num(r["ours"]), _num(r["stock"]), _num(r["stock-tuned"]),
+               _ratio(r["ours"], r["stock"]), _ratio(r["ours"], r["stock-tuned"])]
+        if int8:
+            row += [_num(r["ours-int8"]), _ratio(r["ours-int8"], r["stock"]), _ratio(r["ours-int8"], r["stock-tuned"])]
+        rows.append(row + [r["ours_run"], r["stock_run"], r["stock-tuned_run"]] + ([r["ours-int8_run"]] if int8 else []))
+    header = ["concurrency", "ours req/s", "stock req/s", "stock tuned req/s", "ours/stock", "ours/stock tuned"]
+    if int8:
+        header += ["ours int8 req/s", "int8/stock", "int8/stock tuned"]
+    header += ["best ours run", "best stock run", "best stock tuned run"] + (["best int8 run"] if int8 else [])
+    return _md(header, rows)
 
 
 def runs_table(runs: Sequence[dict]) -> str:
@@ -176,7 +185,7 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-COLORS = {"ours": "tab:blue", "stock": "tab:red", "stock-tuned": "tab:orange"}
+COLORS = {"ours": "tab:blue", "ours-int8": "tab:green", "stock": "tab:red", "stock-tuned": "tab:orange"}
 
 
 def plot(runs: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path | None:

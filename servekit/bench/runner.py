@@ -78,9 +78,12 @@ class Artifacts:
     plain_frozen: Path | None  # ``traced``, frozen: for the model-only ceiling
     labels: list[str]
     base_config: dict[str, Any]
+    int8: Path | None = None  # the int8 export (config ours-int8)
 
-    def for_ours(self, frozen: bool) -> Path:
-        """The artifact our handler serves."""
+    def for_ours(self, config: str, frozen: bool) -> Path:
+        """The artifact our handler serves in ``config``."""
+        if config == "ours-int8" and self.int8:
+            return self.int8
         return self.frozen if frozen and self.frozen else self.served
 
 
@@ -171,7 +174,12 @@ def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
     frozen = derive("frozen", channels_last=cl, freeze=True) if plan.freeze else None  # True or "auto"
     plain_frozen = derive("plain-frozen", freeze=True) if plan.micro else None
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else []
-    return Artifacts(traced, served, frozen, plain_frozen, [str(x) for x in labels], cfg.raw)
+    int8 = None
+    if "ours-int8" in plan.configs:
+        log(f"{plan.model}: int8 export (calibrated, checked against fp32)")
+        req.quantize = "int8"
+        int8 = build_artifact(req, cfg, log=log)
+    return Artifacts(traced, served, frozen, plain_frozen, [str(x) for x in labels], cfg.raw, int8)
 
 
 def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -186,14 +194,19 @@ def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -
     return raw
 
 
-def archive_ours(plan: Plan, art: Artifacts, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
+def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path,
+                 label: str) -> tuple[Path, dict]:
     """Package our handler with this point's model-config into a store of its own."""
-    raw = ours_config(art.base_config, point, plan.handler_overrides)
+    overrides = dict(plan.handler_overrides)
+    if config == "ours-int8":
+        overrides["amp"] = "off"  # int8 kernels take fp32 input; the loader turns autocast off anyway
+    raw = ours_config(art.base_config, point, overrides)
     model_dir = workdir / "configs" / label
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "model-config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     store = workdir / "stores" / label
-    mar = archive(ArchiveRequest(plan.model, model_dir, store, artifact=art.for_ours(plan.freeze), force=True),
+    mar = archive(ArchiveRequest(plan.model, model_dir, store, artifact=art.for_ours(config, plan.freeze),
+                                  force=True),
                   log=lambda *_: None)
     return mar, raw
 
@@ -304,11 +317,12 @@ def worker_env_threads(pgid: int) -> list[str | None]:
 def package(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, slug: str,
             default_threads: int) -> tuple[Path, int, dict[str, str], int, dict[str, Any]]:
     """Archive one configuration: (archive, threads per worker, server env, top-k, facts for the record)."""
-    if config == "ours":
-        mar, raw = archive_ours(plan, art, point, workdir, slug)
+    if config in report.OURS:
+        mar, raw = archive_ours(plan, art, config, point, workdir, slug)
         opts = ModelConfig.from_dict(raw).handler
-        facts = {"handler": "servekit handlers/image_classifier.py", "amp": opts.amp, "frozen": plan.freeze,
-                 "handler_options": raw["handler"]}
+        int8 = config == "ours-int8"
+        facts = {"handler": "servekit handlers/image_classifier.py", "amp": "int8" if int8 else opts.amp,
+                 "frozen": True if int8 else plan.freeze, "handler_options": raw["handler"]}
         threads, env, topk = opts.threads(point.workers), {}, opts.topk
     else:
         mar, raw = archive_stock(plan, art, point, workdir, slug)
@@ -371,7 +385,7 @@ def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | N
     points = list(dict.fromkeys([*plan.points, *plan.stock_points]))
     for point in points:
         for config in plan.configs:
-            if (point in plan.points) if config == "ours" else (point in plan.stock_points):
+            if (point in plan.points) if config in report.OURS else (point in plan.stock_points):
                 same = None
                 if (config == "stock-tuned" and "stock" in plan.configs
                         and max(1, cores // point.workers) == default_threads):
@@ -394,7 +408,7 @@ def run_micro(plan: Plan, art: Artifacts, body: bytes, log: Log) -> dict[str, li
     variants = GPU_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     log("model-only ceiling:")
     ceiling = model_ceiling(art.traced, art.plain_frozen, device, opts, plan.ceiling_batches, variants,
-                            plan.micro_seconds, log)
+                            plan.micro_seconds, log, int8_artifact=art.int8)
     log("decode-only:")
     decode = decode_rates(body, opts, device, plan.decode_batches, plan.micro_seconds, log)
     return {"ceiling": ceiling, "decode": decode}
@@ -409,6 +423,7 @@ def choose_levers(plan: Plan, ceiling: Sequence[dict], cpu_bf16: bool) -> dict[s
     layout = plan.channels_last_weights
     batch = max(plan.ceiling_batches) if plan.ceiling_batches else None
     rows = [r for r in ceiling if r.get("images_per_s") and r["batch"] == batch and r["channels_last"] == layout
+            and not r.get("int8")
             and (plan.amp == "auto" or r["amp"] == (plan.amp not in (None, "off")))
             and (plan.freeze == "auto" or r["frozen"] == bool(plan.freeze))]
     if rows:
@@ -443,7 +458,7 @@ def resolve_levers(plan: Plan, results: dict[str, Any], log: Log) -> None:
 def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
     """Run the whole plan and write results.json, bench.png and report.md into ``plan.out``."""
     plan.out.mkdir(parents=True, exist_ok=True)
-    if any(c != "ours" for c in plan.configs):
+    if any(c not in report.OURS for c in plan.configs):
         stock.check_stock_available()
     results: dict[str, Any] = {"meta": machine_meta(plan), "plan": _plan_dict(plan), "runs": []}
     with tempfile.TemporaryDirectory(prefix="servekit-bench-") as tmp:
@@ -461,7 +476,8 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
             results.update(run_micro(plan, art, body, log))
         resolve_levers(plan, results, log)
         results["meta"]["artifact"]["ours_frozen"] = plan.freeze
-        defaults = stock.default_threads() if any(c != "ours" for c in plan.configs) else os.cpu_count() or 1
+        defaults = (stock.default_threads() if any(c not in report.OURS for c in plan.configs)
+                    else os.cpu_count() or 1)
         results["meta"]["stock_default_threads"] = defaults
         order = schedule(plan, defaults)
         log(f"{len(order)} configuration(s) x {len(plan.concurrency)} concurrency level(s)")
