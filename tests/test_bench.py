@@ -87,6 +87,18 @@ def test_comparison_picks_the_best_run_and_computes_speedups():
     assert len(merged["runs"]) == 5 and merged["ceiling"] == [{"variant": "fp32"}]
 
 
+def test_comparison_adds_int8_columns_only_when_int8_ran():
+    runs = [_run("ours", "ours w1", {8: 30.0}), _run("ours-int8", "ours-int8 w2", {8: 60.0}),
+            _run("stock", "stock w1", {8: 15.0}), _run("stock-tuned", "stock-tuned w2", {8: 20.0})]
+    rows = {r["concurrency"]: r for r in comparison_rows(runs)}
+    assert rows[8]["int8_speedup_vs_stock"] == pytest.approx(4.0)
+    assert rows[8]["int8_speedup_vs_stock_tuned"] == pytest.approx(3.0)
+    assert rows[8]["speedup_vs_stock"] == pytest.approx(2.0)
+    table = comparison_table(runs)
+    assert "| 8 | 30.0 | 15.0 | 20.0 | 2.00x | 1.50x | 60.0 | 4.00x | 3.00x |" in table
+    assert "int8" not in comparison_table([r for r in runs if r["config"] != "ours-int8"])
+
+
 def test_runs_table_shows_every_point_and_failures():
     runs = [_run("ours", "ours w1", {1: 10.0, 8: 30.0}),
             {"config": "stock", "label": "stock w1", "error": "RuntimeError: TorchServe exited"}]
@@ -131,6 +143,8 @@ def test_quick_profile_and_overrides():
     assert gpu.device == "cuda" and {p.batch for p in gpu.points} == {32, 64} and {p.batch for p in gpu.stock_points} == {32}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--configs", "ours,mine"])
+    with pytest.raises(SystemExit, match="ours-int8 is a CPU configuration"):
+        plan_from_args(build_parser().parse_args(["--gpu", "--configs", "ours,ours-int8"]), [])
 
 
 def _ceiling(variant: str, amp: bool, frozen: bool, ips: float, batch: int = 8, cl: bool = True) -> dict:
@@ -142,7 +156,8 @@ def test_auto_levers_pick_the_fastest_model_only_variant():
     ceiling = [_ceiling("fp32", False, False, 9.0), _ceiling("bf16", True, False, 19.0),
                _ceiling("bf16+frozen", True, True, 21.0), _ceiling("fp32+frozen", False, True, 9.5),
                _ceiling("bf16+frozen", True, True, 99.0, batch=1),         # not the largest batch
-               _ceiling("bf16+frozen", True, True, 99.0, cl=False)]        # not the served layout
+               _ceiling("bf16+frozen", True, True, 99.0, cl=False),        # not the served layout
+               {**_ceiling("int8+frozen", False, True, 99.0), "int8": True}]  # its own configuration
     choice = choose_levers(plan, ceiling, cpu_bf16=True)
     assert (choice["amp"], choice["freeze"]) == ("bf16", True)
     assert "bf16+frozen (21.0 images/s)" in choice["why"]
@@ -162,6 +177,8 @@ def test_schedule_does_not_rerun_a_tuned_point_equal_to_the_default(monkeypatch)
         ("ours", 1, None), ("stock", 1, None), ("stock-tuned", 1, "stock w1 b8 d5"),
         ("ours", 2, None), ("stock", 2, None), ("stock-tuned", 2, None),
     ]
+    plan = plan_from_args(build_parser().parse_args(["--quick", "--workers", "2", "--configs", "ours-int8,stock"]), [])
+    assert [(c, p.workers) for c, p, _ in schedule(plan, default_threads=2)] == [("ours-int8", 2), ("stock", 2)]
 
 
 def test_stock_archive_uses_the_builtin_handler(tmp_path):
@@ -178,24 +195,27 @@ def test_stock_archive_uses_the_builtin_handler(tmp_path):
 @pytest.mark.server
 def test_bench_end_to_end_smoke(tmp_path):
     out = tmp_path / "out"
-    rc = main(["--model", "digits", "--configs", "ours", "--workers", "1", "--batch", "4", "--delay", "5",
+    rc = main(["--model", "digits", "--configs", "ours,ours-int8", "--workers", "1", "--batch", "4", "--delay", "5",
                "--concurrency", "2", "--duration", "2", "--warmup", "0.5", "--micro-seconds", "0.1",
                "--ceiling-batch", "2", "--out", str(out)])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["model"] == "digits" and results["meta"]["cores"] >= 1
     assert results["meta"]["image"]["bytes"] > 160_000
-    (run,) = results["runs"]
+    run, int8 = results["runs"]
     assert run["config"] == "ours" and "error" not in run
+    assert int8["config"] == "ours-int8" and "error" not in int8 and int8["amp"] == "int8"
+    assert int8["points"][0]["errors"] == 0 and int8["points"][0]["rps"] > 0
     assert run["model_config"]["batchSize"] == 4 and run["threads_per_worker"] >= 1
     (point,) = run["points"]
     assert point["concurrency"] == 2 and point["errors"] == 0 and point["completed"] > 0 and point["rps"] > 0
     assert set(point["latency_ms"]) == {"p50", "p90", "p99", "mean", "max"}
     assert 0 < point["latency_ms"]["p50"] <= point["latency_ms"]["p99"]
     assert point["loadgen_cpu_cores"] >= 0 and point["server_cpu_cores"] > 0
-    assert {c["variant"] for c in results["ceiling"]} >= {"fp32", "bf16", "fp32+frozen"}
+    assert {c["variant"] for c in results["ceiling"]} >= {"fp32", "bf16", "fp32+frozen", "int8+frozen"}
     assert all(c["images_per_s"] > 0 for c in results["ceiling"] + results["decode"])
     assert results["comparison"][-1]["concurrency"] == "peak" and results["comparison"][-1]["ours"] > 0
+    assert results["comparison"][-1]["ours-int8"] > 0
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| ours w1 b4 d5 |" in (out / "report.md").read_text()
     # The report command redraws the same tables from the JSON.
