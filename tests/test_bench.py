@@ -157,7 +157,8 @@ def test_auto_levers_pick_the_fastest_model_only_variant():
                _ceiling("bf16+frozen", True, True, 21.0), _ceiling("fp32+frozen", False, True, 9.5),
                _ceiling("bf16+frozen", True, True, 99.0, batch=1),         # not the largest batch
                _ceiling("bf16+frozen", True, True, 99.0, cl=False),        # not the served layout
-               {**_ceiling("int8+frozen", False, True, 99.0), "int8": True}]  # its own configuration
+               {**_ceiling("int8+frozen", False, True, 99.0), "int8": True},  # its own configuration
+               {**_ceiling("pt2 (fp32)", True, True, 99.0), "pt2": True}]
     choice = choose_levers(plan, ceiling, cpu_bf16=True)
     assert (choice["amp"], choice["freeze"]) == ("bf16", True)
     assert "bf16+frozen (21.0 images/s)" in choice["why"]
@@ -195,15 +196,17 @@ def test_stock_archive_uses_the_builtin_handler(tmp_path):
 @pytest.mark.server
 def test_bench_end_to_end_smoke(tmp_path):
     out = tmp_path / "out"
-    rc = main(["--model", "digits", "--configs", "ours,ours-int8", "--workers", "1", "--batch", "4", "--delay", "5",
+    rc = main(["--model", "digits", "--configs", "ours,ours-pt2,ours-int8", "--workers", "1", "--batch", "4", "--delay", "5",
                "--concurrency", "2", "--duration", "2", "--warmup", "0.5", "--micro-seconds", "0.1",
                "--ceiling-batch", "2", "--out", str(out)])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["model"] == "digits" and results["meta"]["cores"] >= 1
     assert results["meta"]["image"]["bytes"] > 160_000
-    run, int8 = results["runs"]
+    run, pt2, int8 = results["runs"]
     assert run["config"] == "ours" and "error" not in run
+    assert pt2["config"] == "ours-pt2" and "error" not in pt2 and pt2["amp"] == "pt2 (fp32)"
+    assert pt2["points"][0]["errors"] == 0 and pt2["points"][0]["rps"] > 0
     assert int8["config"] == "ours-int8" and "error" not in int8 and int8["amp"] == "int8"
     assert int8["points"][0]["errors"] == 0 and int8["points"][0]["rps"] > 0
     assert run["model_config"]["batchSize"] == 4 and run["threads_per_worker"] >= 1
@@ -212,10 +215,12 @@ def test_bench_end_to_end_smoke(tmp_path):
     assert set(point["latency_ms"]) == {"p50", "p90", "p99", "mean", "max"}
     assert 0 < point["latency_ms"]["p50"] <= point["latency_ms"]["p99"]
     assert point["loadgen_cpu_cores"] >= 0 and point["server_cpu_cores"] > 0
-    assert {c["variant"] for c in results["ceiling"]} >= {"fp32", "bf16", "fp32+frozen", "int8+frozen"}
+    assert {c["variant"] for c in results["ceiling"]} >= {"fp32", "bf16", "fp32+frozen", "int8+frozen", "pt2 (fp32)"}
     assert all(c["images_per_s"] > 0 for c in results["ceiling"] + results["decode"])
     assert results["comparison"][-1]["concurrency"] == "peak" and results["comparison"][-1]["ours"] > 0
-    assert results["comparison"][-1]["ours-int8"] > 0
+    assert results["comparison"][-1]["ours-int8"] > 0 and results["comparison"][-1]["ours-pt2"] > 0
+    report_md = (out / "report.md").read_text()
+    assert "ours pt2 req/s" in report_md and "ours int8 req/s" in report_md
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| ours w1 b4 d5 |" in (out / "report.md").read_text()
     # The report command redraws the same tables from the JSON.

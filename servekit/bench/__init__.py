@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="state dict for the model (default: seeded random weights)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where the workers run")
     p.add_argument("--configs", type=_configs, default=["ours", "stock", "stock-tuned"],
-                   help="comma-separated: ours, ours-int8 (int8 artifact, CPU only), stock (default threads), "
+                   help="comma-separated: ours (TorchScript), ours-pt2 (AOTInductor package, compiled here), "
+                        "ours-int8 (int8 artifact, CPU only), stock (default threads), "
                         "stock-tuned (cores/workers threads)")
     p.add_argument("--workers", type=_ints, help="workers per device, e.g. 1,2")
     p.add_argument("--batch", type=_ints, help="TorchServe batchSize values, e.g. 8,32")

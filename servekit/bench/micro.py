@@ -25,9 +25,12 @@ class Variant:
     channels_last: bool
     frozen: bool
     int8: bool = False  # the int8 export (CPU): amp does not apply
+    pt2: bool = False  # the AOTInductor package: precision and layout baked in at export
 
     def name(self, device: torch.device) -> str:
         """E.g. ``bf16+channels_last+frozen``."""
+        if self.pt2:
+            return "pt2 (" + ("fp16" if device.type == "cuda" and self.amp else "fp32") + ")"
         parts = ["int8" if self.int8 else ("fp16" if device.type == "cuda" else "bf16") if self.amp else "fp32"]
         parts += ["channels_last"] * self.channels_last + ["frozen"] * self.frozen
         return "+".join(parts)
@@ -72,18 +75,25 @@ def derived_artifact(artifact: Path, out: Path, channels_last: bool = False, fre
     return out
 
 
-INT8_VARIANT = Variant(amp=False, channels_last=False, frozen=True, int8=True)
+# The other artifacts' variants, by bench configuration; the pt2 package's dtype comes from its export.
+ALTERNATE_VARIANTS = {
+    "ours-int8": Variant(amp=False, channels_last=False, frozen=True, int8=True),
+    "ours-pt2": Variant(amp=True, channels_last=True, frozen=True, pt2=True),
+}
 
 
 def model_ceiling(artifact: Path, frozen_artifact: Path | None, device: torch.device, opts: HandlerOptions,
                   batch_sizes: Sequence[int], variants: Sequence[Variant], seconds: float,
-                  log: Callable[[str], None] = print, int8_artifact: Path | None = None) -> list[dict]:
-    """Images/s of the artifact on preprocessed tensors already on ``device``, per variant and batch size."""
+                  log: Callable[[str], None] = print, alternates: dict[str, Path] | None = None) -> list[dict]:
+    """Images/s of the artifact on preprocessed tensors already on ``device``, per variant and batch size.
+
+    ``alternates`` maps bench configurations (ours-int8, ours-pt2) to their artifacts, measured too.
+    """
     results = []
-    if int8_artifact is not None:
-        variants = [*variants, INT8_VARIANT]
+    paths = {ALTERNATE_VARIANTS[c]: p for c, p in (alternates or {}).items()}
+    variants = [*variants, *paths]
     for variant in variants:
-        path = int8_artifact if variant.int8 else frozen_artifact if variant.frozen else artifact
+        path = paths.get(variant) or (frozen_artifact if variant.frozen else artifact)
         if path is None:
             continue
         try:
@@ -108,7 +118,7 @@ def _ceiling_variant(path: Path, variant: Variant, device: torch.device, opts: H
     shape = (opts.channels, opts.crop, opts.crop)
     rows = []
     for bs in batch_sizes:
-        x = torch.randn((bs, *shape), device=device).contiguous(memory_format=fmt)
+        x = torch.randn((bs, *shape), device=device, dtype=engine.input_dtype).contiguous(memory_format=fmt)
         ips = rate(lambda: engine.forward(x), bs, seconds, _sync(device))
         rows.append({"variant": variant.name(device), **asdict(variant), "device": str(device), "batch": bs,
                      "threads": torch.get_num_threads() if device.type == "cpu" else None,

@@ -9,8 +9,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-CONFIGS = ("ours", "ours-int8", "stock", "stock-tuned")
-OURS = ("ours", "ours-int8")  # our handler's families (ours-int8: the int8 artifact, CPU only)
+CONFIGS = ("ours", "ours-pt2", "ours-int8", "stock", "stock-tuned")
+# Our handler's families: the TorchScript export, the AOTInductor .pt2 package, the int8 export (CPU only).
+OURS = ("ours", "ours-pt2", "ours-int8")
+ALTERNATES = {"ours-pt2": "pt2", "ours-int8": "int8"}  # column prefix of each in the comparison
 QUANTILES = (50, 90, 99)
 
 
@@ -74,7 +76,7 @@ def comparison_rows(runs: Sequence[dict]) -> list[dict[str, Any]]:
             row[cfg] = pick[0] if pick else None
             row[f"{cfg}_run"] = pick[1] if pick else None
         for ours in OURS:
-            prefix = "" if ours == "ours" else "int8_"
+            prefix = f"{ALTERNATES[ours]}_" if ours in ALTERNATES else ""
             row[f"{prefix}speedup_vs_stock"] = row[ours] / row["stock"] if row[ours] and row["stock"] else None
             row[f"{prefix}speedup_vs_stock_tuned"] = (row[ours] / row["stock-tuned"]
                                                       if row[ours] and row["stock-tuned"] else None)
@@ -94,18 +96,19 @@ def _num(v: float | None, digits: int = 1) -> str | None:
 
 def comparison_table(runs: Sequence[dict]) -> str:
     """Ours vs stock (untuned) vs stock (tuned): best requests/s per concurrency and the speed-ups."""
+    ran = {r.get("config") for r in runs}
+    extra = [c for c in ALTERNATES if c in ran]
     rows = []
-    int8 = any(r.get("config") == "ours-int8" for r in runs)
     for r in comparison_rows(runs):
         row = [r["concurrency"], _num(r["ours"]), _num(r["stock"]), _num(r["stock-tuned"]),
                _ratio(r["ours"], r["stock"]), _ratio(r["ours"], r["stock-tuned"])]
-        if int8:
-            row += [_num(r["ours-int8"]), _ratio(r["ours-int8"], r["stock"]), _ratio(r["ours-int8"], r["stock-tuned"])]
-        rows.append(row + [r["ours_run"], r["stock_run"], r["stock-tuned_run"]] + ([r["ours-int8_run"]] if int8 else []))
+        for c in extra:
+            row += [_num(r[c]), _ratio(r[c], r["stock"]), _ratio(r[c], r["stock-tuned"])]
+        rows.append(row + [r["ours_run"], r["stock_run"], r["stock-tuned_run"]] + [r[f"{c}_run"] for c in extra])
     header = ["concurrency", "ours req/s", "stock req/s", "stock tuned req/s", "ours/stock", "ours/stock tuned"]
-    if int8:
-        header += ["ours int8 req/s", "int8/stock", "int8/stock tuned"]
-    header += ["best ours run", "best stock run", "best stock tuned run"] + (["best int8 run"] if int8 else [])
+    for c in extra:
+        header += [f"ours {ALTERNATES[c]} req/s", f"{ALTERNATES[c]}/stock", f"{ALTERNATES[c]}/stock tuned"]
+    header += ["best ours run", "best stock run", "best stock tuned run"] + [f"best {ALTERNATES[c]} run" for c in extra]
     return _md(header, rows)
 
 
@@ -185,7 +188,8 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-COLORS = {"ours": "tab:blue", "ours-int8": "tab:green", "stock": "tab:red", "stock-tuned": "tab:orange"}
+COLORS = {"ours": "tab:blue", "ours-pt2": "tab:purple", "ours-int8": "tab:green", "stock": "tab:red",
+          "stock-tuned": "tab:orange"}
 
 
 def plot(runs: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path | None:

@@ -11,7 +11,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -78,12 +78,12 @@ class Artifacts:
     plain_frozen: Path | None  # ``traced``, frozen: for the model-only ceiling
     labels: list[str]
     base_config: dict[str, Any]
-    int8: Path | None = None  # the int8 export (config ours-int8)
+    alternates: dict[str, Path] = field(default_factory=dict)  # ours-int8 / ours-pt2: their own exports
 
     def for_ours(self, config: str, frozen: bool) -> Path:
         """The artifact our handler serves in ``config``."""
-        if config == "ours-int8" and self.int8:
-            return self.int8
+        if config in self.alternates:
+            return self.alternates[config]
         return self.frozen if frozen and self.frozen else self.served
 
 
@@ -174,12 +174,14 @@ def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
     frozen = derive("frozen", channels_last=cl, freeze=True) if plan.freeze else None  # True or "auto"
     plain_frozen = derive("plain-frozen", freeze=True) if plan.micro else None
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else []
-    int8 = None
+    alternates = {}
     if "ours-int8" in plan.configs:
         log(f"{plan.model}: int8 export (calibrated, checked against fp32)")
-        req.quantize = "int8"
-        int8 = build_artifact(req, cfg, log=log)
-    return Artifacts(traced, served, frozen, plain_frozen, [str(x) for x in labels], cfg.raw, int8)
+        alternates["ours-int8"] = build_artifact(replace(req, quantize="int8"), cfg, log=log)
+    if "ours-pt2" in plan.configs:
+        log(f"{plan.model}: AOTInductor .pt2 export for {plan.device} (compiles; checked against eager)")
+        alternates["ours-pt2"] = build_artifact(replace(req, fmt="pt2", device=plan.device), cfg, log=log)
+    return Artifacts(traced, served, frozen, plain_frozen, [str(x) for x in labels], cfg.raw, alternates)
 
 
 def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +202,8 @@ def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir:
     overrides = dict(plan.handler_overrides)
     if config == "ours-int8":
         overrides["amp"] = "off"  # int8 kernels take fp32 input; the loader turns autocast off anyway
+    elif config == "ours-pt2":
+        overrides.pop("amp", None)  # baked into the package at export (model-config's amp on a GPU)
     raw = ours_config(art.base_config, point, overrides)
     model_dir = workdir / "configs" / label
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -320,9 +324,10 @@ def package(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path
     if config in report.OURS:
         mar, raw = archive_ours(plan, art, config, point, workdir, slug)
         opts = ModelConfig.from_dict(raw).handler
-        int8 = config == "ours-int8"
-        facts = {"handler": "servekit handlers/image_classifier.py", "amp": "int8" if int8 else opts.amp,
-                 "frozen": True if int8 else plan.freeze, "handler_options": raw["handler"]}
+        baked = "fp16" if plan.device == "cuda" and opts.amp == "fp16" else "fp32"
+        precision = {"ours-int8": "int8", "ours-pt2": f"pt2 ({baked})"}
+        facts = {"handler": "servekit handlers/image_classifier.py", "amp": precision.get(config, opts.amp),
+                 "frozen": True if config != "ours" else plan.freeze, "handler_options": raw["handler"]}
         threads, env, topk = opts.threads(point.workers), {}, opts.topk
     else:
         mar, raw = archive_stock(plan, art, point, workdir, slug)
@@ -408,7 +413,7 @@ def run_micro(plan: Plan, art: Artifacts, body: bytes, log: Log) -> dict[str, li
     variants = GPU_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     log("model-only ceiling:")
     ceiling = model_ceiling(art.traced, art.plain_frozen, device, opts, plan.ceiling_batches, variants,
-                            plan.micro_seconds, log, int8_artifact=art.int8)
+                            plan.micro_seconds, log, alternates=art.alternates)
     log("decode-only:")
     decode = decode_rates(body, opts, device, plan.decode_batches, plan.micro_seconds, log)
     return {"ceiling": ceiling, "decode": decode}
@@ -423,7 +428,7 @@ def choose_levers(plan: Plan, ceiling: Sequence[dict], cpu_bf16: bool) -> dict[s
     layout = plan.channels_last_weights
     batch = max(plan.ceiling_batches) if plan.ceiling_batches else None
     rows = [r for r in ceiling if r.get("images_per_s") and r["batch"] == batch and r["channels_last"] == layout
-            and not r.get("int8")
+            and not r.get("int8") and not r.get("pt2")
             and (plan.amp == "auto" or r["amp"] == (plan.amp not in (None, "off")))
             and (plan.freeze == "auto" or r["frozen"] == bool(plan.freeze))]
     if rows:
