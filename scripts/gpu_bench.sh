@@ -5,6 +5,8 @@
 #   bash scripts/gpu_bench.sh ours    # model-only + decode ceilings, our handler on the whole grid (estimated ~5 min)
 #   bash scripts/gpu_bench.sh stock   # stock handler, untuned and tuned threads (estimated ~4 min)
 #   bash scripts/gpu_bench.sh all     # both in one go (estimated ~9 min; may not fit a 10-minute command limit)
+#   bash scripts/gpu_bench.sh pt2     # TorchScript fp16 vs the AOTInductor .pt2 (fp16 baked in), 4 workers,
+#                                     # batch 32, end to end + model-only (not yet run: estimated ~4 min)
 #
 # Then, on any machine, merge the phases into one table and plot:
 #   python3 -m servekit.bench report ours/results.json stock/results.json --out bench-results/gpu
@@ -32,6 +34,7 @@ case "$phase" in
   ours)  args=(--gpu --configs ours) ;;
   stock) args=(--gpu --configs stock,stock-tuned --no-micro) ;;
   all)   args=(--gpu) ;;
-  *)     echo "usage: $0 [ours|stock|all]" >&2; exit 2 ;;
+  pt2)   args=(--gpu --configs ours,ours-pt2 --workers 4 --batch 32 --concurrency 1,128) ;;
+  *)     echo "usage: $0 [ours|stock|all|pt2]" >&2; exit 2 ;;
 esac
 python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"
