@@ -143,6 +143,9 @@ def test_quick_profile_and_overrides():
     assert gpu.device == "cuda" and {p.batch for p in gpu.points} == {32, 64} and {p.batch for p in gpu.stock_points} == {32}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--configs", "ours,mine"])
+    assert plan.configs == ["ours", "ours-int8", "stock", "stock-tuned"]
+    assert gpu.configs == ["ours", "stock", "stock-tuned"]
+    assert "ours-int8" not in plan_from_args(build_parser().parse_args(["--quick", "--device", "cuda"]), []).configs
     with pytest.raises(SystemExit, match="ours-int8 is a CPU configuration"):
         plan_from_args(build_parser().parse_args(["--gpu", "--configs", "ours,ours-int8"]), [])
 
@@ -172,7 +175,8 @@ def test_auto_levers_pick_the_fastest_model_only_variant():
 
 def test_schedule_does_not_rerun_a_tuned_point_equal_to_the_default(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    plan = plan_from_args(build_parser().parse_args(["--quick", "--workers", "1,2"]), [])
+    plan = plan_from_args(build_parser().parse_args(["--quick", "--workers", "1,2", "--configs",
+                                                     "ours,stock,stock-tuned"]), [])
     order = schedule(plan, default_threads=2)
     assert [(c, p.workers, same) for c, p, same in order] == [
         ("ours", 1, None), ("stock", 1, None), ("stock-tuned", 1, "stock w1 b8 d5"),
