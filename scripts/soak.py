@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,20 +43,9 @@ from models.digits.model import encode, held_out  # noqa: E402
 from servekit import server  # noqa: E402
 from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
 from servekit.client import model_states, wait_until  # noqa: E402
+from servekit.loadcheck import CheckedLoad  # noqa: E402
 
 MODEL = "digits"
-
-
-@dataclass
-class Outcome:
-    """One request: when it ran (seconds since the start) and what came back."""
-
-    start: float
-    end: float
-    status: int | None
-    ok: bool
-    version: str | None
-    error: str = ""
 
 
 @dataclass
@@ -79,10 +67,10 @@ class Soak:
         self.overrides = server.private_ports()
         self.cfg = server.ServerConfig(work / "run", work / "store", overrides=self.overrides)
         self.samples = [(encode(img, "PNG"), str(label)) for img, label in held_out(16)]
-        self.outcomes: list[Outcome] = []
+        self.load = CheckedLoad(self.cfg.inference, MODEL, self.samples, threads=args.threads,
+                                timeout=args.request_timeout, clock=self.now)
         self.rss: list[Sample] = []
         self.events: dict[str, float] = {}
-        self.lock = threading.Lock()
         self.stop = threading.Event()
         self.t0 = time.monotonic()
 
@@ -113,25 +101,7 @@ class Soak:
         log = open(self.work / "watcher.log", "wb")
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
-    # -- load and sampling ------------------------------------------------------------------------
-    def client_loop(self, seed: int) -> None:
-        client = self.cfg.inference()
-        client.timeout = self.args.request_timeout
-        i = seed
-        while not self.stop.is_set():
-            body, label = self.samples[i % len(self.samples)]
-            i += 1
-            t = self.now()
-            try:
-                resp = client.predict(MODEL, body, "image/png")
-                ok = resp.status_code == 200 and resp.json()["predictions"][0]["label"] == label
-                out = Outcome(t, self.now(), resp.status_code, ok, resp.headers.get("X-Model-Version"),
-                              "" if ok else resp.text[:200])
-            except (requests.RequestException, ValueError) as exc:
-                out = Outcome(t, self.now(), None, False, None, f"{type(exc).__name__}: {exc}"[:200])
-            with self.lock:
-                self.outcomes.append(out)
-
+    # -- sampling ---------------------------------------------------------------------------------
     def sample_loop(self) -> None:
         pgid = server.read_pid(self.cfg.run_dir)
         while not self.stop.is_set():
@@ -150,16 +120,6 @@ class Soak:
                     continue
             self.rss.append(Sample(round(self.now(), 1), round(frontend, 1), round(workers, 1), count))
             self.stop.wait(self.args.sample_every)
-
-    def ok_streak(self) -> int:
-        with self.lock:
-            ordered = sorted(self.outcomes, key=lambda o: o.end, reverse=True)
-        streak = 0
-        for o in ordered:
-            if not o.ok:
-                break
-            streak += 1
-        return streak
 
     # -- the two events ---------------------------------------------------------------------------
     def reload(self, v2: Path, watched: bool) -> None:
@@ -194,18 +154,17 @@ class Soak:
 
         wait_until(replaced, self.args.recovery_s, interval=0.2, what="a new worker")
         self.events["worker_ready"] = self.now()
-        wait_until(lambda: self.ok_streak() >= 20, self.args.recovery_s, interval=0.2, what="success again")
+        wait_until(lambda: self.load.ok_streak() >= 20, self.args.recovery_s, interval=0.2, what="success again")
         self.events["recovered"] = self.now()
 
     # -- run --------------------------------------------------------------------------------------
     def run(self) -> dict:
         v2 = self.prepare()
         watcher = self.start()
-        threads = [threading.Thread(target=self.client_loop, args=(i,), daemon=True) for i in range(self.args.threads)]
         sampler = threading.Thread(target=self.sample_loop, daemon=True)
         self.t0 = time.monotonic()
-        for t in [sampler, *threads]:
-            t.start()
+        sampler.start()
+        self.load.start()
         duration = self.args.duration
         try:
             time.sleep(duration * 0.25)
@@ -216,8 +175,7 @@ class Soak:
             time.sleep(max(0.0, duration - self.now()))
         finally:
             self.stop.set()
-            for t in threads:
-                t.join(self.args.request_timeout + 5)
+            self.load.stop()
             sampler.join(10)
             if watcher is not None:
                 watcher.terminate()
@@ -226,7 +184,7 @@ class Soak:
         return self.report(watched=watcher is not None)
 
     def report(self, watched: bool) -> dict:
-        outs = sorted(self.outcomes, key=lambda o: o.start)
+        outs = sorted(self.load.snapshot(), key=lambda o: o.start)
         failures = [o for o in outs if not o.ok]
         ev = self.events
         window = (ev["kill"] - 0.5, ev["worker_ready"] + 1.0)

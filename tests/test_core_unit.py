@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import requests
 import torch
 from PIL import Image
 
@@ -196,3 +197,20 @@ def test_batch_of_mixed_sizes_keeps_order():
     batch = pre.to_batch(imgs)
     for i, img in enumerate(imgs):
         assert torch.allclose(batch[i], pre.to_batch([img])[0], atol=1e-5), i
+
+
+def test_checked_load_judges_status_body_and_label():
+    from servekit.loadcheck import check_answer
+
+    def response(status: int, body: bytes) -> requests.Response:
+        resp = requests.Response()
+        resp.status_code, resp._content = status, body
+        return resp
+
+    good = b'{"predictions": [{"label": "7", "probability": 0.99}]}'
+    assert check_answer(response(200, good), "7") == ""
+    assert check_answer(response(200, good), None) == ""
+    assert check_answer(response(200, good), "3") == "predicted 7, expected 3"
+    assert check_answer(response(503, b"Worker died."), "7") == "503: Worker died."
+    assert check_answer(response(200, b"not json"), "7").startswith("200 without predictions")
+    assert check_answer(response(200, b'{"predictions": []}'), None).startswith("200 without predictions")

@@ -22,7 +22,6 @@ from conftest import port_overrides, start_server
 from fixtures.rel_fault_handler import OOM_BATCH, SLEEP_S
 from fixtures.rel_load_fail_handler import MESSAGE as LOAD_FAIL_MESSAGE
 from fixtures.rel_support import (
-    Load,
     assert_serves,
     digit_samples,
     fault_archive,
@@ -34,6 +33,7 @@ from fixtures.rel_support import (
 )
 from servekit import server
 from servekit.client import model_states, wait_until
+from servekit.loadcheck import CheckedLoad as Load
 
 pytestmark = pytest.mark.server
 

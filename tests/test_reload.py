@@ -9,10 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zipfile
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from servekit.server import free_port
 from servekit import reload, server
 from servekit.archive import MODELS_DIR, ArchiveRequest, archive
 from servekit.client import model_states, wait_until
+from servekit.loadcheck import CheckedLoad
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -97,54 +96,6 @@ class WatcherProcess:
 
     def tail(self, chars: int = 6000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
-
-
-class Load:
-    """Clients posting real digit PNGs and checking each label; records (time, version) of every good answer."""
-
-    def __init__(self, cfg: server.ServerConfig, samples: list[tuple[bytes, str]], threads: int = THREADS):
-        self.cfg, self.samples, self.threads = cfg, samples, threads
-        self.answers: list[tuple[float, str]] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._workers: list[threading.Thread] = []
-
-    def start(self) -> "Load":
-        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)]
-        for t in self._workers:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._workers:
-            t.join(timeout=120)
-
-    def _run(self, seed: int) -> None:
-        client = reload.inference_client(self.cfg, timeout=60)
-        rng = random.Random(seed)
-        while not self._stop.is_set():
-            body, label = rng.choice(self.samples)
-            try:
-                resp = client.predict("digits", body, "image/png")
-            except requests.RequestException as exc:
-                self.failures.append(f"{time.monotonic():.3f} connection: {exc}")
-                continue
-            if resp.status_code != 200:
-                self.failures.append(f"{time.monotonic():.3f} {resp.status_code}: {resp.text[:200]}")
-                continue
-            top = resp.json()["predictions"][0]["label"]
-            if top != label:
-                self.failures.append(f"{time.monotonic():.3f} predicted {top}, expected {label}")
-                continue
-            self.answers.append((time.monotonic(), resp.headers.get("X-Model-Version", "?")))
-            time.sleep(0.02)  # bounded load: leave the 2 cores some room for the worker being started
-
-    def first(self, version: str, after: float = 0.0) -> float | None:
-        return min((t for t, v in list(self.answers) if v == version and t >= after), default=None)
-
-    def versions(self, start: float, end: float = float("inf")) -> Counter:
-        return Counter(v for t, v in list(self.answers) if start <= t <= end)
 
 
 def digit_samples(cfg: server.ServerConfig, count: int = 60) -> list[tuple[bytes, str]]:
@@ -248,7 +199,9 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
     srv = start_server(tmp_path / "srv", archives, {"digits": "digits-v1.0.mar"})
     cfg, store = srv.cfg, srv.cfg.model_store
     watcher = WatcherProcess(cfg, tmp_path / "watcher.log", "--metrics-port", str(free_port()))
-    load = Load(cfg, digit_samples(cfg))
+    # Bounded load (a pause between requests): the 2 cores need room for the worker being started.
+    load = CheckedLoad(lambda: reload.inference_client(cfg, timeout=60), "digits", digit_samples(cfg),
+                       threads=THREADS, timeout=60, pause=0.02)
     try:
         watcher.start()
         status = watcher.wait_polls(2)
@@ -313,7 +266,8 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
         code = watcher.stop()
         server.stop(cfg.run_dir)
     assert code == 0, watcher.tail()
-    assert not load.failures, f"{len(load.failures)} failed requests, first: {load.failures[:5]}"
+    failures = load.failures()
+    assert not failures, f"{len(failures)} failed requests, first: {[(o.status, o.error) for o in failures[:5]]}"
     seen = load.versions(0)
     assert seen["1.0"] > 50 and seen["2.0"] > 50, seen
     assert 'servekit_reload_total{model="digits",result="success"} 1.0' in metrics
