@@ -110,11 +110,19 @@ def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location=device).eval()
     except RuntimeError as exc:
+        if quantized:
+            raise ConfigError(
+                f"cannot load the int8 model {path.name}: {_first_line(exc)}. It was exported for the x86 "
+                f"quantized engine; this torch offers {torch.backends.quantized.supported_engines}. "
+                "Serve the fp32 export on this machine."
+            ) from None
         raise ConfigError(
             f"cannot load {path.name} as TorchScript: {_first_line(exc)}. A state_dict or pickled "
             "model saved with torch.save is not TorchScript: export it (`servekit export`) first."
         ) from None
-    # int8 kernels take fp32 input and quantize it themselves: autocast has nothing to do there.
+    if quantized:
+        # int8 kernels take fp32 input and quantize it themselves: autocast has nothing to do there.
+        log.info("%s is an int8 model: amp (autocast) does not apply to it", path.name)
     return LoadedModel(module, TORCHSCRIPT, device, autocast=not quantized)
 
 
