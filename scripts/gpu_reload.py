@@ -1,4 +1,10 @@
-"""Time from publishing a new ResNet-50 archive to the first answer from it, under load (GPU figure)."""
+"""Time from publishing a new ResNet-50 archive to the first answer from it, under load (GPU figure).
+
+    python3 scripts/gpu_reload.py [--workers 4] [--clients 8] [--out gpu-reload.json]
+
+Writes the report to --out (with TorchServe's step timeline for v2.0) and the server's and watcher's
+logs to <out stem>-logs/ beside it.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
 from servekit.bench.images import synthetic_jpeg  # noqa: E402
 from servekit.client import InferenceClient  # noqa: E402
 from servekit.loadcheck import CheckedLoad  # noqa: E402
+from servekit.tslogs import relative_timeline, worker_timeline  # noqa: E402
 from servekit.server import private_ports as port_overrides  # noqa: E402
 
 
@@ -60,9 +67,12 @@ def main() -> int:
     cfg = server.ServerConfig(tmp / "run", store, overrides=port_overrides())
     proc = server.start(cfg, {"resnet50": "resnet50-v1.0.mar"})
     server.wait_ready(cfg, ["resnet50"], timeout=600, proc=proc)
-    watcher = subprocess.Popen([sys.executable, "-m", "servekit.reload", "watch", "--run-dir", str(cfg.run_dir),
-                                "--model-store", str(store), "--interval", "0.5",
-                                *[a for k, v in cfg.overrides.items() for a in ("--set", f"{k}={v}")]])
+    watcher_log = tmp / "watcher.log"
+    with open(watcher_log, "wb") as out:
+        watcher = subprocess.Popen([sys.executable, "-m", "servekit.reload", "watch", "--run-dir", str(cfg.run_dir),
+                                    "--model-store", str(store), "--interval", "0.5",
+                                    *[a for k, v in cfg.overrides.items() for a in ("--set", f"{k}={v}")]],
+                                   stdout=out, stderr=subprocess.STDOUT)
     body = synthetic_jpeg()
     # Labels of random weights mean nothing: an answer is right when it is a 200 with predictions.
     load = CheckedLoad(lambda: InferenceClient(cfg.address("inference_address"), cfg.tokens), "resnet50",
@@ -71,7 +81,7 @@ def main() -> int:
     time.sleep(5)
     part = store / ".resnet50-v2.0.mar.part"
     shutil.copy2(staging / "resnet50-v2.0.mar", part)
-    published = time.monotonic()
+    published, published_wall = time.monotonic(), time.time()
     part.rename(store / "resnet50-v2.0.mar")
     while load.first("2.0") is None and time.monotonic() - published < 300:
         time.sleep(0.1)
@@ -94,8 +104,15 @@ def main() -> int:
         "failure_samples": [f"{o.status}: {o.error}" for o in outcomes if not o.ok][:5],
         "worker_ready_lines": [line.split("MODEL_LOG - ")[-1] for log in (cfg.run_dir / "logs").glob("model_log*.log")
                                for line in log.read_text(errors="replace").splitlines() if " ready on " in line],
+        # Seconds after the publish at which TorchServe logged each step for v2.0 (first and last worker).
+        "v2_timeline_s": relative_timeline(worker_timeline(cfg.run_dir / "logs", "resnet50", "2.0"), published_wall),
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
+    logs = args.out.parent / f"{args.out.stem}-logs"
+    shutil.copytree(cfg.run_dir / "logs", logs, dirs_exist_ok=True)
+    (logs / "watcher.log").write_bytes(watcher_log.read_bytes())
+    shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(report, indent=2))
     return 0 if first_v2 and report["failed"] == 0 else 1
 

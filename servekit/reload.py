@@ -33,6 +33,7 @@ from .archive import read_manifest
 from .client import InferenceClient, ManagementClient, ModelState, model_states
 from .errors import ConfigError
 from .server import ServerConfig, version_key
+from .tslogs import relative_timeline, worker_timeline
 
 log = logging.getLogger("servekit.reload")
 
@@ -482,15 +483,25 @@ class Reloader:
         seconds = time.monotonic() - t0
         self.metrics.reloads.labels(model, "success").inc()
         self.metrics.seconds.labels(model).observe(seconds)
+        ts_steps = self._torchserve_steps(model, version, time.time() - seconds)
         self.event(model, "default", version, f"v{version} serves {model} ({reason})",
-                   file=found.file, seconds=round(seconds, 3), steps=steps)
-        log.info("%s: v%s is the default after %.1f s (%s)", model, version, seconds,
-                 ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in steps.items()))
+                   file=found.file, seconds=round(seconds, 3), steps=steps, torchserve_steps=ts_steps)
+        log.info("%s: v%s is the default after %.1f s (%s)%s", model, version, seconds,
+                 ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in steps.items()),
+                 "; TorchServe: " + ", ".join(f"{k} {v[1]:.1f} s" for k, v in ts_steps.items()) if ts_steps else "")
         self.save_status()  # visible now: retiring the old versions takes a while
         for old in retire:
             if old != version:
                 self.retire(model, old)
         return True
+
+    def _torchserve_steps(self, model: str, version: str, since: float) -> dict[str, list[float]]:
+        """TorchServe's own log of bringing up the version's workers, as seconds after ``since`` (best effort)."""
+        try:
+            return relative_timeline(worker_timeline(self.cfg.run_dir / "logs", model, version), since)
+        except (OSError, ValueError) as exc:
+            log.debug("no TorchServe timeline for %s v%s: %s", model, version, exc)
+            return {}
 
     def _register(self, found: Found, workers: int) -> None:
         resp = self.mgmt.register(found.file, initial_workers=workers, synchronous=True,

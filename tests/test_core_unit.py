@@ -214,3 +214,27 @@ def test_checked_load_judges_status_body_and_label():
     assert check_answer(response(503, b"Worker died."), "7") == "503: Worker died."
     assert check_answer(response(200, b"not json"), "7").startswith("200 without predictions")
     assert check_answer(response(200, b'{"predictions": []}'), None).startswith("200 without predictions")
+
+
+def test_torchserve_log_timeline_of_a_version(tmp_path):
+    from servekit.tslogs import relative_timeline, worker_timeline
+
+    ts = tmp_path / "ts_log.log"
+    ts.write_text(
+        "2026-11-25T18:38:30,926 [DEBUG] epollEventLoopGroup-3-2 ModelVersionedRefs - Adding new version 2.0 for model m\n"
+        "2026-11-25T18:38:30,932 [DEBUG] W-9000-m_2.0 WorkerLifeCycle - Worker cmdline: [python, worker.py]\n"
+        "2026-11-25T18:38:31,100 [DEBUG] W-9001-m_2.0 WorkerLifeCycle - Worker cmdline: [python, worker.py]\n"
+        "2026-11-25T18:38:31,200 [DEBUG] W-8000-m_1.0 WorkerLifeCycle - Worker cmdline: [python, worker.py]\n"
+        "    a continuation line without a time stamp\n"
+        "2026-11-25T18:38:36,030 [DEBUG] W-9000-m_2.0 WorkerThread - W-9000-m_2.0 State change "
+        "WORKER_STARTED -> WORKER_MODEL_LOADED\n")
+    (tmp_path / "model_log.log").write_text(
+        "2026-11-25T18:38:32,128 [INFO ] W-9000-m_2.0-stdout MODEL_LOG - Torch worker started.\n"
+        "2026-11-25T18:38:36,023 [INFO ] W-9000-m_2.0-stdout MODEL_LOG - m v2.0 ready on cpu (2 threads) in 2.8 s\n")
+    timeline = worker_timeline(tmp_path, "m", "2.0")
+    zero = timeline["unpacked"][0]
+    rel = relative_timeline(timeline, zero)
+    assert list(rel) == ["unpacked", "process_spawned", "worker_started", "handler_ready", "model_loaded"]
+    assert rel["process_spawned"] == [0.01, 0.17]  # first and last worker; v1.0's line is not counted
+    assert rel["worker_started"] == [1.2, 1.2] and rel["model_loaded"] == [5.1, 5.1]
+    assert worker_timeline(tmp_path / "missing", "m", "2.0") == {}

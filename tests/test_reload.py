@@ -218,6 +218,11 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
         switched = time.monotonic()
         event = watcher.status()["models"]["digits"].get("last_event", {})
         assert (event.get("event"), event.get("version")) == ("default", "2.0"), event
+        # TorchServe's own steps, read from its logs: in order, and within the switch.
+        ts_steps = event["torchserve_steps"]
+        assert {"unpacked", "worker_started", "model_loaded"} <= set(ts_steps), ts_steps
+        assert 0 <= ts_steps["unpacked"][0] <= ts_steps["worker_started"][0] <= ts_steps["model_loaded"][1]
+        assert ts_steps["model_loaded"][1] <= event["seconds"] + 1, (ts_steps, event["seconds"])
         print(f"\npublish -> first v2.0 answer: {first_v2:.2f} s (register to default: {event['seconds']} s)")
 
         # Keys rotate while the watcher and the clients run.
