@@ -99,6 +99,15 @@ def test_int8_export_refuses_calibration_that_misses_the_data(fp32_model, tmp_pa
     assert not (tmp_path / "bad.pt").exists()
 
 
+def test_int8_export_refuses_a_model_whose_answers_drift(fp32_model, tmp_path, monkeypatch):
+    """The top-1 agreement gate over all held-out items (raised past 100 % here, so nothing can pass)."""
+    monkeypatch.setattr("servekit.export.INT8_MIN_AGREEMENT", 1.01)
+    with pytest.raises(ExportMismatch, match=r"agrees with fp32 on only 100\.0% of the held-out"):
+        export(fp32_model, example_inputs(), tmp_path / "drift.pt", "trace", "cpu", quantize="int8",
+               calibration=calibration_inputs(), log_fn=lambda *_: None)
+    assert not (tmp_path / "drift.pt").exists()
+
+
 @pytest.mark.server
 @pytest.mark.heavy
 def test_int8_archive_serves_the_fp32_answers_through_torchserve(archives, tmp_path_factory):
