@@ -33,6 +33,7 @@ from .archive import read_manifest
 from .client import InferenceClient, ManagementClient, ModelState, model_states
 from .errors import ConfigError
 from .server import ServerConfig, version_key
+from .tslogs import STEPS as TS_STEPS
 from .tslogs import relative_timeline, worker_timeline
 
 log = logging.getLogger("servekit.reload")
@@ -41,6 +42,7 @@ STATUS_FILE = "reload-status.json"
 PINS_FILE = ".servekit-pins.json"
 LOCK_FILE = "reload.lock"
 MAX_FAILURES = 20  # failures kept per model in the status file
+SWITCH_STEPS = ("register", "ready", "warmup", "set_default")  # a switch's steps, in order
 MAR_NAME = re.compile(r"^(?P<name>.+)-v(?P<version>[^-/]+)\.mar$")
 
 
@@ -919,6 +921,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         if entry["last_event"]:
             e = entry["last_event"]
             print(f"    last event: {e['time']} {e['event']} v{e.get('version')}: {e['message']}")
+            if e.get("seconds") is not None:
+                # The status file is written with sorted keys: print the steps in the order they happen.
+                own, theirs = e.get("steps") or {}, e.get("torchserve_steps") or {}
+                steps = ", ".join(f"{k} {own[k + '_s']:.1f} s" for k in SWITCH_STEPS if k + "_s" in own)
+                ts = ", ".join(f"{k.replace('_', ' ')} {theirs[k][1]:.1f} s" for k, _ in TS_STEPS if k in theirs)
+                print(f"      took {e['seconds']:.1f} s ({steps})" + (f"; TorchServe: {ts}" if ts else ""))
     w = data["watcher"]
     print(f"watcher: {w['state']} (pid {w.get('pid')}, last poll {w.get('heartbeat')})" if w else "watcher: never ran")
     if w and w.get("last_error"):

@@ -223,6 +223,8 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
         assert {"unpacked", "worker_started", "model_loaded"} <= set(ts_steps), ts_steps
         assert 0 <= ts_steps["unpacked"][0] <= ts_steps["worker_started"][0] <= ts_steps["model_loaded"][1]
         assert ts_steps["model_loaded"][1] <= event["seconds"] + 1, (ts_steps, event["seconds"])
+        listing = inventory_text(cfg)
+        assert "took" in listing and "(register" in listing and "TorchServe: unpacked" in listing, listing
         print(f"\npublish -> first v2.0 answer: {first_v2:.2f} s (register to default: {event['seconds']} s)")
 
         # Keys rotate while the watcher and the clients run.
