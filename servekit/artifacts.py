@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,6 @@ def artifact_kind(path: str | os.PathLike) -> str:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def is_quantized_torchscript(path: str | os.PathLike) -> bool:
     """True for a TorchScript archive whose code calls quantized (int8) operators."""
     try:
@@ -112,12 +107,12 @@ def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
     except RuntimeError as exc:
         if quantized:
             raise ConfigError(
-                f"cannot load the int8 model {path.name}: {_first_line(exc)}. It was exported for the x86 "
+                f"cannot load the int8 model {path.name}: {first_line(exc)}. It was exported for the x86 "
                 f"quantized engine; this torch offers {torch.backends.quantized.supported_engines}. "
                 "Serve the fp32 export on this machine."
             ) from None
         raise ConfigError(
-            f"cannot load {path.name} as TorchScript: {_first_line(exc)}. A state_dict or pickled "
+            f"cannot load {path.name} as TorchScript: {first_line(exc)}. A state_dict or pickled "
             "model saved with torch.save is not TorchScript: export it (`servekit export`) first."
         ) from None
     if quantized:
@@ -130,7 +125,7 @@ def _load_exported(path: Path, device: torch.device) -> LoadedModel:
     try:
         module = torch.export.load(str(path)).module().to(device)
     except Exception as exc:  # deserialisation errors come from many layers
-        raise ConfigError(f"cannot load torch.export program {path.name} on {device}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot load torch.export program {path.name} on {device}: {first_line(exc)}") from None
     return LoadedModel(module, EXPORTED, device, autocast=True)
 
 
@@ -218,7 +213,7 @@ def _load_aoti(path: Path, device: torch.device) -> LoadedModel:
     try:
         meta = aoti_metadata(path)
     except (zipfile.BadZipFile, OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not a readable AOTInductor package: {_first_line(exc)}") from None
+        raise ConfigError(f"{path} is not a readable AOTInductor package: {first_line(exc)}") from None
     check_aoti_compatible(meta, device, path.name)
     dtype = aoti_input_dtype(path, meta)
     memory_format = torch.channels_last if meta.get(META_MEMORY_FORMAT) == "channels_last" else torch.contiguous_format
@@ -227,7 +222,7 @@ def _load_aoti(path: Path, device: torch.device) -> LoadedModel:
         runner = _aoti_runner(path, index)
     except Exception as exc:  # the AOTI runtime raises plain RuntimeErrors with long text
         raise ConfigError(
-            f"cannot load AOTInductor package {path} on {device}: {_first_line(exc)}. "
+            f"cannot load AOTInductor package {path} on {device}: {first_line(exc)}. "
             "A .pt2 package is compiled for one device type and software stack: re-export it here "
             f"(`servekit export --format pt2 --device {device.type}`)."
         ) from None
@@ -256,7 +251,7 @@ def _load_onnx(path: Path, device: torch.device) -> LoadedModel:
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime's own exception types
-        raise ConfigError(f"onnxruntime cannot load {path.name}: {_first_line(exc)}") from None
+        raise ConfigError(f"onnxruntime cannot load {path.name}: {first_line(exc)}") from None
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ConfigError(f"{path.name} takes {len(inputs)} inputs; an image classifier takes one")

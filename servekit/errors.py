@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line of text, cut to ``limit`` characters (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class ServeKitError(Exception):
     """Base error; ``status`` is the HTTP status code it maps to."""
 

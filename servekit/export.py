@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .artifacts import TORCHSCRIPT_SUFFIXES, META_DTYPE, META_MEMORY_FORMAT, dtype_sidecar, load_artifact
-from .errors import ConfigError, ExportMismatch
+from .errors import ConfigError, ExportMismatch, first_line
 from .quantize import INT8_MIN_AGREEMENT, INT8_TOLERANCE, check_quantize, quantize_int8, split_calibration
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
     except torch.onnx.errors.UnsupportedOperatorError as exc:
         raise _unsupported_operator(exc, opset) from None
     except (torch.onnx.errors.OnnxExporterError, RuntimeError) as exc:
-        raise ConfigError(f"ONNX export failed at opset {opset}: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise ConfigError(f"ONNX export failed at opset {opset}: {first_line(exc)}") from None
     try:
         import onnx
 
@@ -297,7 +297,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
     except ImportError:
         log.warning("onnx is not installed; skipping the ONNX checker (onnxruntime still checks parity)")
     except Exception as exc:  # onnx.checker.ValidationError and shape-inference errors
-        raise ConfigError(f"the exported ONNX graph is invalid: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise ConfigError(f"the exported ONNX graph is invalid: {first_line(exc)}") from None
     return Path(path)
 
 

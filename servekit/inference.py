@@ -11,7 +11,7 @@ import torch
 
 from .artifacts import LoadedModel
 from .config import HandlerOptions
-from .errors import ModelError, OutOfMemory
+from .errors import ModelError, OutOfMemory, first_line
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Engine:
                     f"out of memory running a batch of {batch.shape[0]} on {self.device}; "
                     "retry, or lower batchSize"
                 ) from None
-            raise ModelError(f"model failed: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
+            raise ModelError(f"model failed: {first_line(exc)}") from None
 
     def topk(self, logits: torch.Tensor, k: int) -> TopK:
         """Softmax + top-k on the device, then one transfer to the host."""

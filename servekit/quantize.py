@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 QUANTIZE = ("off", "int8")
 # Relative error of the int8 artifact against the fp32 eager model on check batches it was not
@@ -52,9 +52,8 @@ def quantize_int8(model: torch.nn.Module, calibration: Sequence[torch.Tensor]) -
     try:
         prepared = quantize_fx.prepare_fx(model, get_default_qconfig_mapping("x86"), example)
     except Exception as exc:  # symbolic tracing fails on data-dependent control flow, among others
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            f"int8 quantization cannot trace the model ({first}); export it without --quantize"
+            f"int8 quantization cannot trace the model ({first_line(exc)}); export it without --quantize"
         ) from None
     with torch.no_grad():
         for batch in calibration:
