@@ -16,6 +16,7 @@ import requests
 
 from . import server
 from .errors import ServeKitError
+from .tslogs import tail_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORE = Path(os.environ.get("SERVEKIT_MODEL_STORE", ROOT / "model_store"))
@@ -160,7 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.wait_ready(cfg, wanted, timeout=args.timeout, proc=proc)
     except (TimeoutError, RuntimeError) as exc:
         print(f"error: {exc}\n--- last lines of {cfg.run_dir}/logs/torchserve.out ---", file=sys.stderr)
-        print(_tail(cfg.run_dir / "logs" / "torchserve.out"), file=sys.stderr)
+        print(tail_lines(cfg.run_dir / "logs" / "torchserve.out", 40), file=sys.stderr)
         server.stop(cfg.run_dir)
         return 1
     watcher = None if args.no_watch else _spawn_watcher(cfg, args.foreground)
@@ -223,13 +224,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for p in resp.json()["predictions"]:
         print(f"  {p['probability']:7.2%}  {p['label']}")
     return 0
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,8 +33,7 @@ from .archive import read_manifest
 from .client import InferenceClient, ManagementClient, ModelState, model_states
 from .errors import ConfigError
 from .server import ServerConfig, version_key
-from .tslogs import STEPS as TS_STEPS
-from .tslogs import relative_timeline, worker_timeline
+from .tslogs import describe, read_tail, relative_timeline, worker_timeline
 
 log = logging.getLogger("servekit.reload")
 
@@ -488,9 +487,8 @@ class Reloader:
         ts_steps = self._torchserve_steps(model, version, time.time() - seconds)
         self.event(model, "default", version, f"v{version} serves {model} ({reason})",
                    file=found.file, seconds=round(seconds, 3), steps=steps, torchserve_steps=ts_steps)
-        log.info("%s: v%s is the default after %.1f s (%s)%s", model, version, seconds,
-                 ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in steps.items()),
-                 "; TorchServe: " + ", ".join(f"{k} {v[1]:.1f} s" for k, v in ts_steps.items()) if ts_steps else "")
+        log.info("%s: v%s is the default after %.1f s (%s)", model, version, seconds,
+                 describe_switch(steps, ts_steps))
         self.save_status()  # visible now: retiring the old versions takes a while
         for old in retire:
             if old != version:
@@ -558,11 +556,8 @@ class Reloader:
 
     def _worker_error(self, model: str, version: str) -> str | None:
         """The last load error a worker of this version logged, if any."""
-        path = self.cfg.run_dir / "logs" / "model_log.log"
         try:
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - 2_000_000))
-                text = f.read().decode(errors="replace")
+            text = read_tail(self.cfg.run_dir / "logs" / "model_log.log", 2_000_000)
         except OSError:
             return None
         worker = rf"W-\d+-{re.escape(f'{model}_{version}')}-std(?:out|err) MODEL_LOG - "
@@ -902,6 +897,15 @@ def inventory(reloader: Reloader) -> dict:
     return {"models": models, "watcher": reloader.status.get("watcher")}
 
 
+def describe_switch(steps: dict[str, float], torchserve_steps: dict[str, list[float]]) -> str:
+    """``register 3.0 s, ready 0.0 s, ...; TorchServe: unpacked 0.0 s, ...``, each in the order it happens.
+
+    (The status file is written with sorted keys, so the order is not taken from the dicts.)
+    """
+    text = ", ".join(f"{k} {steps[k + '_s']:.1f} s" for k in SWITCH_STEPS if k + "_s" in steps)
+    return text + (f"; TorchServe: {describe(torchserve_steps)}" if torchserve_steps else "")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     data = inventory(_reloader(args))
     if args.json:
@@ -922,11 +926,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             e = entry["last_event"]
             print(f"    last event: {e['time']} {e['event']} v{e.get('version')}: {e['message']}")
             if e.get("seconds") is not None:
-                # The status file is written with sorted keys: print the steps in the order they happen.
-                own, theirs = e.get("steps") or {}, e.get("torchserve_steps") or {}
-                steps = ", ".join(f"{k} {own[k + '_s']:.1f} s" for k in SWITCH_STEPS if k + "_s" in own)
-                ts = ", ".join(f"{k.replace('_', ' ')} {theirs[k][1]:.1f} s" for k, _ in TS_STEPS if k in theirs)
-                print(f"      took {e['seconds']:.1f} s ({steps})" + (f"; TorchServe: {ts}" if ts else ""))
+                print(f"      took {e['seconds']:.1f} s ({describe_switch(e.get('steps') or {}, e.get('torchserve_steps') or {})})")
     w = data["watcher"]
     print(f"watcher: {w['state']} (pid {w.get('pid')}, last poll {w.get('heartbeat')})" if w else "watcher: never ran")
     if w and w.get("last_error"):

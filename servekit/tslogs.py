@@ -27,10 +27,20 @@ def _stamp(line: str) -> float | None:
     return dt.datetime.fromisoformat(f"{m.group(1)}.{m.group(2)}").timestamp()
 
 
-def _tail(path: Path, max_bytes: int) -> str:
+def read_tail(path: str | Path, max_bytes: int) -> str:
+    """The last ``max_bytes`` of a (growing) log file as text."""
+    path = Path(path)
     with open(path, "rb") as f:
         f.seek(max(0, path.stat().st_size - max_bytes))
         return f.read().decode("utf-8", "replace")
+
+
+def tail_lines(path: str | Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log, for an error message ("(no log)" when it cannot be read)."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def worker_timeline(log_dir: str | Path, model: str, version: str,
@@ -45,7 +55,7 @@ def worker_timeline(log_dir: str | Path, model: str, version: str,
         path = Path(log_dir) / name
         if not path.is_file():
             continue
-        for line in _tail(path, max_bytes).splitlines():
+        for line in read_tail(path, max_bytes).splitlines():
             t = _stamp(line)
             if t is None:
                 continue
@@ -60,3 +70,8 @@ def relative_timeline(timeline: dict[str, tuple[float, float]], zero: float) -> 
     """The timeline as seconds after ``zero`` (e.g. the publish time), steps in TorchServe's order."""
     return {step: [round(timeline[step][0] - zero, 2), round(timeline[step][1] - zero, 2)]
             for step, _ in STEPS if step in timeline}
+
+
+def describe(timeline: dict[str, list[float]]) -> str:
+    """``unpacked 0.9 s, worker started 2.2 s, ...``: when the last worker reached each step, in order."""
+    return ", ".join(f"{step.replace('_', ' ')} {timeline[step][1]:.1f} s" for step, _ in STEPS if step in timeline)

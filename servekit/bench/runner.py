@@ -22,6 +22,7 @@ from .. import server
 from ..archive import MODELS_DIR, ArchiveRequest, archive, build_artifact
 from ..client import model_states, wait_until
 from ..config import ModelConfig
+from ..tslogs import tail_lines
 from . import report, stock
 from .gpu import GpuSampler, gpu_names
 from .images import synthetic_jpeg
@@ -355,7 +356,7 @@ def run_one(plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, 
         cfg, proc = start_server(plan, mar.parent, mar, point.workers, env, run_dir)
     except Exception as exc:  # keep going: one configuration failing must not lose the others
         run["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"    failed to start: {run['error']}\n{_tail(run_dir / 'logs' / 'torchserve.out')}")
+        log(f"    failed to start: {run['error']}\n{tail_lines(run_dir / 'logs' / 'torchserve.out')}")
         return run
     try:
         run["startup_s"] = round(time.monotonic() - t0, 1)
@@ -367,17 +368,10 @@ def run_one(plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, 
         run["points"] = measure(plan, cfg, proc, point.workers, body, topk, log)
     except Exception as exc:
         run["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"    failed: {run['error']}\n{_tail(run_dir / 'logs' / 'torchserve.out')}")
+        log(f"    failed: {run['error']}\n{tail_lines(run_dir / 'logs' / 'torchserve.out')}")
     finally:
         server.stop(run_dir)
     return run
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | None]]:
