@@ -63,12 +63,16 @@ def amp_for(amp: str, device: torch.device) -> torch.dtype | None:
     return None if dtype is torch.float16 and device.type == "cpu" else dtype
 
 
+def _random_like(example: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """A random batch of ``batch`` items shaped like ``example``'s, with its mean and spread."""
+    x = torch.randn((batch, *example.shape[1:]), generator=gen)
+    return (x * example.float().std().cpu() + example.float().mean().cpu()).to(example)
+
+
 def calibration_batches(example: torch.Tensor, batches: int = 6, size: int = 4) -> list[torch.Tensor]:
     """Random batches shaped and scaled like ``example``: int8 calibration when the model has no data of its own."""
     gen = torch.Generator().manual_seed(2)
-    std, mean = example.float().std().cpu(), example.float().mean().cpu()
-    return [(torch.randn((size, *example.shape[1:]), generator=gen) * std + mean).to(example)
-            for _ in range(batches)]
+    return [_random_like(example, size, gen) for _ in range(batches)]
 
 
 def parity_inputs(example: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -77,14 +81,12 @@ def parity_inputs(example: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     The negation sends a model that branches on the sign of its input down the other path; the other
     batch sizes show whether the batch dimension really is dynamic.
     """
-    gen = torch.Generator().manual_seed(0)
-    shape = (example.shape[0] + 1, *example.shape[1:])
-    fresh = torch.randn(shape, generator=gen) * example.float().std().cpu() + example.float().mean().cpu()
+    size = example.shape[0] + 1
     return [
         ("example", example),
         ("negated example", -example),
         ("single item", example[:1]),
-        (f"fresh batch of {shape[0]}", fresh.to(example)),
+        (f"fresh batch of {size}", _random_like(example, size, torch.Generator().manual_seed(0))),
     ]
 
 
@@ -92,6 +94,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _precisions(loaded, amp_dtype: torch.dtype | None) -> list[torch.dtype | None]:
+    """What an artifact is checked in: its baked half type, or fp32 and (if autocast applies) the AMP dtype."""
+    if loaded.input_dtype is not None:  # a half-precision AOTInductor graph
+        return [loaded.input_dtype]
+    if loaded.autocast and amp_dtype is not None:
+        return [None, amp_dtype]
+    return [None]
 
 
 def check_parity(eager: Callable, artifact: Callable,
@@ -136,6 +147,21 @@ def top1_agreement(eager: Callable, artifact: Callable, batches: Sequence[torch.
             same += int((artifact(x).float().argmax(-1) == eager(x).float().argmax(-1)).sum())
             total += x.shape[0]
     return same / total if total else 1.0
+
+
+def _check_int8(model: Callable, loaded: Callable, batches: Sequence[tuple[str, torch.Tensor]],
+                held: Sequence[torch.Tensor], hint: str) -> tuple[float, float]:
+    """int8 vs fp32 eager: the relative error on each check batch, the top-1 agreement over all held-out items."""
+    err, _ = check_parity(model, loaded, batches, artifact_autocast=False, hint=hint, precision="int8",
+                          tolerance=INT8_TOLERANCE)
+    agreement = top1_agreement(model, loaded, held)
+    if agreement < INT8_MIN_AGREEMENT:
+        raise ExportMismatch(
+            f"the int8 model's top-1 answer agrees with fp32 on only {agreement:.1%} of the held-out calibration "
+            f"items (at least {INT8_MIN_AGREEMENT:.0%} needed); nothing was written. Calibrate on more "
+            "representative inputs, or serve the fp32 export."
+        )
+    return err, agreement
 
 
 # -- TorchScript ---------------------------------------------------------------------------------
@@ -347,14 +373,15 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLik
     amp_dtype = amp_for(amp, device)
     model = model.eval().to(device)
     example = example.to(device)
-    batches = ([(f"check batch {i + 1}", b.to(device)) for i, b in enumerate(check_inputs)]
-               if check_inputs else parity_inputs(example))
-    reference, written = model, model
     if quantize == "int8":
         calib, held = split_calibration(calibration or calibration_batches(example))
         written, freeze, amp_dtype = quantize_int8(model, calib), True, None
         batches = [(f"held-out batch {i + 1}", b) for i, b in enumerate(held)]
         batches.append(("single held-out item", held[0][:1]))
+    else:
+        written = model
+        batches = ([(f"check batch {i + 1}", b.to(device)) for i, b in enumerate(check_inputs)]
+                   if check_inputs else parity_inputs(example))
     path.parent.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
@@ -371,34 +398,19 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLik
         t0 = time.perf_counter()
         loaded = load_artifact(tmp_path, device)
         seconds["load"] = time.perf_counter() - t0
-        if loaded.input_dtype is not None:  # a half-precision AOTInductor graph
-            precisions = [loaded.input_dtype]
-        elif loaded.autocast and amp_dtype is not None:
-            precisions = [None, amp_dtype]
-        else:
-            precisions = [None]
         errors, agree = {}, {}
         t0 = time.perf_counter()
         if quantize == "int8":
-            err, _ = check_parity(reference, loaded, batches, artifact_autocast=False, hint=hint, precision="int8",
-                                  tolerance=INT8_TOLERANCE)
-            ag = top1_agreement(reference, loaded, [b for label, b in batches if label.startswith("held-out")])
-            if ag < INT8_MIN_AGREEMENT:
-                raise ExportMismatch(
-                    f"the int8 model's top-1 answer agrees with fp32 on only {ag:.1%} of the held-out calibration "
-                    f"items (at least {INT8_MIN_AGREEMENT:.0%} needed); nothing was written. Calibrate on more "
-                    "representative inputs, or serve the fp32 export."
-                )
-            errors["int8"], agree["int8"] = err, ag
+            errors["int8"], agree["int8"] = _check_int8(model, loaded, batches, held, hint)
             log_fn(f"export {fmt}: parity int8 vs fp32 on {len(batches)} held-out batches: "
-                   f"worst relative error {err:.2e}, top-1 agreement {ag:.0%}")
-            precisions = []
-        for dt in precisions:
-            err, ag = check_parity(model, loaded, batches, amp=dt, artifact_autocast=loaded.autocast,
-                                   artifact_dtype=loaded.input_dtype, hint=hint)
-            errors[precision_name(dt)], agree[precision_name(dt)] = err, ag
-            log_fn(f"export {fmt}: parity {precision_name(dt)} on {len(batches)} batches: "
-                   f"worst relative error {err:.2e}, top-1 agreement {ag:.0%}")
+                   f"worst relative error {errors['int8']:.2e}, top-1 agreement {agree['int8']:.0%}")
+        else:
+            for dt in _precisions(loaded, amp_dtype):
+                err, ag = check_parity(model, loaded, batches, amp=dt, artifact_autocast=loaded.autocast,
+                                       artifact_dtype=loaded.input_dtype, hint=hint)
+                errors[precision_name(dt)], agree[precision_name(dt)] = err, ag
+                log_fn(f"export {fmt}: parity {precision_name(dt)} on {len(batches)} batches: "
+                       f"worst relative error {err:.2e}, top-1 agreement {ag:.0%}")
         seconds["check"] = time.perf_counter() - t0
         _publish(Path(tmp), path)
     log_fn(f"export {fmt}: wrote {path} (export {seconds['export']:.1f} s, load {seconds['load']:.2f} s)")
