@@ -226,6 +226,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_arg(p: argparse.ArgumentParser) -> None:
+    """``--quantize``, shared by archive and export."""
+    p.add_argument("--quantize", choices=["off", "int8"], default="off",
+                   help="int8: a CPU-only int8 graph, calibrated and checked against fp32 (trace, --device cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="servekit", description=__doc__)
@@ -242,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handler", type=Path, help="handler file (default: handlers/image_classifier.py)")
     p.add_argument("--device", default="cpu", help="device to export for (.pt2 is device specific)")
     p.add_argument("--freeze", action="store_true", help="freeze TorchScript")
-    p.add_argument("--quantize", choices=["off", "int8"], default="off",
-                   help="int8: a CPU-only int8 graph, calibrated and checked against fp32 (trace, --device cpu)")
+    _quantize_arg(p)
     p.add_argument("--force", action="store_true", help="rebuild and overwrite an existing version")
     p.set_defaults(func=cmd_archive)
 
@@ -257,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", action="store_true")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--channels-last", action="store_true", help="compile a .pt2 for channels_last input")
-    p.add_argument("--quantize", choices=["off", "int8"], default="off",
-                   help="int8: a CPU-only int8 graph, calibrated and checked against fp32 (trace, --device cpu)")
+    _quantize_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="start TorchServe (and the reload watcher); wait until ready")

@@ -30,6 +30,21 @@ def archives(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def digits_weights(archives, tmp_path_factory) -> Path:
+    """The state dict of the served digits v1.0 (from its archive), for building other formats of it."""
+    import io
+    import zipfile
+
+    import torch
+
+    with zipfile.ZipFile(archives / "digits-v1.0.mar") as zf:
+        traced = torch.jit.load(io.BytesIO(zf.read("model.pt")))
+    weights = tmp_path_factory.mktemp("weights") / "digits.pt"
+    torch.save(traced.state_dict(), weights)
+    return weights
+
+
 @dataclass
 class RunningServer:
     """A TorchServe started for tests, with its config and clients."""

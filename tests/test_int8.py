@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, start_server
-from models.digits.build import calibration_inputs, example_inputs
+from models.digits.build import build_model, calibration_inputs, example_inputs
 from models.digits.model import encode, held_out
 from servekit import cli, server
 from servekit.artifacts import is_quantized_torchscript, load_artifact
@@ -27,19 +25,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def fp32_model(archives) -> torch.nn.Module:
+def fp32_model(digits_weights) -> torch.nn.Module:
     """The served digits v1.0 weights, as an eager model."""
-    with zipfile.ZipFile(archives / "digits-v1.0.mar") as zf:
-        traced = torch.jit.load(io.BytesIO(zf.read("model.pt")))
-    return build_model_from(traced.state_dict())
-
-
-def build_model_from(state: dict) -> torch.nn.Module:
-    from models.digits.model import DigitsNet
-
-    model = DigitsNet()
-    model.load_state_dict(state)
-    return model.eval()
+    return build_model(str(digits_weights))
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +98,12 @@ def test_int8_export_refuses_a_model_whose_answers_drift(fp32_model, tmp_path, m
 
 @pytest.mark.server
 @pytest.mark.heavy
-def test_int8_archive_serves_the_fp32_answers_through_torchserve(archives, tmp_path_factory):
+def test_int8_archive_serves_the_fp32_answers_through_torchserve(archives, digits_weights, tmp_path_factory):
     """`servekit archive --quantize int8` beside the fp32 version: same top-1 on held-out digits."""
     store = tmp_path_factory.mktemp("int8-store")
     (store / "digits-v1.0.mar").write_bytes((archives / "digits-v1.0.mar").read_bytes())
-    with zipfile.ZipFile(store / "digits-v1.0.mar") as zf:
-        state = torch.jit.load(io.BytesIO(zf.read("model.pt"))).state_dict()
-    weights = tmp_path_factory.mktemp("weights") / "digits.pt"
-    torch.save(state, weights)
     rc = cli.main(["archive", "digits", "--quantize", "int8", "--version", INT8_VERSION,
-                   "--weights", str(weights), "--model-store", str(store)])
+                   "--weights", str(digits_weights), "--model-store", str(store)])
     assert rc == 0 and (store / INT8_MAR).is_file()
     srv = start_server(tmp_path_factory.mktemp("int8-server"), store,
                        {"digits": "digits-v1.0.mar"})

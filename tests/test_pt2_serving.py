@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,16 +24,12 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def pt2_store(archives, tmp_path_factory) -> Path:
+def pt2_store(archives, digits_weights, tmp_path_factory) -> Path:
     """digits-v1.0.mar (TorchScript) and, built by the CLI from the same weights, digits-v1.0-pt2.mar."""
     store = tmp_path_factory.mktemp("pt2-store")
     (store / "digits-v1.0.mar").write_bytes((archives / "digits-v1.0.mar").read_bytes())
-    with zipfile.ZipFile(store / "digits-v1.0.mar") as zf:
-        traced = torch.jit.load(io.BytesIO(zf.read("model.pt")))
-    weights = tmp_path_factory.mktemp("weights") / "digits.pt"
-    torch.save(traced.state_dict(), weights)
     rc = cli.main(["archive", "digits", "--format", "pt2", "--version", PT2_VERSION,
-                   "--weights", str(weights), "--model-store", str(store)])
+                   "--weights", str(digits_weights), "--model-store", str(store)])
     assert rc == 0 and (store / PT2_MAR).is_file()
     return store
 

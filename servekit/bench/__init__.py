@@ -101,10 +101,10 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         value = getattr(args, name, None)
         return prof[name] if value is None else value
 
-    configs = pick("configs")
-    if args.configs is None and pick("device") == "cuda":
+    configs, on_gpu = pick("configs"), pick("device") == "cuda"
+    if args.configs is None and on_gpu:
         configs = [c for c in configs if c != "ours-int8"]  # a profile default, not asked for
-    if "ours-int8" in configs and pick("device") == "cuda":
+    if "ours-int8" in configs and on_gpu:
         raise SystemExit("servekit bench: ours-int8 is a CPU configuration (int8 kernels run on the CPU only)")
     workers, batch, delay = pick("workers"), pick("batch"), pick("delay")
     stock_workers = pick("stock_workers") or workers

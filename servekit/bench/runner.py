@@ -457,7 +457,8 @@ def resolve_levers(plan: Plan, results: dict[str, Any], log: Log) -> None:
 def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
     """Run the whole plan and write results.json, bench.png and report.md into ``plan.out``."""
     plan.out.mkdir(parents=True, exist_ok=True)
-    if any(c not in report.OURS for c in plan.configs):
+    runs_stock = any(c not in report.OURS for c in plan.configs)
+    if runs_stock:
         stock.check_stock_available()
     results: dict[str, Any] = {"meta": machine_meta(plan), "plan": _plan_dict(plan), "runs": []}
     with tempfile.TemporaryDirectory(prefix="servekit-bench-") as tmp:
@@ -475,8 +476,7 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
             results.update(run_micro(plan, art, body, log))
         resolve_levers(plan, results, log)
         results["meta"]["artifact"]["ours_frozen"] = plan.freeze
-        defaults = (stock.default_threads() if any(c not in report.OURS for c in plan.configs)
-                    else os.cpu_count() or 1)
+        defaults = stock.default_threads() if runs_stock else os.cpu_count() or 1
         results["meta"]["stock_default_threads"] = defaults
         order = schedule(plan, defaults)
         log(f"{len(order)} configuration(s) x {len(plan.concurrency)} concurrency level(s)")
