@@ -28,6 +28,7 @@ from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
 from servekit.bench.images import synthetic_jpeg  # noqa: E402
 from servekit.client import InferenceClient  # noqa: E402
 from servekit.loadcheck import CheckedLoad  # noqa: E402
+from servekit.reload import watch_command  # noqa: E402
 from servekit.tslogs import relative_timeline, worker_timeline  # noqa: E402
 from servekit.server import private_ports as port_overrides  # noqa: E402
 
@@ -69,10 +70,7 @@ def main() -> int:
     server.wait_ready(cfg, ["resnet50"], timeout=600, proc=proc)
     watcher_log = tmp / "watcher.log"
     with open(watcher_log, "wb") as out:
-        watcher = subprocess.Popen([sys.executable, "-m", "servekit.reload", "watch", "--run-dir", str(cfg.run_dir),
-                                    "--model-store", str(store), "--interval", "0.5",
-                                    *[a for k, v in cfg.overrides.items() for a in ("--set", f"{k}={v}")]],
-                                   stdout=out, stderr=subprocess.STDOUT)
+        watcher = subprocess.Popen(watch_command(cfg, "--interval", "0.5"), stdout=out, stderr=subprocess.STDOUT)
     body = synthetic_jpeg()
     # Labels of random weights mean nothing: an answer is right when it is a 200 with predictions.
     load = CheckedLoad(lambda: InferenceClient(cfg.address("inference_address"), cfg.tokens), "resnet50",

@@ -94,12 +94,10 @@ class Soak:
         server.wait_ready(self.cfg, [MODEL], timeout=300, proc=proc)
         if importlib.util.find_spec("servekit.reload") is None:
             return None
-        cmd = [sys.executable, "-m", "servekit.reload", "watch", "--run-dir", str(self.cfg.run_dir),
-               "--model-store", str(self.cfg.model_store), "--config", str(self.cfg.template), "--interval", "0.5"]
-        for k, v in self.overrides.items():
-            cmd += ["--set", f"{k}={v}"]
+        from servekit.reload import watch_command
+
         log = open(self.work / "watcher.log", "wb")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        return subprocess.Popen(watch_command(self.cfg, "--interval", "0.5"), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     # -- sampling ---------------------------------------------------------------------------------
     def sample_loop(self) -> None:

@@ -98,10 +98,9 @@ def _print_banner(cfg: server.ServerConfig, models: list[str]) -> None:
 
 
 def _spawn_watcher(cfg: server.ServerConfig, foreground: bool) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "servekit.reload", "watch", "--run-dir", str(cfg.run_dir),
-           "--model-store", str(cfg.model_store), "--config", str(cfg.template)]
-    for k, v in cfg.overrides.items():
-        cmd += ["--set", f"{k}={v}"]
+    from .reload import watch_command
+
+    cmd = watch_command(cfg)
     log = open(cfg.run_dir / "logs" / "watcher.log", "ab")
     proc = subprocess.Popen(cmd, stdout=None if foreground else log, stderr=subprocess.STDOUT if not foreground else None,
                             stdin=subprocess.DEVNULL, start_new_session=not foreground)

@@ -60,6 +60,11 @@ def inference_client(cfg: ServerConfig, timeout: float = 60.0) -> InferenceClien
     return InferenceClient(cfg.address("inference_address"), cfg.tokens, timeout=timeout)
 
 
+def watch_command(cfg: ServerConfig, *extra: str) -> list[str]:
+    """The command that runs the watcher as its own process for the server ``cfg`` describes."""
+    return [sys.executable, "-m", "servekit.reload", "watch", *cfg.cli_args(), *extra]
+
+
 # -- the store ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stamp:

@@ -82,6 +82,13 @@ class ServerConfig:
         props["vmargs"] = f"{props.get('vmargs', '')} {tmpdir}".strip()
         return props
 
+    def cli_args(self) -> list[str]:
+        """The command-line arguments that rebuild this config (``servekit serve|reload ...``)."""
+        args = ["--run-dir", str(self.run_dir), "--model-store", str(self.model_store), "--config", str(self.template)]
+        for k, v in self.overrides.items():
+            args += ["--set", f"{k}={v}"]
+        return args
+
     def address(self, key: str) -> str:
         """A configured base URL, with 0.0.0.0 replaced by loopback for our own calls."""
         return self.properties()[key].replace("0.0.0.0", "127.0.0.1")

@@ -346,10 +346,9 @@ def _publish(src: Path, store: Path) -> None:
 def test_reload_while_serving_has_no_errors(tmp_path, archives):
     overrides = port_overrides()
     srv = start_server(tmp_path, archives, {"digits": "digits-v1.0.mar"}, **overrides)
-    cmd = [sys.executable, "-m", "servekit.reload", "watch", "--run-dir", str(srv.cfg.run_dir),
-           "--model-store", str(srv.cfg.model_store), "--config", str(server.DEFAULT_CONFIG), "--interval", "0.5"]
-    for k, v in overrides.items():
-        cmd += ["--set", f"{k}={v}"]
+    from servekit.reload import watch_command
+
+    cmd = watch_command(srv.cfg, "--interval", "0.5")
     log = open(tmp_path / "watcher.log", "wb")
     watcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:

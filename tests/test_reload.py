@@ -42,14 +42,6 @@ def publish(src: Path, store: Path) -> float:
     return time.monotonic()
 
 
-def server_args(cfg: server.ServerConfig) -> list[str]:
-    """The command-line arguments that point `servekit reload` at a server."""
-    args = ["--run-dir", str(cfg.run_dir), "--model-store", str(cfg.model_store), "--config", str(cfg.template)]
-    for k, v in cfg.overrides.items():
-        args += ["--set", f"{k}={v}"]
-    return args
-
-
 class WatcherProcess:
     """`python -m servekit.reload watch` as its own process, as `servekit serve` runs it."""
 
@@ -58,8 +50,7 @@ class WatcherProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "WatcherProcess":
-        cmd = [sys.executable, "-m", "servekit.reload", "watch", *server_args(self.cfg),
-               "--interval", str(INTERVAL), *self.extra]
+        cmd = reload.watch_command(self.cfg, "--interval", str(INTERVAL), *self.extra)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         return self
@@ -253,7 +244,7 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
         assert set(load.versions(switched + 3)) == {"2.0"}, "v1.0 answered after the switch"
 
         # Roll back to v1.0 (the watcher must not roll forward again), then out to v2.0.
-        assert reload.main(["rollback", "digits", *server_args(cfg)]) == 0
+        assert reload.main(["rollback", "digits", *cfg.cli_args()]) == 0
         rolled_back = time.monotonic()
         assert versions_of(cfg) == (["1.0"], "1.0")
         assert reload.read_pins(store)["digits"].version == "1.0"
@@ -261,7 +252,7 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
         assert versions_of(cfg) == (["1.0"], "1.0"), "the watcher rolled forward past the pin"
         assert set(load.versions(rolled_back + 0.5)) == {"1.0"}
 
-        assert reload.main(["rollout", "digits", "2.0", *server_args(cfg)]) == 0
+        assert reload.main(["rollout", "digits", "2.0", *cfg.cli_args()]) == 0
         rolled_out = time.monotonic()
         assert versions_of(cfg) == (["2.0"], "2.0")
         time.sleep(2)
@@ -293,7 +284,7 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
 
 def inventory_text(cfg: server.ServerConfig) -> str:
     """What `servekit reload list` prints."""
-    proc = subprocess.run([sys.executable, "-m", "servekit.reload", "list", *server_args(cfg)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "servekit.reload", "list", *cfg.cli_args()], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
