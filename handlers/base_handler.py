@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from servekit.config import ModelConfig
-from servekit.errors import ModelError, OutOfMemory, ServeKitError, UnsupportedMediaType
+from servekit.errors import ModelError, OutOfMemory, ServeKitError, UnsupportedMediaType, first_line
 from servekit.inference import is_oom, select_device
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ def _batch_error(exc: Exception) -> ServeKitError:
     """The per-item error for an exception that escaped the pipeline (507 for out-of-memory, else 500)."""
     if isinstance(exc, ServeKitError):
         return exc
-    detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    text = f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
     if is_oom(exc):
         return OutOfMemory(f"out of memory: {text}; retry, or lower batchSize")
     return ModelError(f"the handler failed on this batch: {text}")

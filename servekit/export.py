@@ -229,7 +229,7 @@ def _check_compiler(device: torch.device) -> None:
     except Exception as exc:  # inductor raises its own error types for a missing compiler
         raise ConfigError(
             f"AOTInductor needs a C++ compiler to build a .pt2 package ({exc.__class__.__name__}: "
-            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'not found'}): install g++ "
+            f"{first_line(exc, 200) if str(exc).strip() else 'not found'}): install g++ "
             "(apt-get install g++) or set CXX"
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
