@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from servekit.config import ModelConfig
-from servekit.errors import ModelError, OutOfMemory, ServeKitError, UnsupportedMediaType, first_line
+from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, UnsupportedMediaType, first_line
 from servekit.inference import is_oom, select_device
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class BaseHandler:
             torch.backends.cudnn.benchmark = opts.cudnn_benchmark
         serialized = context.manifest.get("model", {}).get("serializedFile")
         if not serialized:
-            raise ServeKitError("the archive's manifest names no serialized model file")
+            raise ConfigError("the archive's manifest names no serialized model file")
         self.pipeline = self.build(self.model_dir / serialized, self.config)
         self.warmup()
         self.initialized = self.ready = True
@@ -84,12 +84,12 @@ class BaseHandler:
         for i, res in enumerate(results):
             context.set_response_header(i, "X-Model-Version", self.version)
             context.set_response_header(i, "X-Model-Name", self.model_name)
-            if isinstance(res, ServeKitError):
+            if isinstance(res, RequestError):
                 context.set_response_status(res.status, _reason(res.message), idx=i)
                 out.append(json.dumps({"code": res.status, "type": type(res).__name__, "message": res.message}))
             else:
                 out.append(json.dumps(res, separators=(",", ":")))
-        self._metrics(context, len(data), sum(isinstance(r, ServeKitError) for r in results), t0)
+        self._metrics(context, len(data), sum(isinstance(r, RequestError) for r in results), t0)
         return out
 
     def _item(self, row: Any, context, idx: int) -> Any:
@@ -112,7 +112,7 @@ class BaseHandler:
         return row
 
     def run(self, items: list[Any]) -> list[Any]:
-        """Turn items into results or :class:`ServeKitError` instances (override)."""
+        """Turn items into results or :class:`RequestError` instances (override)."""
         raise NotImplementedError
 
     def stage_times(self) -> dict[str, float]:
@@ -140,9 +140,9 @@ class BaseHandler:
             log.debug("metrics emission failed", exc_info=True)
 
 
-def _batch_error(exc: Exception) -> ServeKitError:
+def _batch_error(exc: Exception) -> RequestError:
     """The per-item error for an exception that escaped the pipeline (507 for out-of-memory, else 500)."""
-    if isinstance(exc, ServeKitError):
+    if isinstance(exc, RequestError):
         return exc
     text = f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
     if is_oom(exc):

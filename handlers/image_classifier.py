@@ -7,7 +7,7 @@ from typing import Any
 
 from servekit.classify import ImageClassifier, load_labels
 from servekit.config import ModelConfig
-from servekit.errors import ServeKitError
+from servekit.errors import RequestError
 from servekit.vision import extract_bytes
 
 try:  # inside the archive the handler is loaded as a top-level module
@@ -27,12 +27,12 @@ class ImageClassifierHandler(BaseHandler):
     def run(self, items: list[Any]) -> list[Any]:
         raws = []
         for item in items:
-            if isinstance(item, ServeKitError):
+            if isinstance(item, RequestError):
                 raws.append(item)
                 continue
             try:
                 raws.append(extract_bytes(item))
-            except ServeKitError as err:
+            except RequestError as err:
                 raws.append(err)
         return self.pipeline.predict(raws)
 

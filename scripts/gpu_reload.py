@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from servekit import server  # noqa: E402
-from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
+from servekit.archive import ArchiveRequest, archive  # noqa: E402
+from servekit.hooks import MODELS_DIR  # noqa: E402
 from servekit.bench.images import synthetic_jpeg  # noqa: E402
 from servekit.client import InferenceClient  # noqa: E402
 from servekit.loadcheck import CheckedLoad  # noqa: E402

@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from models.digits.model import encode, held_out  # noqa: E402
 from servekit import server  # noqa: E402
-from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
+from servekit.archive import ArchiveRequest, archive  # noqa: E402
+from servekit.hooks import MODELS_DIR  # noqa: E402
 from servekit.client import model_states, wait_until  # noqa: E402
 from servekit.loadcheck import CheckedLoad  # noqa: E402
 

@@ -13,7 +13,7 @@ import torch
 
 from .artifacts import load_artifact
 from .config import HandlerOptions
-from .errors import ServeKitError
+from .errors import RequestError
 from .inference import Engine
 from .vision import Preprocessor, check_image
 
@@ -64,26 +64,26 @@ class ImageClassifier:
         shape = (self.opts.channels, self.opts.crop, self.opts.crop)
         self.engine.warmup(batch_sizes or self.opts.warmup_batch_sizes, shape, self.pre.memory_format)
 
-    def predict(self, raws: Sequence[bytes | ServeKitError]) -> list[dict | ServeKitError]:
+    def predict(self, raws: Sequence[bytes | RequestError]) -> list[dict | RequestError]:
         """Top-k for every item; an item that is already an error, or fails to decode, fails alone."""
         times = StageTimes()
         t0 = time.perf_counter()
-        results: list[dict | ServeKitError | None] = [None] * len(raws)
+        results: list[dict | RequestError | None] = [None] * len(raws)
         good_idx, good_raw, headers = [], [], []
         for i, raw in enumerate(raws):
-            if isinstance(raw, ServeKitError):
+            if isinstance(raw, RequestError):
                 results[i] = raw
                 continue
             try:
                 headers.append(check_image(raw, self.opts))
                 good_idx.append(i)
                 good_raw.append(raw)
-            except ServeKitError as err:
+            except RequestError as err:
                 results[i] = err
         decoded = self.pre.decode_many(good_raw, headers) if good_raw else []
         ok_idx, images = [], []
         for i, img in zip(good_idx, decoded):
-            if isinstance(img, ServeKitError):
+            if isinstance(img, RequestError):
                 results[i] = img
             else:
                 ok_idx.append(i)
@@ -95,7 +95,7 @@ class ImageClassifier:
             try:
                 logits = self.engine.forward(batch)
                 top = self.engine.topk(logits, self.opts.topk)
-            except ServeKitError as err:
+            except RequestError as err:
                 for i in ok_idx:
                     results[i] = err
             else:

@@ -1,8 +1,9 @@
-"""``servekit`` command line: archive, export, serve, stop, health, predict, reload, bench."""
+"""``servekit`` command line: archive, export, publish, serve, stop, health, key, predict, reload, proxy, bench."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -14,96 +15,102 @@ from pathlib import Path
 import psutil
 import requests
 
-from . import server
-from .errors import ServeKitError
+from . import __version__, server
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, ConfigError, ServeKitError
+from .reload import watch_command
+from .reload.pins import VersionsFile, choose_version, default_versions_file
+from .store import Found, by_model, inspect_archive, publish, read_store
 from .tslogs import tail_lines
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_STORE = Path(os.environ.get("SERVEKIT_MODEL_STORE", ROOT / "model_store"))
-DEFAULT_RUN = Path(os.environ.get("SERVEKIT_RUN_DIR", ROOT / ".run"))
 WATCHER_PID = "watcher.pid"
-
-
-def _server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=Path(os.environ.get("SERVEKIT_CONFIG", server.DEFAULT_CONFIG)),
-                   help="config.properties template (default: $SERVEKIT_CONFIG or the repository's)")
-    p.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
-    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN, help="key_file.json, logs, pid files")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config.properties entry (repeatable)")
-
-
-def server_config(args: argparse.Namespace) -> server.ServerConfig:
-    """A ServerConfig from the common arguments."""
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v.strip()
-    return server.ServerConfig(args.run_dir.resolve(), args.model_store.resolve(), args.config.resolve(), overrides)
+DELEGATED = {"reload": "servekit.reload.__main__", "bench": "servekit.bench", "proxy": "servekit.proxy"}
 
 
 # -- archive / export -------------------------------------------------------------------------
 def cmd_archive(args: argparse.Namespace) -> int:
-    from .archive import MODELS_DIR, ArchiveRequest, archive, default_models
+    from .archive import ArchiveRequest, archive
+    from .hooks import MODELS_DIR, default_models
 
     names = args.models or default_models()
     if args.artifact and len(names) != 1:
-        raise SystemExit("--artifact needs exactly one model name")
+        raise ConfigError("--artifact needs exactly one model name")
     for name in names:
         model_dir = Path(args.model_dir) if args.model_dir else MODELS_DIR / name
         if not (model_dir / "model-config.yaml").is_file():
-            raise SystemExit(f"no model folder {model_dir} (expected {model_dir}/model-config.yaml)")
-        weights = args.weights or (os.environ.get("WEIGHTS") if name == "resnet50" else None)
+            raise ConfigError(f"no model folder {model_dir} (expected {model_dir}/model-config.yaml)")
         archive(ArchiveRequest(
             name=name, model_dir=model_dir, store=args.model_store, version=args.version, fmt=args.format,
-            weights=weights or None, artifact=args.artifact, handler=args.handler, device=args.device,
+            weights=args.weights, artifact=args.artifact, handler=args.handler, device=args.device,
             freeze=args.freeze, quantize=args.quantize, force=args.force,
         ))
-    return 0
+    return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .archive import MODELS_DIR, calibration_of, load_build_module
     from .config import ModelConfig
     from .export import export
+    from .hooks import MODELS_DIR, BuildHook
 
     model_dir = MODELS_DIR / args.model
-    module = load_build_module(model_dir)
+    hook = BuildHook(model_dir)
     cfg_file = model_dir / "model-config.yaml"
     amp = args.amp or (ModelConfig.load(cfg_file).handler.amp if cfg_file.is_file() else "off")
-    model = module.build_model(args.weights)
-    report = export(model, module.example_inputs(), args.output, args.format, args.device, amp,
+    model = hook.build_model(hook.weights(args.weights))
+    calibration = hook.calibration_inputs() if args.quantize != "off" else None
+    report = export(model, hook.example_inputs(), args.output, args.format, args.device, amp,
                     args.freeze, args.opset, log_fn=print, channels_last=args.channels_last,
-                    quantize=args.quantize, calibration=calibration_of(module, args.quantize))
+                    quantize=args.quantize, calibration=calibration)
     print(json.dumps({"output": str(args.output), "relative_error": report.errors,
                       "top1_agreement": report.top1_agreement}))
-    return 0
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Copy an archive into the store atomically (the publish Job's command)."""
+    found = inspect_archive(args.archive)
+    if found.error:
+        raise ConfigError(found.error)
+    existing = args.model_store / args.archive.name
+    if existing.exists() and not args.force:
+        if existing.read_bytes() == args.archive.read_bytes():
+            print(f"{existing} is already published")
+            return EXIT_OK
+        raise ConfigError(f"{existing} exists with different contents; a published version is immutable "
+                          "(publish a new version, or --force)")
+    target = publish(args.archive, args.model_store)
+    print(f"published {found.name} v{found.version} as {target}")
+    return EXIT_OK
 
 
 # -- serve / stop / health ----------------------------------------------------------------------
 def _print_banner(cfg: server.ServerConfig, models: list[str]) -> None:
     inf = cfg.address("inference_address")
-    sample = "tests/data/digit-7.png" if (ROOT / "tests/data/digit-7.png").exists() else "<image.png>"
+    sample = "tests/data/digit-7.png" if (server.ROOT / "tests/data/digit-7.png").exists() else "<image.png>"
+    model = models[0] if models else "digits"
     print(f"\nTorchServe is serving {', '.join(models) or 'no models'}")
     print(f"  inference:  {inf}/predictions/<model>")
     print(f"  management: {cfg.address('management_address')}  (loopback only)")
     print(f"  metrics:    {cfg.address('metrics_address')}/metrics")
-    print(f"  tokens:     {cfg.run_dir / 'key_file.json'}")
+    if cfg.token_auth:
+        print(f"  keys:       {cfg.key_file} (renewed before they expire; `servekit key` prints the current one)")
     print("\nTry it:")
-    print(f"  curl -H \"Authorization: Bearer $(python3 -c 'import json;print(json.load(open(\"{cfg.run_dir}/key_file.json\"))[\"inference\"][\"key\"])')\" \\")
-    print(f"       -H 'Content-Type: image/png' --data-binary @{sample} {inf}/predictions/{models[0] if models else 'digits'}")
-    print(f"  make predict IMG={sample} MODEL={models[0] if models else 'digits'}\n")
+    auth = '-H "Authorization: Bearer $(servekit key)" ' if cfg.token_auth else ""
+    print(f"  curl {auth}-H 'Content-Type: image/png' --data-binary @{sample} {inf}/predictions/{model}")
+    print(f"  make predict IMG={sample} MODEL={model}\n")
 
 
-def _spawn_watcher(cfg: server.ServerConfig, foreground: bool) -> subprocess.Popen:
-    from .reload import watch_command
-
-    cmd = watch_command(cfg)
-    log = open(cfg.run_dir / "logs" / "watcher.log", "ab")
-    proc = subprocess.Popen(cmd, stdout=None if foreground else log, stderr=subprocess.STDOUT if not foreground else None,
-                            stdin=subprocess.DEVNULL, start_new_session=not foreground)
+def _spawn_watcher(cfg: server.ServerConfig, args: argparse.Namespace) -> subprocess.Popen:
+    extra = ["--versions", str(_versions_path(args))]
+    if args.watcher_port:
+        extra += ["--http-port", str(args.watcher_port)]
+    if args.no_watch:
+        extra.append("--no-reload")
+    out = None
+    if not args.foreground:  # its log rotates by itself; anything printed before logging starts lands here
+        extra += ["--log-file", str(cfg.run_dir / "logs" / "watcher.log")]
+        out = open(cfg.run_dir / "logs" / "watcher.out", "ab")
+    proc = subprocess.Popen(watch_command(cfg, *extra), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                            start_new_session=not args.foreground)
     (cfg.run_dir / WATCHER_PID).write_text(str(proc.pid))
     return proc
 
@@ -127,26 +134,25 @@ def _stop_watcher(run_dir: Path, proc: subprocess.Popen | None = None) -> None:
     (run_dir / WATCHER_PID).unlink(missing_ok=True)
 
 
-def startup_archives(store: Path) -> dict[str, server.Archive]:
-    """The archive each model starts with: the newest, unless a rollback pinned an older one."""
-    from .reload import choose_version, read_pins
+def _versions_path(args: argparse.Namespace) -> Path:
+    return (args.versions or default_versions_file(args.run_dir.resolve())).resolve()
 
-    by_model: dict[str, dict[str, server.Archive]] = {}
-    for found in server.scan_store(store, log=print):
-        by_model.setdefault(found.name, {})[found.version] = found
-    pins = read_pins(store)
-    return {name: versions[choose_version(versions, pins.get(name))] for name, versions in by_model.items()}
+
+def startup_archives(store: Path, versions: VersionsFile) -> dict[str, Found]:
+    """The archive each model starts with: what the versions file asks for, else the newest."""
+    pins = versions.read()
+    return {name: found[choose_version(found, pins.get(name))]  # type: ignore[index]
+            for name, found in by_model(read_store(store, log=print)).items()}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = server_config(args)
-    archives = startup_archives(cfg.model_store)
+    cfg = server.config_from_args(args)
+    archives = startup_archives(cfg.model_store, VersionsFile(_versions_path(args)))
     wanted = args.models.split(",") if args.models else sorted(archives)
     missing = [m for m in wanted if m not in archives]
     if missing:
-        raise SystemExit(f"no archive for {missing} in {cfg.model_store}: run `make archive` first")
-    models = {m: archives[m].path.name for m in wanted}
-    proc = server.start(cfg, models)
+        raise ConfigError(f"no archive for {missing} in {cfg.model_store}: run `make archive` first")
+    proc = server.start(cfg, {m: archives[m].file for m in wanted}, console=args.foreground)
     stopping = False
 
     def on_signal(signum, _frame):
@@ -158,71 +164,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_signal)
     try:
         server.wait_ready(cfg, wanted, timeout=args.timeout, proc=proc)
-    except (TimeoutError, RuntimeError) as exc:
-        print(f"error: {exc}\n--- last lines of {cfg.run_dir}/logs/torchserve.out ---", file=sys.stderr)
-        print(tail_lines(cfg.run_dir / "logs" / "torchserve.out", 40), file=sys.stderr)
+    except (TimeoutError, ConfigError) as exc:
+        print(f"error: {exc}\n--- last lines of {cfg.run_dir}/logs/ts_log.log ---", file=sys.stderr)
+        print(tail_lines(cfg.run_dir / "logs" / "ts_log.log", 40), file=sys.stderr)
         server.stop(cfg.run_dir)
-        return 1
-    watcher = None if args.no_watch else _spawn_watcher(cfg, args.foreground)
+        return EXIT_FAILED
+    watcher = _spawn_watcher(cfg, args)
     _print_banner(cfg, wanted)
     if not args.foreground:
-        return 0
+        return EXIT_OK
+    sys.stdout.flush()
     while not stopping and proc.poll() is None:
         time.sleep(0.5)
-        if watcher is not None and watcher.poll() is not None and not stopping:
+        if watcher.poll() is not None and not stopping:
             print(f"reload watcher exited with code {watcher.returncode}; restarting it", flush=True)
             time.sleep(2)
-            watcher = _spawn_watcher(cfg, args.foreground)
+            watcher = _spawn_watcher(cfg, args)
     print("stopping: watcher, then TorchServe", flush=True)
-    if watcher is not None:
-        _stop_watcher(cfg.run_dir, watcher)
+    _stop_watcher(cfg.run_dir, watcher)
     server.stop(cfg.run_dir, timeout=args.grace)
-    return 0 if stopping else (proc.returncode or 1)
+    return EXIT_OK if stopping else (proc.returncode or EXIT_FAILED)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     _stop_watcher(args.run_dir.resolve())
     stopped = server.stop(args.run_dir.resolve())
     print("stopped TorchServe" if stopped else "no TorchServe running from " + str(args.run_dir))
-    return 0
+    return EXIT_OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from .client import model_states
+    health = server.check_health(server.config_from_args(args), live=args.live)
+    print(health.detail)
+    return EXIT_OK if health.ok else EXIT_FAILED
 
-    cfg = server_config(args)
-    try:
-        ping = cfg.inference().ping()
-        if args.live:  # any answer means the frontend is alive; /ping is 500 while one model's workers are down
-            print(f"alive (/ping {ping.status_code})")
-            return 0
-        if ping.status_code != 200:
-            print(f"unhealthy: /ping answered {ping.status_code}")
-            return 1
-        states = model_states(cfg.management())
-    except Exception as exc:  # any failure to reach the server is "not healthy"
-        print(f"unhealthy: {exc}")
-        return 1
-    defaults = [s for s in states if s.default]
-    not_ready = [f"{s.name} v{s.version}" for s in defaults if s.ready_workers == 0]
-    if not defaults or not_ready:
-        print(f"not ready: {not_ready or 'no models registered'}")
-        return 1
-    print("ready: " + ", ".join(f"{s.name} v{s.version} ({s.ready_workers} workers)" for s in defaults))
-    return 0
+
+def cmd_key(args: argparse.Namespace) -> int:
+    """Print the current key (for scripts: ``curl -H "Authorization: Bearer $(servekit key)"``)."""
+    cfg = server.config_from_args(args)
+    if cfg.tokens is None:
+        raise ConfigError("token authorization is off for this server (disable_token_authorization=true)")
+    print(getattr(cfg.tokens.keys(force=True), args.kind))
+    return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    cfg = server_config(args)
+    cfg = server.config_from_args(args)
     resp = cfg.inference().predict_file(args.model, args.image, args.version)
     if resp.status_code != 200:
         print(f"error {resp.status_code}: {resp.text}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     version = resp.headers.get("X-Model-Version", "?")
     print(f"{args.model} v{version}: {args.image}")
     for p in resp.json()["predictions"]:
         print(f"  {p['probability']:7.2%}  {p['label']}")
-    return 0
+    return EXIT_OK
 
 
 def _quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -234,17 +230,19 @@ def _quantize_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="servekit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"servekit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _, default_store, default_run = server.default_paths()
 
     p = sub.add_parser("archive", help="build and package models into versioned .mar files")
     p.add_argument("models", nargs="*", help="model folders under models/ (default: all)")
-    p.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
+    p.add_argument("--model-store", type=Path, default=default_store, help="where the .mar files go")
     p.add_argument("--model-dir", help="a model folder outside models/ (one model)")
     p.add_argument("--version", help="archive version (default: handler.version in model-config.yaml)")
     p.add_argument("--format", choices=["trace", "script", "pt2", "onnx"], help="export format")
-    p.add_argument("--weights", help="state dict to load (default: $WEIGHTS for resnet50)")
+    p.add_argument("--weights", help="state dict to load (default: the variable the build hook's WEIGHTS_ENV names)")
     p.add_argument("--artifact", type=Path, help="package this exported file instead of building one")
-    p.add_argument("--handler", type=Path, help="handler file (default: handlers/image_classifier.py)")
+    p.add_argument("--handler", type=Path, help="handler file (default: the build hook's HANDLER)")
     p.add_argument("--device", default="cpu", help="device to export for (.pt2 is device specific)")
     p.add_argument("--freeze", action="store_true", help="freeze TorchScript")
     _quantize_arg(p)
@@ -252,71 +250,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("export", help="export one model to a file, checked against eager")
-    p.add_argument("model")
-    p.add_argument("output", type=Path)
-    p.add_argument("--format", choices=["trace", "script", "pt2", "onnx"], default="trace")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=["off", "fp16", "bf16"])
-    p.add_argument("--weights")
-    p.add_argument("--freeze", action="store_true")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("model", help="model folder under models/")
+    p.add_argument("output", type=Path, help="file to write (its suffix must fit the format)")
+    p.add_argument("--format", choices=["trace", "script", "pt2", "onnx"], default="trace", help="export format")
+    p.add_argument("--device", default="cpu", help="device to export for")
+    p.add_argument("--amp", choices=["off", "fp16", "bf16"], help="precision checked besides fp32")
+    p.add_argument("--weights", help="state dict to load")
+    p.add_argument("--freeze", action="store_true", help="freeze TorchScript")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--channels-last", action="store_true", help="compile a .pt2 for channels_last input")
     _quantize_arg(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("publish", help="copy an archive into the model store atomically")
+    p.add_argument("archive", type=Path, help="the .mar file")
+    p.add_argument("--model-store", type=Path, default=default_store, help="the store to publish into")
+    p.add_argument("--force", action="store_true", help="replace a published file with different contents")
+    p.set_defaults(func=cmd_publish)
+
     p = sub.add_parser("serve", help="start TorchServe (and the reload watcher); wait until ready")
-    _server_args(p)
+    server.add_server_args(p)
     p.add_argument("--models", help="comma-separated model names (default: every model in the store)")
-    p.add_argument("--foreground", action="store_true", help="stay attached; SIGTERM stops everything")
-    p.add_argument("--no-watch", action="store_true", help="do not start the reload watcher")
+    p.add_argument("--versions", type=Path,
+                   help="desired versions file (default: $SERVEKIT_VERSIONS or model-versions.yaml in the run dir)")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay attached, log to stdout (containers); SIGTERM stops everything")
+    p.add_argument("--no-watch", action="store_true", help="no hot reload (the keys are still renewed)")
+    p.add_argument("--watcher-port", type=int, default=int(os.environ.get("SERVEKIT_WATCHER_PORT") or 0) or None,
+                   help="the watcher's /ready and /metrics on 127.0.0.1:PORT (default: $SERVEKIT_WATCHER_PORT)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to wait for a clean stop")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("stop", help="stop the server and watcher started from a run dir")
-    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN)
+    p.add_argument("--run-dir", type=Path, default=default_run, help="the run dir the server was started from")
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("health", help="exit 0 when every model's default version has a ready worker")
-    _server_args(p)
+    server.add_server_args(p)
     p.add_argument("--live", action="store_true", help="only check that the server answers /ping")
     p.set_defaults(func=cmd_health)
 
+    p = sub.add_parser("key", help="print the server's current inference (or management) key")
+    server.add_server_args(p)
+    p.add_argument("--kind", choices=["inference", "management"], default="inference", help="which key")
+    p.set_defaults(func=cmd_key)
+
     p = sub.add_parser("predict", help="classify an image file")
-    _server_args(p)
-    p.add_argument("image", type=Path)
-    p.add_argument("--model", default="digits")
-    p.add_argument("--version")
+    server.add_server_args(p)
+    p.add_argument("image", type=Path, help="a JPEG or PNG file")
+    p.add_argument("--model", default="digits", help="model name")
+    p.add_argument("--version", help="a version other than the default")
     p.set_defaults(func=cmd_predict)
 
-    for name, module in (("reload", "servekit.reload"), ("bench", "servekit.bench")):
-        p = sub.add_parser(name, help=f"see `servekit {name} --help`", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
+    for name in DELEGATED:
+        sub.add_parser(name, help=f"see `servekit {name} --help`", add_help=False)
     return parser
-
-
-def _delegate(module: str, argv: list[str]) -> int:
-    import importlib
-
-    return importlib.import_module(module).main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``servekit`` command."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["reload"], ["bench"]):  # these parse their own arguments
-        return _delegate(f"servekit.{argv[0]}", argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:  # these parse their own arguments
+        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ServeKitError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except requests.ConnectionError as exc:
         url = exc.request.url if exc.request is not None else "the server"
         print(f"error: cannot reach {url}: is TorchServe running? (make serve)", file=sys.stderr)
-        return 3
+        return EXIT_UNREACHABLE
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
 
 
 if __name__ == "__main__":

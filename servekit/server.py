@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -11,11 +12,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Callable
 
 import psutil
-from packaging.version import InvalidVersion, Version
 
-from .archive import read_manifest
 from .client import InferenceClient, ManagementClient, model_states, wait_until
 from .config import read_properties, write_properties
 from .errors import ConfigError
@@ -23,40 +23,45 @@ from .java import find_java
 from .tokens import TokenFile
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "config.properties"
-METRICS_YAML = Path(__file__).resolve().parent / "metrics.yaml"
+DEFAULT_STORE = ROOT / "model_store"
+DEFAULT_RUN = ROOT / ".run"
+METRICS_YAML = PACKAGE / "metrics.yaml"
+# TorchServe's log4j2 configuration: size-capped rolling files, console output switched by env.
+LOG_CONFIG = PACKAGE / "log4j2.xml"
 PID_FILE = "server.pid"
 
 
-def version_key(version: str) -> tuple:
-    """Sort key for versions: PEP 440 order (1.10 > 1.9, 2.0rc1 < 2.0); other strings sort below, by parts."""
-    try:
-        return (1, Version(version), ())
-    except InvalidVersion:
-        parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_+]", version))
-        return (0, Version("0"), parts)
+def default_paths() -> tuple[Path, Path, Path]:
+    """(config template, model store, run dir): ``$SERVEKIT_CONFIG``, ``$SERVEKIT_MODEL_STORE``, ``$SERVEKIT_RUN_DIR``."""
+    env = os.environ
+    return (Path(env.get("SERVEKIT_CONFIG", DEFAULT_CONFIG)), Path(env.get("SERVEKIT_MODEL_STORE", DEFAULT_STORE)),
+            Path(env.get("SERVEKIT_RUN_DIR", DEFAULT_RUN)))
 
 
-@dataclass(frozen=True)
-class Archive:
-    """One archive in the store, as its manifest describes it."""
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The arguments that locate a server: config template, model store, run dir, overrides."""
+    config, store, run = default_paths()
+    p.add_argument("--config", type=Path, default=config,
+                   help="config.properties template (default: $SERVEKIT_CONFIG or the repository's)")
+    p.add_argument("--model-store", type=Path, default=store,
+                   help="folder of .mar archives (default: $SERVEKIT_MODEL_STORE or model_store/)")
+    p.add_argument("--run-dir", type=Path, default=run,
+                   help="key_file.json, logs, pid and status files (default: $SERVEKIT_RUN_DIR or .run/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config.properties entry (repeatable)")
 
-    path: Path
-    name: str
-    version: str
 
-
-def scan_store(store: str | os.PathLike, log=None) -> list[Archive]:
-    """Every valid archive in the store (unreadable ones are skipped, and logged)."""
-    found = []
-    for mar in sorted(Path(store).glob("*.mar")):
-        try:
-            model = read_manifest(mar)["model"]
-            found.append(Archive(mar, model["modelName"], str(model.get("modelVersion", "1.0"))))
-        except (ConfigError, KeyError) as exc:
-            if log:
-                log(f"skipping {mar.name}: {exc}")
-    return found
+def config_from_args(args: argparse.Namespace) -> "ServerConfig":
+    """A ServerConfig from the arguments :func:`add_server_args` declares."""
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v.strip()
+    return ServerConfig(args.run_dir.resolve(), args.model_store.resolve(), args.config.resolve(), overrides)
 
 
 @dataclass
@@ -94,20 +99,30 @@ class ServerConfig:
         return self.properties()[key].replace("0.0.0.0", "127.0.0.1")
 
     @property
-    def tokens(self) -> TokenFile:
-        """The run directory's key file."""
-        return TokenFile(self.run_dir / "key_file.json")
+    def token_auth(self) -> bool:
+        """Whether TorchServe checks its own keys (off only behind the pod's authenticating proxy)."""
+        return self.properties().get("disable_token_authorization", "false").strip().lower() != "true"
 
-    def inference(self) -> InferenceClient:
+    @property
+    def key_file(self) -> Path:
+        """Where TorchServe writes its keys (its working directory, the run dir)."""
+        return self.run_dir / "key_file.json"
+
+    @property
+    def tokens(self) -> TokenFile | None:
+        """The run directory's key file (None when token authorization is off)."""
+        return TokenFile(self.key_file) if self.token_auth else None
+
+    def inference(self, timeout: float = 60.0) -> InferenceClient:
         """A client for the inference API."""
-        return InferenceClient(self.address("inference_address"), self.tokens)
+        return InferenceClient(self.address("inference_address"), self.tokens, timeout=timeout)
 
     def management(self) -> ManagementClient:
         """A client for the management API."""
         return ManagementClient(self.address("management_address"), self.tokens)
 
 
-def _env(cfg: ServerConfig, java_home: Path) -> dict[str, str]:
+def _env(cfg: ServerConfig, java_home: Path, console: bool) -> dict[str, str]:
     env = dict(os.environ)
     env["JAVA_HOME"] = str(java_home)
     env["PATH"] = f"{java_home / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -117,6 +132,8 @@ def _env(cfg: ServerConfig, java_home: Path) -> dict[str, str]:
     env["TMPDIR"] = str(tmp)
     env["LOG_LOCATION"] = str(cfg.run_dir / "logs")
     env["METRICS_LOCATION"] = str(cfg.run_dir / "logs")
+    # log4j2.xml reads this: in a container (foreground) the logs also go to stdout for `kubectl logs`.
+    env.setdefault("SERVEKIT_LOG_CONSOLE", "info" if console else "off")
     # Workers set their own torch thread count; this keeps other OpenMP users from taking every core.
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TS_DISABLE_SYSTEM_METRICS", "false")
@@ -168,29 +185,38 @@ def read_pid(run_dir: Path) -> int | None:
     return pgid if _alive(pgid) else None
 
 
-def start(cfg: ServerConfig, models: dict[str, str] | None = None, log=print) -> subprocess.Popen:
-    """Start TorchServe in its own process group; ``models`` maps names to archive files in the store."""
+def start(cfg: ServerConfig, models: dict[str, str] | None = None, log: Callable[[str], None] = print,
+          console: bool = False) -> subprocess.Popen:
+    """Start TorchServe in its own process group; ``models`` maps names to archive files in the store.
+
+    ``console``: TorchServe's logs go to this process's stdout as well as to the capped files
+    (containers); otherwise its stdout goes to ``logs/torchserve.out``.
+    """
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if read_pid(cfg.run_dir):
-        raise RuntimeError(f"a server started from {cfg.run_dir} is already running (make stop / servekit stop)")
+        raise ConfigError(f"a server started from {cfg.run_dir} is already running (make stop / servekit stop)")
     java = find_java()
     log(f"java: {java.java} (Java {java.major}, from {java.source})")
     props_file = cfg.run_dir / "config.properties"
     write_properties(cfg.properties(), props_file)
     (cfg.run_dir / "logs").mkdir(exist_ok=True)
-    key_file = cfg.run_dir / "key_file.json"
-    key_file.unlink(missing_ok=True)  # a stale key file would be mistaken for the new one
+    cfg.key_file.unlink(missing_ok=True)  # a stale key file would be mistaken for the new one
     # The launcher module runs the same code as the `torchserve` script, wherever it is installed.
     cmd = [sys.executable, "-m", "ts.model_server",
            "--start", "--foreground", "--ts-config", str(props_file),
-           "--model-store", str(cfg.model_store.resolve()), "--ncs"]
+           "--model-store", str(cfg.model_store.resolve()), "--ncs", "--log-config", str(LOG_CONFIG)]
     if models:
         cmd += ["--models", *(f"{n}={f}" for n, f in sorted(models.items()))]
-    out = open(cfg.run_dir / "logs" / "torchserve.out", "ab")
-    proc = subprocess.Popen(cmd, cwd=cfg.run_dir, env=_env(cfg, java.home), stdout=out,
+    out: IO[bytes] | None = None if console else open(cfg.run_dir / "logs" / "torchserve.out", "ab")
+    proc = subprocess.Popen(cmd, cwd=cfg.run_dir, env=_env(cfg, java.home, console), stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     (cfg.run_dir / PID_FILE).write_text(str(proc.pid))
     return proc
+
+
+def ready_models(cfg: ServerConfig) -> dict[str, tuple[str, int]]:
+    """Every model's default version and its READY workers, as the management API reports them."""
+    return {s.name: (s.version, s.ready_workers) for s in model_states(cfg.management()) if s.default}
 
 
 def wait_ready(cfg: ServerConfig, models: list[str] | None = None, timeout: float = 600.0,
@@ -198,20 +224,20 @@ def wait_ready(cfg: ServerConfig, models: list[str] | None = None, timeout: floa
     """Wait for /ping and for every named model to have a READY worker on its default version."""
     def check() -> bool:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"TorchServe exited with code {proc.returncode}; see {cfg.run_dir / 'logs'}")
-        if not (cfg.run_dir / "key_file.json").exists():
+            raise ConfigError(f"TorchServe exited with code {proc.returncode}; see {cfg.run_dir / 'logs'}")
+        if cfg.token_auth and not cfg.key_file.exists():
             return False
         if cfg.inference().ping().status_code != 200:
             return False
         if not models:
             return True
-        ready = {s.name for s in model_states(cfg.management()) if s.default and s.ready_workers > 0}
+        ready = {name for name, (_, workers) in ready_models(cfg).items() if workers > 0}
         return set(models) <= ready
 
     wait_until(check, timeout, what=f"TorchServe and models {models or []} to be ready")
 
 
-def stop(run_dir: Path, timeout: float = 60.0, log=print) -> bool:
+def stop(run_dir: Path, timeout: float = 60.0, log: Callable[[str], None] = print) -> bool:
     """SIGTERM the server's process group, then SIGKILL what is left; True if one was running."""
     pgid = read_pid(run_dir)
     if pgid is None:
@@ -228,3 +254,33 @@ def stop(run_dir: Path, timeout: float = 60.0, log=print) -> bool:
             time.sleep(0.1)
     (run_dir / PID_FILE).unlink(missing_ok=True)
     return True
+
+
+@dataclass(frozen=True)
+class Health:
+    """What a health check found: ``ok`` and a one-line account of it."""
+
+    ok: bool
+    detail: str
+
+
+def check_health(cfg: ServerConfig, live: bool = False) -> Health:
+    """Ready: /ping answers 200 and every model's default version has a READY worker; live: the frontend answers.
+
+    Any failure to reach the server is "not healthy" (never an exception): probes and the
+    watcher's ready endpoint call this.
+    """
+    try:
+        ping = cfg.inference(timeout=10).ping()
+        if live:  # any answer means the frontend is alive; /ping is 500 while one model's workers are down
+            return Health(True, f"alive (/ping {ping.status_code})")
+        if ping.status_code != 200:
+            return Health(False, f"unhealthy: /ping answered {ping.status_code}")
+        models = ready_models(cfg)
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, timed out: all mean not healthy
+        return Health(False, f"unhealthy: {type(exc).__name__}: {exc}")
+    not_ready = sorted(f"{name} v{version}" for name, (version, workers) in models.items() if workers == 0)
+    if not models or not_ready:
+        return Health(False, f"not ready: {not_ready or 'no models registered'}")
+    return Health(True, "ready: " + ", ".join(f"{name} v{version} ({workers} workers)"
+                                             for name, (version, workers) in sorted(models.items())))

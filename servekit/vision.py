@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .config import HandlerOptions
-from .errors import InvalidInput, PayloadTooLarge, ServeKitError, UnsupportedMediaType
+from .errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,9 @@ class Preprocessor:
         except RuntimeError as exc:
             raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
 
-    def decode_many(self, raws: Sequence[bytes], headers: Sequence[ImageHeader]) -> list[torch.Tensor | ServeKitError]:
+    def decode_many(self, raws: Sequence[bytes], headers: Sequence[ImageHeader]) -> list[torch.Tensor | RequestError]:
         """Decode a batch; JPEGs go to nvjpeg in one call on a GPU. Errors stay per item."""
-        out: list[torch.Tensor | ServeKitError] = [None] * len(raws)  # type: ignore[list-item]
+        out: list[torch.Tensor | RequestError] = [None] * len(raws)  # type: ignore[list-item]
         jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG]
         if self.gpu_decode and not self._gpu_decode_failed and jpeg_idx:
             datas = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpeg_idx]
@@ -151,11 +151,11 @@ class Preprocessor:
             if out[i] is None:
                 try:
                     out[i] = self.decode_cpu(raw)
-                except ServeKitError as err:
+                except RequestError as err:
                     out[i] = err
         return out
 
-    def _decode_gpu_one(self, data: torch.Tensor) -> torch.Tensor | ServeKitError:
+    def _decode_gpu_one(self, data: torch.Tensor) -> torch.Tensor | RequestError:
         try:
             return decode_jpeg(data, mode=self.mode, device=self.device)
         except RuntimeError as exc:
@@ -164,7 +164,7 @@ class Preprocessor:
                 self._gpu_decode_failed = True
             try:
                 return self.decode_cpu(bytes(data.numpy()))
-            except ServeKitError as err:
+            except RequestError as err:
                 return err
 
     # -- geometry and normalisation ----------------------------------------------------

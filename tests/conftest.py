@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from servekit import server  # noqa: E402
-from servekit.archive import MODELS_DIR, ArchiveRequest, archive  # noqa: E402
+from servekit.archive import ArchiveRequest, archive  # noqa: E402
+from servekit.hooks import MODELS_DIR  # noqa: E402
 
 
 def port_overrides() -> dict[str, str]:

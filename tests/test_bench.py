@@ -8,7 +8,9 @@ import json
 import pytest
 from PIL import Image
 
-from servekit.archive import MODELS_DIR, ArchiveRequest, build_artifact, read_manifest
+from servekit.archive import ArchiveRequest, build_artifact
+from servekit.hooks import MODELS_DIR, BuildHook
+from servekit.store import read_manifest
 from servekit.bench import PROFILES, build_parser, main, plan_from_args
 from servekit.bench.images import synthetic_jpeg
 from servekit.bench.loadgen import LoadResult, split, summarize, valid_answer
@@ -189,7 +191,8 @@ def test_schedule_does_not_rerun_a_tuned_point_equal_to_the_default(monkeypatch)
 def test_stock_archive_uses_the_builtin_handler(tmp_path):
     model_dir = MODELS_DIR / "digits"
     artifact = build_artifact(ArchiveRequest("digits", model_dir, tmp_path / "unused"),
-                              ModelConfig.load(model_dir / "model-config.yaml"), log=lambda *_: None)
+                              ModelConfig.load(model_dir / "model-config.yaml"), BuildHook(model_dir),
+                              log=lambda *_: None)
     mar = archive_stock("digits", artifact, [str(i) for i in range(10)], tmp_path,
                         {"minWorkers": 2, "batchSize": 4, "handler": {"amp": "off"}})
     manifest = read_manifest(mar)

@@ -18,7 +18,7 @@ from servekit.errors import ExportMismatch, InvalidInput, PayloadTooLarge, Unsup
 from servekit.export import check_parity
 from servekit.inference import Engine, amp_dtype
 from servekit.java import find_java, parse_java_version
-from servekit.server import version_key
+from servekit.store import version_key
 from servekit.tokens import TokenFile
 from servekit.vision import Preprocessor, check_image, extract_bytes, reference_transform
 

@@ -142,7 +142,7 @@ def test_torch_export_of_control_flow_names_the_line_and_the_fix(controlflow, tm
 
 
 def test_controlflow_is_not_archived_by_default():
-    from servekit.archive import default_models
+    from servekit.hooks import default_models
 
     assert "controlflow" not in default_models() and "digits" in default_models()
 
@@ -150,7 +150,8 @@ def test_controlflow_is_not_archived_by_default():
 def test_controlflow_archives_as_script_and_classifies(tmp_path):
     """Opting in (config copied to model-config.yaml) archives the scripted model; the handler path runs it."""
     from models.digits.model import encode, held_out
-    from servekit.archive import ArchiveRequest, archive, read_manifest
+    from servekit.archive import ArchiveRequest, archive
+    from servekit.store import read_manifest
     from servekit.classify import ImageClassifier
     from servekit.config import ModelConfig
 

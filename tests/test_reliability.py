@@ -4,7 +4,6 @@ classify a digit right."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -34,6 +33,8 @@ from fixtures.rel_support import (
 from servekit import server
 from servekit.client import model_states, wait_until
 from servekit.loadcheck import CheckedLoad as Load
+from servekit.reload import watch_command
+from servekit.reload.pins import Pin, VersionsFile, default_versions_file
 
 pytestmark = pytest.mark.server
 
@@ -342,12 +343,9 @@ def _publish(src: Path, store: Path) -> None:
     os.replace(part, store / src.name)
 
 
-@pytest.mark.skipif(not importlib.util.find_spec("servekit.reload"), reason="servekit.reload not available")
 def test_reload_while_serving_has_no_errors(tmp_path, archives):
     overrides = port_overrides()
     srv = start_server(tmp_path, archives, {"digits": "digits-v1.0.mar"}, **overrides)
-    from servekit.reload import watch_command
-
     cmd = watch_command(srv.cfg, "--interval", "0.5")
     log = open(tmp_path / "watcher.log", "wb")
     watcher = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -416,14 +414,11 @@ def test_restart_restores_models(restartable):
     assert seen[0] == seen[1] == [("digits", "2.0", True, 1)]
 
 
-@pytest.mark.skipif(not importlib.util.find_spec("servekit.reload"), reason="servekit.reload not available")
 def test_restart_honours_pin(restartable):
-    """`servekit serve` starts the newest version; its watcher then goes back to the pinned one."""
+    """A rollback pin in the versions file holds across a restart: `servekit serve` starts the pinned version."""
     cfg, serve, stop = restartable
-    from servekit.reload import PINS_FILE
-
-    pin = {"digits": {"version": "1.0", "newest": "2.0", "reason": "rollback", "time": ""}}
-    (cfg.model_store / PINS_FILE).write_text(json.dumps(pin))
+    versions = VersionsFile(default_versions_file(cfg.run_dir))
+    versions.write({"digits": Pin("1.0", until_newer_than="2.0", reason="rollback")})
     serve()
 
     def pinned_default() -> bool:

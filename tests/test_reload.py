@@ -19,7 +19,12 @@ import requests
 from conftest import start_server
 from servekit.server import free_port
 from servekit import reload, server
-from servekit.archive import MODELS_DIR, ArchiveRequest, archive
+from servekit.reload.__main__ import main as reload_main
+from servekit.reload.pins import Pin, VersionsFile, choose_version, default_versions_file
+from servekit.reload.status import STATUS_FILE
+from servekit.store import StoreScanner
+from servekit.archive import ArchiveRequest, archive
+from servekit.hooks import MODELS_DIR
 from servekit.client import model_states, wait_until
 from servekit.loadcheck import CheckedLoad
 
@@ -68,7 +73,7 @@ class WatcherProcess:
             raise
 
     def status(self) -> dict:
-        path = self.cfg.run_dir / reload.STATUS_FILE
+        path = self.cfg.run_dir / STATUS_FILE
         return json.loads(path.read_text()) if path.exists() else {}
 
     def wait_polls(self, count: int = 2, timeout: float = 60) -> dict:
@@ -107,7 +112,7 @@ def digit_samples(cfg: server.ServerConfig, count: int = 60) -> list[tuple[bytes
 
 def versions_of(cfg: server.ServerConfig, model: str = "digits") -> tuple[list[str], str | None]:
     """Registered versions of a model (sorted) and its default."""
-    states = [s for s in model_states(reload.management_client(cfg)) if s.name == model]
+    states = [s for s in model_states(cfg.management()) if s.name == model]
     return sorted(s.version for s in states), next((s.version for s in states if s.default), None)
 
 
@@ -144,7 +149,7 @@ def _extract(mar: Path, member: str, out: Path) -> Path:
 def test_scanner_takes_only_settled_readable_archives(tmp_path, archives):
     store = tmp_path / "store"
     store.mkdir()
-    scanner = reload.StoreScanner(store, settle=0.3)
+    scanner = StoreScanner(store, settle=0.3)
     shutil.copyfile(archives / "digits-v1.0.mar", store / ".digits-v1.0.mar.part")
     (store / "digits-v9.0.mar.tmp").write_bytes(b"half")
     (store / ".hidden.mar").write_bytes(b"hidden")
@@ -172,13 +177,13 @@ def test_scanner_takes_only_settled_readable_archives(tmp_path, archives):
 
 
 def test_pins_hold_until_a_newer_version_arrives():
-    assert reload.choose_version([], None) is None
-    assert reload.choose_version(["1.0", "2.0", "10.0", "9.5"], None) == "10.0"
-    pin = reload.Pin("1.0", newest="2.0")
-    assert reload.choose_version(["1.0", "2.0"], pin) == "1.0"
-    assert reload.choose_version(["1.0", "2.0", "1.5"], pin) == "1.0", "an older publish released the pin"
-    assert reload.choose_version(["1.0", "2.0", "2.1"], pin) == "2.1"
-    assert reload.choose_version(["2.0", "3.0"], pin) == "3.0", "a pin on a version no longer usable held"
+    assert choose_version([], None) is None
+    assert choose_version(["1.0", "2.0", "10.0", "9.5"], None) == "10.0"
+    pin = Pin("1.0", until_newer_than="2.0")
+    assert choose_version(["1.0", "2.0"], pin) == "1.0"
+    assert choose_version(["1.0", "2.0", "1.5"], pin) == "1.0", "an older publish released the pin"
+    assert choose_version(["1.0", "2.0", "2.1"], pin) == "2.1"
+    assert choose_version(["2.0", "3.0"], pin) == "3.0", "a pin on a version no longer usable held"
 
 
 # -- under load -----------------------------------------------------------------------------------
@@ -191,7 +196,7 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
     cfg, store = srv.cfg, srv.cfg.model_store
     watcher = WatcherProcess(cfg, tmp_path / "watcher.log", "--metrics-port", str(free_port()))
     # Bounded load (a pause between requests): the 2 cores need room for the worker being started.
-    load = CheckedLoad(lambda: reload.inference_client(cfg, timeout=60), "digits", digit_samples(cfg),
+    load = CheckedLoad(lambda: cfg.inference(timeout=60), "digits", digit_samples(cfg),
                        threads=THREADS, timeout=60, pause=0.02)
     try:
         watcher.start()
@@ -244,15 +249,15 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
         assert set(load.versions(switched + 3)) == {"2.0"}, "v1.0 answered after the switch"
 
         # Roll back to v1.0 (the watcher must not roll forward again), then out to v2.0.
-        assert reload.main(["rollback", "digits", *cfg.cli_args()]) == 0
+        assert reload_main(["rollback", "digits", *cfg.cli_args()]) == 0
         rolled_back = time.monotonic()
         assert versions_of(cfg) == (["1.0"], "1.0")
-        assert reload.read_pins(store)["digits"].version == "1.0"
+        assert VersionsFile(default_versions_file(cfg.run_dir)).read()["digits"].version == "1.0"
         watcher.wait_polls(3)
         assert versions_of(cfg) == (["1.0"], "1.0"), "the watcher rolled forward past the pin"
         assert set(load.versions(rolled_back + 0.5)) == {"1.0"}
 
-        assert reload.main(["rollout", "digits", "2.0", *cfg.cli_args()]) == 0
+        assert reload_main(["rollout", "digits", "2.0", *cfg.cli_args()]) == 0
         rolled_out = time.monotonic()
         assert versions_of(cfg) == (["2.0"], "2.0")
         time.sleep(2)
@@ -270,7 +275,7 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
     assert seen["1.0"] > 50 and seen["2.0"] > 50, seen
     assert 'servekit_reload_total{model="digits",result="success"} 1.0' in metrics
     assert 'servekit_reload_total{model="digits",result="failure"} 2.0' in metrics
-    assert 'servekit_model_default_version_info{model="digits",version="2.0"} 1.0' in metrics
+    assert 'servekit_model_version_info{model="digits",version="2.0"} 1.0' in metrics
     assert "Traceback" not in watcher.tail(10**6), watcher.tail()
     result = {"publish_to_first_v2_s": round(first_v2, 3), "requests": sum(seen.values()),
               "answers_by_version": dict(seen), "clients": THREADS, "poll_interval_s": INTERVAL,
@@ -340,8 +345,8 @@ def test_restart_is_idempotent_and_removed_archives_unregister(tmp_path, archive
         (store / "digits-v1.0.mar").unlink()
         wait_until(lambda: versions_of(cfg) == (["2.0"], "2.0"), 60, what="v1.0 to be unregistered")
         metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-        assert 'servekit_model_default_version_info{model="digits",version="2.0"} 1.0' in metrics
-        assert 'servekit_model_default_version_info{model="digits-b",version="1.0"} 1.0' in metrics
+        assert 'servekit_model_version_info{model="digits",version="2.0"} 1.0' in metrics
+        assert 'servekit_model_version_info{model="digits-b",version="1.0"} 1.0' in metrics
         assert 'servekit_reload_total{model="digits-b",result="success"} 1.0' in metrics
 
         # Removing a model's last archive unregisters the model.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import SIZE, train, training_batches
+from .model import SIZE, encode, held_out, train, training_batches
 
 EXPORT_METHOD = "trace"
 LABELS = [str(i) for i in range(10)]
@@ -29,3 +29,9 @@ def example_inputs(batch: int = 4) -> torch.Tensor:
 def calibration_inputs(batches: int = 8, size: int = 32) -> list[torch.Tensor]:
     """Real training digits, preprocessed as served: int8 calibration (and its held-out check)."""
     return training_batches(batches, size)
+
+
+def warmup_sample() -> tuple[bytes, str]:
+    """A held-out digit as PNG: a new version must classify it before it serves."""
+    image, _ = held_out(1)[0]
+    return encode(image, "PNG"), "image/png"

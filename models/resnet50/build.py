@@ -8,6 +8,8 @@ import torch
 import torchvision
 
 EXPORT_METHOD = "trace"
+# Real weights come in by path: `make archive WEIGHTS=~/resnet50.pth`.
+WEIGHTS_ENV = "WEIGHTS"
 LABELS = list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
@@ -30,3 +32,15 @@ def build_model(weights: str | None = None, log=print) -> torch.nn.Module:
 def example_inputs(batch: int = 2) -> torch.Tensor:
     """Sample inputs for tracing and parity checks."""
     return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def warmup_sample() -> tuple[bytes, str]:
+    """A 256x256 colour gradient as JPEG: any image gets an answer (and it goes through nvjpeg on a GPU)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    gradient = Image.linear_gradient("L").resize((256, 256))
+    Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180))).save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), "image/jpeg"

@@ -19,7 +19,8 @@ import psutil
 import yaml
 
 from .. import server
-from ..archive import MODELS_DIR, ArchiveRequest, archive, build_artifact
+from ..archive import ArchiveRequest, archive, build_artifact
+from ..hooks import MODELS_DIR, BuildHook
 from ..client import model_states, wait_until
 from ..config import ModelConfig
 from ..tslogs import tail_lines
@@ -160,7 +161,8 @@ def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
     model_dir = MODELS_DIR / plan.model
     cfg = ModelConfig.load(model_dir / "model-config.yaml")
     req = ArchiveRequest(plan.model, model_dir, workdir / "store-base", weights=plan.weights)
-    traced = build_artifact(req, cfg, log=log)
+    hook = BuildHook(model_dir)
+    traced = build_artifact(req, cfg, hook, log=log)
     labels_file = traced.parent / "labels.json"
 
     def derive(name: str, **kw: bool) -> Path:
@@ -178,10 +180,10 @@ def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
     alternates = {}
     if "ours-int8" in plan.configs:
         log(f"{plan.model}: int8 export (calibrated, checked against fp32)")
-        alternates["ours-int8"] = build_artifact(replace(req, quantize="int8"), cfg, log=log)
+        alternates["ours-int8"] = build_artifact(replace(req, quantize="int8"), cfg, hook, log=log)
     if "ours-pt2" in plan.configs:
         log(f"{plan.model}: AOTInductor .pt2 export for {plan.device} (compiles; checked against eager)")
-        alternates["ours-pt2"] = build_artifact(replace(req, fmt="pt2", device=plan.device), cfg, log=log)
+        alternates["ours-pt2"] = build_artifact(replace(req, fmt="pt2", device=plan.device), cfg, hook, log=log)
     return Artifacts(traced, served, frozen, plain_frozen, [str(x) for x in labels], cfg.raw, alternates)
 
 
