@@ -15,7 +15,9 @@ BASE_TAG=${BASE_TAG:-localhost/debian-base:bookworm}
 SUITE=${SUITE:-bookworm}
 # Packages of the base rootfs: the runtime of the final image (so the image build does not
 # need apt inside the build) plus python3-venv for the builder stage.
-BASE_PACKAGES=${BASE_PACKAGES:-python3,python3-venv,ca-certificates,openjdk-17-jre-headless,tini}
+# nginx-light: the pod's authenticating proxy (`servekit proxy`); curl: podman runs an httpGet
+# liveness probe as curl inside the container.
+BASE_PACKAGES=${BASE_PACKAGES:-python3,python3-venv,ca-certificates,openjdk-17-jre-headless,tini,nginx-light,curl}
 # Versions tested on bookworm (2025): podman 4.3.1+ds1-8+deb12u1+b3, runc 1.1.5+ds1-1+deb12u1,
 # conmon 2.1.6+ds1-1, fuse-overlayfs 1.10-1, slirp4netns 1.2.0-1, uidmap 1:4.13+dfsg1-1+deb12u2,
 # containernetworking-plugins 1.1.1+ds1-3+b5, iptables 1.8.9-2, debootstrap 1.0.128+nmu2+deb12u2.
@@ -92,9 +94,16 @@ detect_mirror() { # $1: "main" or "security"
   printf '%s' "$url"
 }
 
+# The commands the image needs from the base (one per package above, where it has one).
+BASE_COMMANDS=${BASE_COMMANDS:-python3 java tini nginx curl}
 if podman image exists "$BASE_TAG" && [[ -z ${FORCE_BASE:-} ]]; then
-  log "$BASE_TAG exists; skipping debootstrap (FORCE_BASE=1 rebuilds)"
-  exit 0
+  # shellcheck disable=SC2086
+  if podman run --rm --network none --entrypoint sh "$BASE_TAG" -c \
+      "for c in $BASE_COMMANDS; do command -v \$c >/dev/null || exit 1; done"; then
+    log "$BASE_TAG exists with $BASE_COMMANDS; skipping debootstrap (FORCE_BASE=1 rebuilds)"
+    exit 0
+  fi
+  log "$BASE_TAG lacks one of $BASE_COMMANDS: rebuilding it"
 fi
 
 MIRROR=${DEBIAN_MIRROR:-$(detect_mirror main)}
