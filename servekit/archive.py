@@ -108,8 +108,8 @@ def _warmup_files(hook: BuildHook | None, tmp: Path) -> list[Path]:
 
 
 def _extras(req: ArchiveRequest, cfg: ModelConfig, artifact: Path, handler: Path) -> list[Path]:
-    """Files packed beside the model: the handler's sibling modules, labels, the artifact's side files."""
-    extras = sorted(p for p in handler.parent.glob("*.py") if p != handler and p.name != "__init__.py")
+    """Files packed beside the model: the adapter modules a handler builds on, labels, the artifact's side files."""
+    extras = sorted(p for p in HANDLERS_DIR.glob("*.py") if p.name not in (handler.name, "__init__.py"))
     if cfg.handler.labels:
         label_file = next((p for p in (req.model_dir / cfg.handler.labels, artifact.parent / cfg.handler.labels)
                            if p.is_file()), None)

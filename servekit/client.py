@@ -28,7 +28,8 @@ class _Api:
     kind = "inference"
     attempts = 6
 
-    def __init__(self, base_url: str, token_file: str | os.PathLike | TokenFile | None, timeout: float = 60.0):
+    def __init__(self, base_url: str, token_file: str | os.PathLike | TokenFile | None = None, timeout: float = 60.0,
+                 api_key: str | None = None):
         self.base = base_url.rstrip("/")
         if token_file is None or isinstance(token_file, TokenFile):
             self.tokens = token_file
@@ -36,6 +37,8 @@ class _Api:
             self.tokens = TokenFile(token_file)
         self.timeout = timeout
         self.session = requests.Session()
+        if api_key:  # a fixed key (the pod's proxy): sent on every request, never re-read
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
 
     def request(self, method: str, path: str, **kw: Any) -> requests.Response:
         """Send with the current token; while it is refused, re-read key_file.json and retry.

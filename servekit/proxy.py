@@ -129,10 +129,12 @@ class Proxy:
     def start(self) -> None:
         """Check the configuration with ``nginx -t``, then start nginx in the foreground."""
         self.write()
-        check = subprocess.run([self.nginx, "-t", "-q", "-c", str(self.conf)], capture_output=True, text=True)
+        # -e stderr: nginx would otherwise open its compiled-in error log first (unwritable here).
+        check = subprocess.run([self.nginx, "-t", "-q", "-e", "stderr", "-c", str(self.conf)],
+                               capture_output=True, text=True)
         if check.returncode != 0:
             raise ConfigError(f"nginx refused the configuration: {check.stderr.strip()}")
-        self.proc = subprocess.Popen([self.nginx, "-c", str(self.conf), "-g", "daemon off;"])
+        self.proc = subprocess.Popen([self.nginx, "-e", "stderr", "-c", str(self.conf), "-g", "daemon off;"])
         log.info("nginx on :%d (inference) and :%d (metrics) with %d client key(s): %s",
                  self.settings.listen, self.settings.metrics_listen, len(self.keys), ", ".join(sorted(self.keys)))
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import port_overrides, start_server
-from fixtures.rel_fault_handler import OOM_BATCH, SLEEP_S
-from fixtures.rel_load_fail_handler import MESSAGE as LOAD_FAIL_MESSAGE
-from fixtures.rel_support import (
+from support.rel_fault_handler import OOM_BATCH, SLEEP_S
+from support.rel_load_fail_handler import MESSAGE as LOAD_FAIL_MESSAGE
+from support.rel_support import (
     assert_serves,
     digit_samples,
     fault_archive,
@@ -38,7 +38,7 @@ from servekit.reload.pins import Pin, VersionsFile, default_versions_file
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAULTY = "faulty"
 RESPONSE_TIMEOUT_S = 2
 

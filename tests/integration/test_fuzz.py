@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import start_server
-from fixtures.rel_support import assert_serves, digit_samples, wait_workers
+from support.rel_support import assert_serves, digit_samples, wait_workers
 from servekit import server
 
 pytestmark = pytest.mark.server

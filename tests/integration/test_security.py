@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from conftest import start_server
-from fixtures.rel_support import (
+from support.rel_support import (
     assert_serves,
     digit_samples,
     jpeg_declaring,

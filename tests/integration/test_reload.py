@@ -28,8 +28,8 @@ from servekit.hooks import MODELS_DIR
 from servekit.client import model_states, wait_until
 from servekit.loadcheck import CheckedLoad
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parents[1] / "support"
 sys.path.insert(0, str(FIXTURES))
 from reload_failing_handler import LOAD_ERROR  # noqa: E402
 

@@ -18,7 +18,7 @@ import yaml
 
 from support.k8s_rules import PVC_NAME, check_rules
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ("gpu", "cpu")
 # The kubectl that scripts/k8s_tools.sh installs (kustomize v5.8.1 inside).

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("SERVEKIT_IMAGE", "localhost/servekit:cpu")
 BASE_IMAGE = os.environ.get("SERVEKIT_BASE_IMAGE", "localhost/debian-base:bookworm")
 VARIANT = os.environ.get("SERVEKIT_VARIANT", "cpu")
