@@ -23,7 +23,7 @@ BASE_PACKAGES=${BASE_PACKAGES:-python3,python3-venv,ca-certificates,openjdk-17-j
 # containernetworking-plugins 1.1.1+ds1-3+b5, iptables 1.8.9-2, debootstrap 1.0.128+nmu2+deb12u2.
 # Not pinned on purpose: Debian drops superseded point-release versions from its mirror.
 APT_PACKAGES=(podman runc conmon uidmap fuse-overlayfs slirp4netns containernetworking-plugins
-  iptables debootstrap)
+  iptables debootstrap catatonit)
 
 log() { printf '[podman-setup] %s\n' "$*" >&2; }
 

@@ -86,3 +86,12 @@ def digits_server(tmp_path_factory, archives):
     srv = start_server(tmp_path_factory.mktemp("digits-server"), archives, {"digits": "digits-v1.0.mar"})
     yield srv
     server.stop(srv.cfg.run_dir)
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    """The container image under test (container and pod tests), built when missing or older than the sources."""
+    from support.podman import ensure_image, require_podman
+
+    require_podman()
+    return ensure_image()

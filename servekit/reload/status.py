@@ -76,6 +76,10 @@ class Metrics:
             self.version.labels(model, version).set(1)
             self._versions[model] = version
 
+    def set_version(self, model: str, version: str) -> None:
+        """One model's default changed (at set-default, before the old version is drained)."""
+        self.set_versions({**self._versions, model: version})
+
     def renewal(self, kind: str, ok: bool, expires: float | None) -> None:
         """Count one key renewal (the KeyRenewer's callback)."""
         self.renewals.labels(kind, "success" if ok else "failure").inc()

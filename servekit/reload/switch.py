@@ -152,6 +152,7 @@ class Reloader:
                 self._unregister_quietly(model, version)
             raise
         seconds = time.monotonic() - t0
+        self.metrics.set_version(model, version)
         self.metrics.reloads.labels(model, "success").inc()
         self.metrics.seconds.labels(model).observe(seconds)
         ts_steps = self._torchserve_steps(model, version, time.time() - seconds)

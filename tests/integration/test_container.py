@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,121 +31,13 @@ from pathlib import Path
 import pytest
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = os.environ.get("SERVEKIT_IMAGE", "localhost/servekit:cpu")
-BASE_IMAGE = os.environ.get("SERVEKIT_BASE_IMAGE", "localhost/debian-base:bookworm")
-VARIANT = os.environ.get("SERVEKIT_VARIANT", "cpu")
-IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-RUN_DIR = "/run/servekit"
-UID = 10001
-MODEL = "digits"
-TIMINGS = ROOT / "build" / "container-test-timings.json"
-# Sources whose change makes an existing image stale.
-SOURCES = ("pyproject.toml", "README.md", "servekit", "handlers", "models", "docker")
+from support.podman import MODEL, ROOT, RUN_DIR, UID, connects, free_port, podman, record, servekit_cli
 
 pytestmark = [
     pytest.mark.container,
     # The first test may build the base image and the image (minutes on a fresh machine).
     pytest.mark.timeout(3600),
 ]
-
-_timings: dict[str, float] = {}
-
-
-def _record(name: str, seconds: float) -> None:
-    _timings[name] = round(seconds, 1)
-    print(f"[container] {name}: {seconds:.1f} s")
-    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
-    TIMINGS.write_text(json.dumps(_timings, indent=2) + "\n")
-
-
-def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run podman, capturing text output; raise with its output when ``check`` and it fails."""
-    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _run_script(script: str, log: Path, env: dict[str, str], timeout: float) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        proc = subprocess.run(["bash", str(ROOT / "docker" / script)], cwd=ROOT, env=env, stdout=out,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        pytest.fail(f"docker/{script} exited {proc.returncode}; last lines of {log}:\n{tail}")
-
-
-def _newest_source_mtime() -> float:
-    newest = 0.0
-    for name in SOURCES:
-        path = ROOT / name
-        paths = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
-        for p in paths:
-            if p.is_file() and "__pycache__" not in p.parts:
-                newest = max(newest, p.stat().st_mtime)
-    return newest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _connects(host: str, port: int, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _servekit_cli() -> list[str]:
-    exe = Path(sys.executable).parent / "servekit"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "servekit.cli"]
-
-
-# -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def podman_ready() -> None:
-    """podman is installed (skip without it, unless CI=true: then it is a failure)."""
-    if shutil.which("podman") is None:
-        msg = "podman is not installed: run `bash docker/podman-setup.sh` (as root)"
-        if IN_CI:
-            pytest.fail(f"CI=true and {msg}")
-        pytest.skip(msg)
-
-
-@pytest.fixture(scope="session")
-def image(podman_ready) -> str:
-    """The image under test, built (base image too) when missing or older than the sources."""
-    env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "VARIANT": VARIANT, "IMAGE": IMAGE}
-    if podman("image", "exists", BASE_IMAGE, check=False).returncode != 0:
-        if not BASE_IMAGE.startswith("localhost/debian-base:"):
-            pytest.fail(f"base image {BASE_IMAGE} is missing and no registry is reachable")
-        t0 = time.monotonic()
-        _run_script("podman-setup.sh", ROOT / "build" / "podman-setup.log", env, timeout=1800)
-        _record("base image (podman-setup.sh)", time.monotonic() - t0)
-    reason = None
-    if os.environ.get("SERVEKIT_REBUILD"):
-        reason = "SERVEKIT_REBUILD is set"
-    elif podman("image", "exists", IMAGE, check=False).returncode != 0:
-        reason = "image missing"
-    else:
-        created = float(podman("image", "inspect", "--format", "{{.Created.Unix}}", IMAGE).stdout)
-        if _newest_source_mtime() > created:
-            reason = "sources newer than the image"
-    if reason:
-        print(f"[container] building {IMAGE}: {reason}")
-        t0 = time.monotonic()
-        _run_script("build.sh", ROOT / "build" / "container-build.log", env, timeout=3000)
-        _record(f"image build ({reason})", time.monotonic() - t0)
-    return IMAGE
-
 
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory) -> tuple[Path, Path]:
@@ -157,10 +47,10 @@ def archives(tmp_path_factory) -> tuple[Path, Path]:
     staging = tmp_path_factory.mktemp("container-staging")
     t0 = time.monotonic()
     for args, out in (([MODEL], store), ([MODEL, "--version", "2.0"], staging)):
-        proc = subprocess.run([*_servekit_cli(), "archive", *args, "--model-store", str(out)],
+        proc = subprocess.run([*servekit_cli(), "archive", *args, "--model-store", str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"servekit archive {args} failed:\n{proc.stdout}\n{proc.stderr}"
-    _record("servekit archive v1.0 + v2.0", time.monotonic() - t0)
+    record("servekit archive v1.0 + v2.0", time.monotonic() - t0)
     assert (store / f"{MODEL}-v1.0.mar").is_file() and (staging / f"{MODEL}-v2.0.mar").is_file()
     # The container user (10001) only needs to read the store.
     store.chmod(0o755)
@@ -219,7 +109,7 @@ def container(image, archives):
     """The image running read-only, non-root, with the store mounted; yields once healthy."""
     store, staging = archives
     name = f"servekit-test-{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_port()
     t0 = time.monotonic()
     podman(
         "run", "--detach", "--name", name, "--pull", "never",
@@ -245,7 +135,7 @@ def container(image, archives):
             if time.monotonic() > deadline:
                 pytest.fail(f"not healthy after 600 s: {health.stdout}{health.stderr}\n" + c.diagnostics())
             time.sleep(2)
-        _record("container start until healthy", time.monotonic() - t0)
+        record("container start until healthy", time.monotonic() - t0)
         yield c
     finally:
         podman("rm", "--force", "--time", "0", name, check=False)
@@ -326,10 +216,10 @@ def test_management_only_inside_the_container(container):
     # (it listens on the container's loopback only) ...
     ip = container.state("{{.NetworkSettings.IPAddress}}")
     if ip:
-        assert _connects(ip, 8080), f"inference not reachable at {ip}:8080"
-        assert not _connects(ip, 8081), f"management reachable from outside at {ip}:8081"
+        assert connects(ip, 8080), f"inference not reachable at {ip}:8080"
+        assert not connects(ip, 8081), f"management reachable from outside at {ip}:8081"
     # ... and nothing of the container listens on the host's 8081.
-    if _connects("127.0.0.1", 8081):
+    if connects("127.0.0.1", 8081):
         # Something else on this machine (a dev server) owns it; our key must not work there.
         resp = requests.get("http://127.0.0.1:8081/models", timeout=10,
                             headers={"Authorization": f"Bearer {key}"})
@@ -364,7 +254,7 @@ def test_hot_reload_to_v2_inside_the_container(container, digits):
             pytest.fail(f"not on 2.0 after {waited:.0f} s (watcher running: {container.watcher_running()}); "
                         f"versions seen {sorted(set(map(str, versions)))}\n" + container.diagnostics())
         time.sleep(0.5)
-    _record("hot reload v1.0 -> v2.0", time.monotonic() - t0)
+    record("hot reload v1.0 -> v2.0", time.monotonic() - t0)
     assert set(versions) <= {"1.0", "2.0"}, versions
     assert not failures, f"requests failed during the reload: {failures[:5]}"
     # It stays on 2.0.
@@ -376,7 +266,7 @@ def test_stop_exits_zero_within_grace_period(container):
     t0 = time.monotonic()
     podman("stop", "--time", "30", container.name, timeout=120)
     elapsed = time.monotonic() - t0
-    _record("podman stop -t 30", elapsed)
+    record("podman stop -t 30", elapsed)
     assert container.state("{{.State.Running}}") == "false"
     code = container.state("{{.State.ExitCode}}")
     assert code == "0", f"exit code {code} after {elapsed:.1f} s\n" + container.diagnostics()
