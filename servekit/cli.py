@@ -94,7 +94,9 @@ def _print_banner(cfg: server.ServerConfig, models: list[str]) -> None:
     if cfg.token_auth:
         print(f"  keys:       {cfg.key_file} (renewed before they expire; `servekit key` prints the current one)")
     print("\nTry it:")
-    auth = '-H "Authorization: Bearer $(servekit key)" ' if cfg.token_auth else ""
+    exe = Path(sys.executable).parent / "servekit"
+    exe_text = os.path.relpath(exe) if exe.is_relative_to(Path.cwd()) else str(exe)
+    auth = f'-H "Authorization: Bearer $({exe_text} key)" ' if cfg.token_auth else ""
     print(f"  curl {auth}-H 'Content-Type: image/png' --data-binary @{sample} {inf}/predictions/{model}")
     print(f"  make predict IMG={sample} MODEL={model}\n")
 
