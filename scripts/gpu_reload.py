@@ -25,13 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 from servekit import server  # noqa: E402
 from servekit.archive import ArchiveRequest, archive  # noqa: E402
-from servekit.hooks import MODELS_DIR  # noqa: E402
 from servekit.bench.images import synthetic_jpeg  # noqa: E402
 from servekit.client import InferenceClient  # noqa: E402
+from servekit.hooks import MODELS_DIR  # noqa: E402
 from servekit.loadcheck import CheckedLoad  # noqa: E402
 from servekit.reload import watch_command  # noqa: E402
-from servekit.tslogs import relative_timeline, worker_timeline  # noqa: E402
 from servekit.server import private_ports as port_overrides  # noqa: E402
+from servekit.tslogs import relative_timeline, worker_timeline  # noqa: E402
 
 
 def model_dir_with_workers(tmp: Path, workers: int, handler: dict) -> Path:

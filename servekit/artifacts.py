@@ -7,9 +7,9 @@ import logging
 import os
 import platform
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -68,7 +68,7 @@ class HandlerOptions:
             raise ConfigError("invalid handler options: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "HandlerOptions":
+    def from_dict(cls, data: dict[str, Any] | None) -> HandlerOptions:
         """Build from the ``handler:`` mapping; unknown keys are an error, with the known ones named."""
         data = dict(data or {})
         known = {f.name for f in fields(cls)}
@@ -112,7 +112,7 @@ class ModelConfig:
         return int(self.raw.get("maxWorkers", self.raw.get("minWorkers", 1)))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any] | None) -> ModelConfig:
         """Check TorchServe's integer keys and parse the handler section."""
         data = dict(data or {})
         bad = [k for k in TS_INT_KEYS if k in data and not isinstance(data[k], int)]
@@ -123,7 +123,7 @@ class ModelConfig:
         return cls(raw=data, handler=HandlerOptions.from_dict(data.get("handler")))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+    def load(cls, path: str | os.PathLike) -> ModelConfig:
         """Read and check a model-config.yaml file."""
         path = Path(path)
         if not path.is_file():
@@ -139,7 +139,7 @@ class ModelConfig:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc.message}") from exc
 
-    def with_version(self, version: str) -> "ModelConfig":
+    def with_version(self, version: str) -> ModelConfig:
         """A copy whose handler section carries ``version``."""
         raw = dict(self.raw)
         raw["handler"] = {**(raw.get("handler") or {}), "version": str(version)}

@@ -10,13 +10,13 @@ import re
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from .artifacts import TORCHSCRIPT_SUFFIXES, META_DTYPE, META_MEMORY_FORMAT, dtype_sidecar, load_artifact
+from .artifacts import META_DTYPE, META_MEMORY_FORMAT, TORCHSCRIPT_SUFFIXES, dtype_sidecar, load_artifact
 from .errors import ConfigError, ExportMismatch, first_line
 from .quantize import INT8_MIN_AGREEMENT, INT8_TOLERANCE, check_quantize, quantize_int8, split_calibration
 

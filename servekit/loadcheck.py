@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import requests
 
@@ -57,7 +57,7 @@ class CheckedLoad:
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
 
-    def start(self) -> "CheckedLoad":
+    def start(self) -> CheckedLoad:
         """Start the client threads."""
         self._stop.clear()
         self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.threads)]
@@ -71,7 +71,7 @@ class CheckedLoad:
         for t in self._workers:
             t.join(self.timeout + 10)
 
-    def __enter__(self) -> "CheckedLoad":
+    def __enter__(self) -> CheckedLoad:
         return self.start()
 
     def __exit__(self, *exc) -> None:

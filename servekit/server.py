@@ -10,9 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import psutil
 
@@ -53,7 +54,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="override a config.properties entry (repeatable)")
 
 
-def config_from_args(args: argparse.Namespace) -> "ServerConfig":
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """A ServerConfig from the arguments :func:`add_server_args` declares."""
     overrides = {}
     for item in args.set:

@@ -8,9 +8,9 @@ import re
 import shutil
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import yaml
@@ -102,7 +102,7 @@ class Stamp:
     mtime_ns: int
 
     @classmethod
-    def of(cls, path: Path) -> "Stamp":
+    def of(cls, path: Path) -> Stamp:
         """The stamp of a file as it is now."""
         st = path.stat()
         return cls(st.st_size, st.st_mtime_ns)

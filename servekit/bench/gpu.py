@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 try:
     import pynvml
@@ -48,7 +49,7 @@ class GpuSampler:
             self.used_mib.append(used)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         if self.enabled:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()

@@ -9,8 +9,8 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import urlsplit
 
 # (start wall time, end wall time, HTTP status or 0 for a transport error / -1 for a bad answer, error text)

@@ -11,18 +11,19 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import psutil
 import yaml
 
 from .. import server
 from ..archive import ArchiveRequest, archive, build_artifact
-from ..hooks import MODELS_DIR, BuildHook
 from ..client import model_states, wait_until
 from ..config import ModelConfig
+from ..hooks import MODELS_DIR, BuildHook
 from ..tslogs import tail_lines
 from . import report, stock
 from .gpu import GpuSampler, gpu_names

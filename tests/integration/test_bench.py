@@ -9,8 +9,6 @@ import pytest
 from PIL import Image
 
 from servekit.archive import ArchiveRequest, build_artifact
-from servekit.hooks import MODELS_DIR, BuildHook
-from servekit.store import read_manifest
 from servekit.bench import PROFILES, build_parser, main, plan_from_args
 from servekit.bench.images import synthetic_jpeg
 from servekit.bench.loadgen import LoadResult, split, summarize, valid_answer
@@ -19,6 +17,8 @@ from servekit.bench.runner import Point, choose_levers, ours_config, schedule
 from servekit.bench.stock import archive_stock, index_to_name
 from servekit.config import ModelConfig
 from servekit.errors import ConfigError
+from servekit.hooks import MODELS_DIR, BuildHook
+from servekit.store import read_manifest
 
 
 def test_percentiles_interpolate_linearly():

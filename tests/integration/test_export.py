@@ -151,9 +151,9 @@ def test_controlflow_archives_as_script_and_classifies(tmp_path):
     """Opting in (config copied to model-config.yaml) archives the scripted model; the handler path runs it."""
     from models.digits.model import encode, held_out
     from servekit.archive import ArchiveRequest, archive
-    from servekit.store import read_manifest
     from servekit.classify import ImageClassifier
     from servekit.config import ModelConfig
+    from servekit.store import read_manifest
 
     model_dir = tmp_path / "controlflow"
     shutil.copytree(ROOT / "models" / "controlflow", model_dir, ignore=shutil.ignore_patterns("__pycache__"))

@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import start_server
-from support.rel_support import assert_serves, digit_samples, wait_workers
 from servekit import server
+from support.rel_support import assert_serves, digit_samples, wait_workers
 
 pytestmark = pytest.mark.server
 

@@ -70,7 +70,8 @@ def test_int8_is_refused_where_it_cannot_run(int8_artifact):
 
 
 def test_int8_export_refuses_a_model_it_cannot_trace(tmp_path):
-    from models.controlflow.build import build_model as controlflow, example_inputs as cf_inputs
+    from models.controlflow.build import build_model as controlflow
+    from models.controlflow.build import example_inputs as cf_inputs
 
     with pytest.raises(ConfigError, match="int8 quantization cannot trace the model"):
         quantize_int8(controlflow(), [cf_inputs(), cf_inputs()])

@@ -18,6 +18,11 @@ from pathlib import Path
 import pytest
 
 from conftest import port_overrides, start_server
+from servekit import server
+from servekit.client import model_states, wait_until
+from servekit.loadcheck import CheckedLoad as Load
+from servekit.reload import watch_command
+from servekit.reload.pins import Pin, VersionsFile, default_versions_file
 from support.rel_fault_handler import OOM_BATCH, SLEEP_S
 from support.rel_load_fail_handler import MESSAGE as LOAD_FAIL_MESSAGE
 from support.rel_support import (
@@ -30,11 +35,6 @@ from support.rel_support import (
     wait_workers,
     worker_pids,
 )
-from servekit import server
-from servekit.client import model_states, wait_until
-from servekit.loadcheck import CheckedLoad as Load
-from servekit.reload import watch_command
-from servekit.reload.pins import Pin, VersionsFile, default_versions_file
 
 pytestmark = pytest.mark.server
 

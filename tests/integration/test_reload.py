@@ -17,16 +17,16 @@ import pytest
 import requests
 
 from conftest import start_server
-from servekit.server import free_port
 from servekit import reload, server
+from servekit.archive import ArchiveRequest, archive
+from servekit.client import model_states, wait_until
+from servekit.hooks import MODELS_DIR
+from servekit.loadcheck import CheckedLoad
 from servekit.reload.__main__ import main as reload_main
 from servekit.reload.pins import Pin, VersionsFile, choose_version, default_versions_file
 from servekit.reload.status import STATUS_FILE
+from servekit.server import free_port
 from servekit.store import StoreScanner
-from servekit.archive import ArchiveRequest, archive
-from servekit.hooks import MODELS_DIR
-from servekit.client import model_states, wait_until
-from servekit.loadcheck import CheckedLoad
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parents[1] / "support"
@@ -54,7 +54,7 @@ class WatcherProcess:
         self.cfg, self.log, self.extra = cfg, log, extra
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "WatcherProcess":
+    def start(self) -> WatcherProcess:
         cmd = reload.watch_command(self.cfg, "--interval", str(INTERVAL), *self.extra)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)

@@ -18,6 +18,10 @@ import pytest
 import requests
 
 from conftest import start_server
+from models.digits.model import encode, held_out
+from servekit import server
+from servekit.client import wait_until
+from servekit.config import read_properties
 from support.rel_support import (
     assert_serves,
     digit_samples,
@@ -28,10 +32,6 @@ from support.rel_support import (
     wait_workers,
     worker_pids,
 )
-from models.digits.model import encode, held_out
-from servekit import server
-from servekit.client import wait_until
-from servekit.config import read_properties
 
 pytestmark = pytest.mark.server
 

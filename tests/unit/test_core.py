@@ -144,8 +144,8 @@ def test_export_parity_check_refuses_a_disagreeing_artifact():
 
 
 def test_classifier_keeps_order_and_fails_bad_items_alone(tmp_path):
-    from servekit.classify import ImageClassifier
     from models.digits.model import DigitsNet
+    from servekit.classify import ImageClassifier
 
     torch.manual_seed(0)
     path = tmp_path / "m.pt"
