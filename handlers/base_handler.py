@@ -59,7 +59,11 @@ class BaseHandler:
         self.initialized = self.ready = True
         log.info(
             "%s v%s ready on %s (%d threads) in %.1f s",
-            self.model_name, self.version, self.device, torch.get_num_threads(), time.perf_counter() - t0,
+            self.model_name,
+            self.version,
+            self.device,
+            torch.get_num_threads(),
+            time.perf_counter() - t0,
         )
 
     def build(self, artifact: Path, config: ModelConfig) -> Any:

@@ -39,4 +39,3 @@ class ImageClassifierHandler(BaseHandler):
     def stage_times(self) -> dict[str, float]:
         t = self.pipeline.last_times
         return {"decode": t.decode, "infer": t.infer, "postprocess": t.postprocess}
-

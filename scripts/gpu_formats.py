@@ -58,9 +58,13 @@ def main() -> int:
         torch.cuda.synchronize()
         load_s = time.perf_counter() - t0
         rates = {b: round(throughput(engine, int(b))) for b in args.batches.split(",")}
-        report["formats"][fmt] = {"export_and_check_s": round(export_s, 1), "load_s": round(load_s, 2),
-                                  "images_per_s": rates, "parity": parity.errors,
-                                  "max_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+        report["formats"][fmt] = {
+            "export_and_check_s": round(export_s, 1),
+            "load_s": round(load_s, 2),
+            "images_per_s": rates,
+            "parity": parity.errors,
+            "max_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        }
         print(fmt, report["formats"][fmt], flush=True)
         del engine
         torch.cuda.empty_cache()

@@ -51,8 +51,11 @@ def main() -> int:
             top1 = [r["predictions"][0]["label"] for r in out]
             answers[(fmt, amp)] = top1
             acc = sum(t == str(y) for t, (_, y) in zip(top1, pairs)) / len(pairs)
-            report["runs"][f"{fmt}-{amp}"] = {"accuracy": acc, "seconds": time.perf_counter() - t0,
-                                             "decode_on_gpu": clf.pre.gpu_decode and fmt == "JPEG"}
+            report["runs"][f"{fmt}-{amp}"] = {
+                "accuracy": acc,
+                "seconds": time.perf_counter() - t0,
+                "decode_on_gpu": clf.pre.gpu_decode and fmt == "JPEG",
+            }
         for amp in ("fp16", "bf16"):
             agree = sum(a == b for a, b in zip(answers[(fmt, "off")], answers[(fmt, amp)])) / len(pairs)
             report["runs"][f"{fmt}-{amp}"]["top1_agreement_with_fp32"] = agree

@@ -74,8 +74,13 @@ def main() -> int:
         watcher = subprocess.Popen(watch_command(cfg, "--interval", "0.5"), stdout=out, stderr=subprocess.STDOUT)
     body = synthetic_jpeg()
     # Labels of random weights mean nothing: an answer is right when it is a 200 with predictions.
-    load = CheckedLoad(lambda: InferenceClient(cfg.address("inference_address"), cfg.tokens), "resnet50",
-                       [(body, None)], threads=args.clients, content_type="image/jpeg")
+    load = CheckedLoad(
+        lambda: InferenceClient(cfg.address("inference_address"), cfg.tokens),
+        "resnet50",
+        [(body, None)],
+        threads=args.clients,
+        content_type="image/jpeg",
+    )
     load.start()
     time.sleep(5)
     part = store / ".resnet50-v2.0.mar.part"
@@ -96,13 +101,19 @@ def main() -> int:
 
     report = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "workers": args.workers, "clients": args.clients, "handler_overrides": handler,
+        "workers": args.workers,
+        "clients": args.clients,
+        "handler_overrides": handler,
         "publish_to_first_v2_s": round(first_v2 - published, 2) if first_v2 is not None else None,
         "responses": {f"{k[0]} v{k[1]}": n for k, n in seen.items()},
         "failed": sum(not o.ok for o in outcomes),
         "failure_samples": [f"{o.status}: {o.error}" for o in outcomes if not o.ok][:5],
-        "worker_ready_lines": [line.split("MODEL_LOG - ")[-1] for log in (cfg.run_dir / "logs").glob("model_log*.log")
-                               for line in log.read_text(errors="replace").splitlines() if " ready on " in line],
+        "worker_ready_lines": [
+            line.split("MODEL_LOG - ")[-1]
+            for log in (cfg.run_dir / "logs").glob("model_log*.log")
+            for line in log.read_text(errors="replace").splitlines()
+            if " ready on " in line
+        ],
         # Seconds after the publish at which TorchServe logged each step for v2.0 (first and last worker).
         "v2_timeline_s": relative_timeline(worker_timeline(cfg.run_dir / "logs", "resnet50", "2.0"), published_wall),
     }

@@ -100,8 +100,12 @@ class RawKeyClient:
     def _post(self, model: str, body: bytes, content_type: str) -> RawResponse:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
-            conn.request("POST", f"/predictions/{model}", body=body,
-                         headers={"Content-Type": content_type, "Authorization": f"Bearer {self.key}"})
+            conn.request(
+                "POST",
+                f"/predictions/{model}",
+                body=body,
+                headers={"Content-Type": content_type, "Authorization": f"Bearer {self.key}"},
+            )
             resp = conn.getresponse()
             return RawResponse(resp.status, resp.read().decode(errors="replace"), dict(resp.getheaders()))
         finally:
@@ -166,8 +170,10 @@ class Soak:
         """Archives v1.0 (into the store) and one more version per publish (staged)."""
         staging = self.work / "staging"
         versions = [f"{i}.0" for i in range(1, len(self.publish_times()) + 2)]
-        mars = [archive(ArchiveRequest(MODEL, MODELS_DIR / MODEL, staging, version=v), log=lambda *_: None)
-                for v in versions]
+        mars = [
+            archive(ArchiveRequest(MODEL, MODELS_DIR / MODEL, staging, version=v), log=lambda *_: None)
+            for v in versions
+        ]
         publish(mars[0], self.cfg.model_store)
         return mars[1:]
 
@@ -179,9 +185,19 @@ class Soak:
         server.wait_ready(self.cfg, [MODEL], timeout=300, proc=proc)
         logs = self.cfg.run_dir / "logs"
         self.watcher = subprocess.Popen(
-            watch_command(self.cfg, "--interval", "0.5", "--log-file", str(logs / "watcher.log"),
-                          "--http-port", str(self.watcher_port)),
-            stdout=open(logs / "watcher.out", "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+            watch_command(
+                self.cfg,
+                "--interval",
+                "0.5",
+                "--log-file",
+                str(logs / "watcher.log"),
+                "--http-port",
+                str(self.watcher_port),
+            ),
+            stdout=open(logs / "watcher.out", "wb"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
 
     def log_cap_mb(self) -> float:
         """What the run dir's logs may hold: five log4j logs at size x (files + 1), the watcher's, and slack."""
@@ -211,8 +227,16 @@ class Soak:
             except psutil.Error:
                 watcher = 0.0
             size = sum(f.stat().st_size for f in logs.iterdir() if f.is_file()) / 1e6
-            self.rss.append(Sample(round(self.now(), 1), round(frontend, 1), round(workers, 1), count,
-                                   round(watcher, 1), round(size, 2)))
+            self.rss.append(
+                Sample(
+                    round(self.now(), 1),
+                    round(frontend, 1),
+                    round(workers, 1),
+                    count,
+                    round(watcher, 1),
+                    round(size, 2),
+                )
+            )
             try:
                 beat = json.loads((self.cfg.run_dir / STATUS_FILE).read_text())["watcher"]["heartbeat"]
                 if not self.heartbeats or self.heartbeats[-1] != beat:
@@ -257,8 +281,9 @@ class Soak:
 
         wait_until(replaced, self.args.recovery_s, interval=0.2, what="a new worker")
         self.events["worker_ready"] = self.now()
-        wait_until(lambda: all(x.ok_streak() >= 10 for x in loads), self.args.recovery_s, interval=0.2,
-                   what="success again")
+        wait_until(
+            lambda: all(x.ok_streak() >= 10 for x in loads), self.args.recovery_s, interval=0.2, what="success again"
+        )
         self.events["recovered"] = self.now()
 
     # -- run --------------------------------------------------------------------------------------
@@ -266,16 +291,21 @@ class Soak:
         staged = self.prepare()
         self.start()
         inference = self.cfg.address("inference_address")
-        ours = CheckedLoad(self.cfg.inference, MODEL, self.samples, threads=self.args.threads,
-                           timeout=self.args.request_timeout, clock=self.now)
+        ours = CheckedLoad(
+            self.cfg.inference,
+            MODEL,
+            self.samples,
+            threads=self.args.threads,
+            timeout=self.args.request_timeout,
+            clock=self.now,
+        )
         raw_clients: list[RawKeyClient] = []
 
         def raw_client() -> RawKeyClient:
             raw_clients.append(RawKeyClient(inference, self.cfg.key_file, self.args.request_timeout))
             return raw_clients[-1]
 
-        raw = CheckedLoad(raw_client, MODEL, self.samples, threads=1, timeout=self.args.request_timeout,
-                          clock=self.now)
+        raw = CheckedLoad(raw_client, MODEL, self.samples, threads=1, timeout=self.args.request_timeout, clock=self.now)
         threads = [threading.Thread(target=f, daemon=True) for f in (self.sample_loop, self.health_loop)]
         plan = sorted([(t, "publish") for t in self.publish_times()] + [(self.kill_time(), "kill")])
         self.t0 = time.monotonic()
@@ -306,8 +336,11 @@ class Soak:
             text = requests.get(f"http://127.0.0.1:{self.watcher_port}/metrics", timeout=10).text
         except requests.RequestException:
             return {}
-        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-                if line.startswith(("servekit_key_renewals_total", "servekit_watcher_polls_total"))}
+        return {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith(("servekit_key_renewals_total", "servekit_watcher_polls_total"))
+        }
 
     def report(self, ours: CheckedLoad, raw: CheckedLoad, refusals: int, metrics: dict[str, float]) -> dict:
         ev = self.events
@@ -341,8 +374,9 @@ class Soak:
             "unhealthy_only_in_kill_window": all(window[0] - 10 <= t <= window[1] + 10 for t, _ in health_bad),
             "every_version_answered": answered <= seen,
             "keys_renewed": renewals >= 2 * max(1, int(self.args.duration // (self.args.key_minutes * 60)) - 1),
-            "watcher_kept_polling": bool(gaps) and max(gaps) < 60 and not metrics.get(
-                'servekit_watcher_polls_total{result="failure"}'),
+            "watcher_kept_polling": bool(gaps)
+            and max(gaps) < 60
+            and not metrics.get('servekit_watcher_polls_total{result="failure"}'),
             "logs_under_cap": max(s.logs_mb for s in self.rss) <= self.log_cap_mb(),
             "frontend_rss_flat": flat("frontend_mb", 0.05, 20.0),
             "worker_rss_flat": flat("workers_mb", 0.05, 20.0),
@@ -350,27 +384,39 @@ class Soak:
             "watcher_rss_under_150_mb": max(s.watcher_mb for s in self.rss) <= 150,
         }
         return {
-            "duration_s": self.args.duration, "threads": self.args.threads + 1,
-            "key_minutes": self.args.key_minutes, "publish_every_s": self.args.publish_every,
+            "duration_s": self.args.duration,
+            "threads": self.args.threads + 1,
+            "key_minutes": self.args.key_minutes,
+            "publish_every_s": self.args.publish_every,
             "requests": {k: len(v) for k, v in outcomes.items()},
             "failed": {k: len(v) for k, v in failures.items()},
             "raw_client_refusals": refusals,
             "throughput_rps": round(sum(len(v) for v in outcomes.values()) / self.args.duration, 1),
-            "latency_ms": {"p50": round(statistics.median(latencies), 1) if latencies else None,
-                           "p99": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
-                           "max": round(latencies[-1], 1) if latencies else None},
-            "published": [{"version": v, "at_s": round(t, 1), "done_s": round(ev.get(f"v{v}_done", -1), 1)}
-                          for v, t in self.published],
+            "latency_ms": {
+                "p50": round(statistics.median(latencies), 1) if latencies else None,
+                "p99": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
+                "max": round(latencies[-1], 1) if latencies else None,
+            },
+            "published": [
+                {"version": v, "at_s": round(t, 1), "done_s": round(ev.get(f"v{v}_done", -1), 1)}
+                for v, t in self.published
+            ],
             "events_s": {k: round(v, 2) for k, v in ev.items()},
             "kill_window_s": [round(window[0], 2), round(window[1], 2)],
             "recovery_s": round(ev["recovered"] - ev["kill"], 2),
-            "key_renewals": renewals, "watcher_heartbeats": len(self.heartbeats),
+            "key_renewals": renewals,
+            "watcher_heartbeats": len(self.heartbeats),
             "max_heartbeat_gap_s": round(max(gaps), 1) if gaps else None,
-            "health_checks": len(self.health), "unhealthy": health_bad,
+            "health_checks": len(self.health),
+            "unhealthy": health_bad,
             "logs_mb": {"max": max(s.logs_mb for s in self.rss), "cap": round(self.log_cap_mb(), 1)},
-            "rss_mb": {key: {"max": max(getattr(s, key) for s in self.rss),
-                             "compared": [[p.t, getattr(p, key)] for p in points]}
-                       for key in ("frontend_mb", "workers_mb", "watcher_mb")},
+            "rss_mb": {
+                key: {
+                    "max": max(getattr(s, key) for s in self.rss),
+                    "compared": [[p.t, getattr(p, key)] for p in points],
+                }
+                for key in ("frontend_mb", "workers_mb", "watcher_mb")
+            },
             "checks": checks,
             "passed": all(v is not False for v in checks.values()),
             "failures": {k: [asdict(o) for o in v[:50]] for k, v in failures.items()},

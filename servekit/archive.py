@@ -69,7 +69,11 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, hook: BuildHook, log: 
     fmt = req.fmt or hook.export_method
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {FORMATS}")
-    out_dir = BUILD_DIR / req.name / (f"{fmt}-{req.device}" if req.quantize == "off" else f"{fmt}-{req.quantize}-{req.device}")
+    out_dir = (
+        BUILD_DIR
+        / req.name
+        / (f"{fmt}-{req.device}" if req.quantize == "off" else f"{fmt}-{req.quantize}-{req.device}")
+    )
     out = out_dir / f"model{SUFFIX[fmt]}"
     weights_arg = hook.weights(req.weights)
     weights = Path(weights_arg) if weights_arg else None
@@ -77,8 +81,11 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, hook: BuildHook, log: 
         raise ConfigError(f"weights file not found: {weights}")
     # A .pt2 is compiled for one input layout: channels_last where the GPU handler feeds it so.
     channels_last = cfg.handler.channels_last and fmt == "pt2" and req.device.startswith("cuda")
-    stamp = _sha([req.model_dir / "build.py", *(p for p in req.model_dir.glob("*.py") if p.name != "build.py")],
-                 f"{fmt}|{cfg.handler.amp}|{req.freeze}|{req.quantize}|{channels_last}|{weights and weights.stat().st_mtime_ns}|{weights}")
+    stamp = _sha(
+        [req.model_dir / "build.py", *(p for p in req.model_dir.glob("*.py") if p.name != "build.py")],
+        f"{fmt}|{cfg.handler.amp}|{req.freeze}|{req.quantize}|{channels_last}|"
+        f"{weights and weights.stat().st_mtime_ns}|{weights}",
+    )
     stamp_file = out_dir / "stamp"
     if out.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp and not req.force:
         log(f"{req.name}: artifact up to date ({out.relative_to(ROOT) if out.is_relative_to(ROOT) else out})")
@@ -87,8 +94,19 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, hook: BuildHook, log: 
     model = hook.build_model(str(weights) if weights else None, log=log)
     log(f"{req.name}: exporting ({fmt}) and checking it against eager")
     calibration = hook.calibration_inputs() if req.quantize != "off" else None
-    export(model, hook.example_inputs(), out, fmt, req.device, cfg.handler.amp, req.freeze, log_fn=log,
-           channels_last=channels_last, quantize=req.quantize, calibration=calibration)
+    export(
+        model,
+        hook.example_inputs(),
+        out,
+        fmt,
+        req.device,
+        cfg.handler.amp,
+        req.freeze,
+        log_fn=log,
+        channels_last=channels_last,
+        quantize=req.quantize,
+        calibration=calibration,
+    )
     stamp_file.write_text(stamp)
     if hook.labels:
         (out_dir / "labels.json").write_text(json.dumps(hook.labels))
@@ -111,8 +129,9 @@ def _extras(req: ArchiveRequest, cfg: ModelConfig, artifact: Path, handler: Path
     """Files packed beside the model: the adapter modules a handler builds on, labels, the artifact's side files."""
     extras = sorted(p for p in HANDLERS_DIR.glob("*.py") if p.name not in (handler.name, "__init__.py"))
     if cfg.handler.labels:
-        label_file = next((p for p in (req.model_dir / cfg.handler.labels, artifact.parent / cfg.handler.labels)
-                           if p.is_file()), None)
+        label_file = next(
+            (p for p in (req.model_dir / cfg.handler.labels, artifact.parent / cfg.handler.labels) if p.is_file()), None
+        )
         if label_file is None:
             raise ConfigError(f"labels file {cfg.handler.labels!r} not found in {req.model_dir} or {artifact.parent}")
         extras.append(label_file)
@@ -165,11 +184,26 @@ def archive(req: ArchiveRequest, log: Callable[[str], None] = print) -> Path:
         staged = [*extras, staged_dir / FINGERPRINT]
         log(f"[3/3] {req.name}: packaging {target.name}")
         cmd = [
-            sys.executable, "-m", "model_archiver.model_packaging",
-            "--model-name", req.name, "--version", version,
-            "--serialized-file", str(artifact), "--handler", str(handler),
-            "--extra-files", ",".join(str(p) for p in staged), "--config-file", str(cfg_file),
-            "--export-path", str(tmp), "--archive-format", "default", "--force",
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            req.name,
+            "--version",
+            version,
+            "--serialized-file",
+            str(artifact),
+            "--handler",
+            str(handler),
+            "--extra-files",
+            ",".join(str(p) for p in staged),
+            "--config-file",
+            str(cfg_file),
+            "--export-path",
+            str(tmp),
+            "--archive-format",
+            "default",
+            "--force",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -76,9 +76,7 @@ def artifact_kind(path: str | os.PathLike) -> str:
             return AOTI
         if any(n.endswith(("/models/model.json", "serialized_exported_program.json")) for n in names):
             return EXPORTED
-        raise ConfigError(
-            f"{path} is a zip file but neither an AOTInductor package nor a torch.export program"
-        )
+        raise ConfigError(f"{path} is a zip file but neither an AOTInductor package nor a torch.export program")
     raise ConfigError(
         f"unknown artifact type {suffix!r} for {path}: expected .pt (TorchScript), "
         ".pt2 (torch.export / AOTInductor) or .onnx"
@@ -89,8 +87,11 @@ def is_quantized_torchscript(path: str | os.PathLike) -> bool:
     """True for a TorchScript archive whose code calls quantized (int8) operators."""
     try:
         with zipfile.ZipFile(path) as zf:
-            return any("ops.quantized." in zf.read(n).decode("utf-8", "replace")
-                       for n in zf.namelist() if "/code/" in n and n.endswith(".py"))
+            return any(
+                "ops.quantized." in zf.read(n).decode("utf-8", "replace")
+                for n in zf.namelist()
+                if "/code/" in n and n.endswith(".py")
+            )
     except (zipfile.BadZipFile, OSError):
         return False
 
@@ -143,7 +144,9 @@ def check_aoti_compatible(meta: dict[str, str], device: torch.device, name: str)
     built_for = meta.get("AOTI_DEVICE_KEY")
     redo = f"re-export it on a machine of the serving kind (`servekit export --format pt2 --device {device.type}`)"
     if built_for and built_for != device.type:
-        extra = " and this machine has no usable CUDA GPU" if built_for == "cuda" and not torch.cuda.is_available() else ""
+        extra = (
+            " and this machine has no usable CUDA GPU" if built_for == "cuda" and not torch.cuda.is_available() else ""
+        )
         raise ConfigError(
             f"{name} is an AOTInductor package compiled for {built_for}, but it is being loaded on "
             f"{device}{extra}. A .pt2 package runs only on the device type it was compiled for: {redo}, "
@@ -230,8 +233,7 @@ def _load_aoti(path: Path, device: torch.device) -> LoadedModel:
     def run(x: torch.Tensor) -> torch.Tensor:
         return runner(match_layout(x.to(device=device, dtype=dtype), memory_format))
 
-    return LoadedModel(run, AOTI, device, autocast=False,
-                       input_dtype=None if dtype is torch.float32 else dtype)
+    return LoadedModel(run, AOTI, device, autocast=False, input_dtype=None if dtype is torch.float32 else dtype)
 
 
 def _load_onnx(path: Path, device: torch.device) -> LoadedModel:

@@ -46,8 +46,9 @@ class StageTimes:
 class ImageClassifier:
     """Decode a batch, run one forward pass, return top-k per item; order is kept."""
 
-    def __init__(self, artifact: str | os.PathLike, opts: HandlerOptions, device: torch.device,
-                 labels: list[str] | None = None):
+    def __init__(
+        self, artifact: str | os.PathLike, opts: HandlerOptions, device: torch.device, labels: list[str] | None = None
+    ):
         self.opts = opts
         self.engine = Engine(load_artifact(artifact, device), opts)
         self.pre = Preprocessor(opts, device, dtype=self.engine.input_dtype)
@@ -116,4 +117,3 @@ class ImageClassifier:
             label = self.labels[idx] if self.labels and idx < len(self.labels) else str(idx)
             preds.append({"label": label, "index": idx, "probability": round(float(p), 6)})
         return {"predictions": preds}
-

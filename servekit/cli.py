@@ -38,11 +38,22 @@ def cmd_archive(args: argparse.Namespace) -> int:
         model_dir = Path(args.model_dir) if args.model_dir else MODELS_DIR / name
         if not (model_dir / "model-config.yaml").is_file():
             raise ConfigError(f"no model folder {model_dir} (expected {model_dir}/model-config.yaml)")
-        archive(ArchiveRequest(
-            name=name, model_dir=model_dir, store=args.model_store, version=args.version, fmt=args.format,
-            weights=args.weights, artifact=args.artifact, handler=args.handler, device=args.device,
-            freeze=args.freeze, quantize=args.quantize, force=args.force,
-        ))
+        archive(
+            ArchiveRequest(
+                name=name,
+                model_dir=model_dir,
+                store=args.model_store,
+                version=args.version,
+                fmt=args.format,
+                weights=args.weights,
+                artifact=args.artifact,
+                handler=args.handler,
+                device=args.device,
+                freeze=args.freeze,
+                quantize=args.quantize,
+                force=args.force,
+            )
+        )
     return EXIT_OK
 
 
@@ -57,11 +68,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     amp = args.amp or (ModelConfig.load(cfg_file).handler.amp if cfg_file.is_file() else "off")
     model = hook.build_model(hook.weights(args.weights))
     calibration = hook.calibration_inputs() if args.quantize != "off" else None
-    report = export(model, hook.example_inputs(), args.output, args.format, args.device, amp,
-                    args.freeze, args.opset, log_fn=print, channels_last=args.channels_last,
-                    quantize=args.quantize, calibration=calibration)
-    print(json.dumps({"output": str(args.output), "relative_error": report.errors,
-                      "top1_agreement": report.top1_agreement}))
+    report = export(
+        model,
+        hook.example_inputs(),
+        args.output,
+        args.format,
+        args.device,
+        amp,
+        args.freeze,
+        args.opset,
+        log_fn=print,
+        channels_last=args.channels_last,
+        quantize=args.quantize,
+        calibration=calibration,
+    )
+    print(
+        json.dumps(
+            {"output": str(args.output), "relative_error": report.errors, "top1_agreement": report.top1_agreement}
+        )
+    )
     return EXIT_OK
 
 
@@ -75,8 +100,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
         if existing.read_bytes() == args.archive.read_bytes():
             print(f"{existing} is already published")
             return EXIT_OK
-        raise ConfigError(f"{existing} exists with different contents; a published version is immutable "
-                          "(publish a new version, or --force)")
+        raise ConfigError(
+            f"{existing} exists with different contents; a published version is immutable "
+            "(publish a new version, or --force)"
+        )
     target = publish(args.archive, args.model_store)
     print(f"published {found.name} v{found.version} as {target}")
     return EXIT_OK
@@ -96,7 +123,8 @@ def _print_banner(cfg: server.ServerConfig, models: list[str]) -> None:
     print("\nTry it:")
     exe = Path(sys.executable).parent / "servekit"
     exe_text = os.path.relpath(exe) if exe.is_relative_to(Path.cwd()) else str(exe)
-    auth = f'-H "Authorization: Bearer $({exe_text} key)" ' if cfg.token_auth else ""
+    run_dir = "" if cfg.run_dir == server.default_paths()[2].resolve() else f" --run-dir {cfg.run_dir}"
+    auth = f'-H "Authorization: Bearer $({exe_text} key{run_dir})" ' if cfg.token_auth else ""
     print(f"  curl {auth}-H 'Content-Type: image/png' --data-binary @{sample} {inf}/predictions/{model}")
     print(f"  make predict IMG={sample} MODEL={model}\n")
 
@@ -111,8 +139,13 @@ def _spawn_watcher(cfg: server.ServerConfig, args: argparse.Namespace) -> subpro
     if not args.foreground:  # its log rotates by itself; anything printed before logging starts lands here
         extra += ["--log-file", str(cfg.run_dir / "logs" / "watcher.log")]
         out = open(cfg.run_dir / "logs" / "watcher.out", "ab")
-    proc = subprocess.Popen(watch_command(cfg, *extra), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                            start_new_session=not args.foreground)
+    proc = subprocess.Popen(
+        watch_command(cfg, *extra),
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=out,
+        start_new_session=not args.foreground,
+    )
     (cfg.run_dir / WATCHER_PID).write_text(str(proc.pid))
     return proc
 
@@ -143,8 +176,10 @@ def _versions_path(args: argparse.Namespace) -> Path:
 def startup_archives(store: Path, versions: VersionsFile) -> dict[str, Found]:
     """The archive each model starts with: what the versions file asks for, else the newest."""
     pins = versions.read()
-    return {name: found[choose_version(found, pins.get(name))]  # type: ignore[index]
-            for name, found in by_model(read_store(store, log=print)).items()}
+    return {
+        name: found[choose_version(found, pins.get(name))]  # type: ignore[index]
+        for name, found in by_model(read_store(store, log=print)).items()
+    }
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -225,8 +260,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _quantize_arg(p: argparse.ArgumentParser) -> None:
     """``--quantize``, shared by archive and export."""
-    p.add_argument("--quantize", choices=["off", "int8"], default="off",
-                   help="int8: a CPU-only int8 graph, calibrated and checked against fp32 (trace, --device cpu)")
+    p.add_argument(
+        "--quantize",
+        choices=["off", "int8"],
+        default="off",
+        help="int8: a CPU-only int8 graph, calibrated and checked against fp32 (trace, --device cpu)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,13 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start TorchServe (and the reload watcher); wait until ready")
     server.add_server_args(p)
     p.add_argument("--models", help="comma-separated model names (default: every model in the store)")
-    p.add_argument("--versions", type=Path,
-                   help="desired versions file (default: $SERVEKIT_VERSIONS or model-versions.yaml in the run dir)")
-    p.add_argument("--foreground", action="store_true",
-                   help="stay attached, log to stdout (containers); SIGTERM stops everything")
+    p.add_argument(
+        "--versions",
+        type=Path,
+        help="desired versions file (default: $SERVEKIT_VERSIONS or model-versions.yaml in the run dir)",
+    )
+    p.add_argument(
+        "--foreground", action="store_true", help="stay attached, log to stdout (containers); SIGTERM stops everything"
+    )
     p.add_argument("--no-watch", action="store_true", help="no hot reload (the keys are still renewed)")
-    p.add_argument("--watcher-port", type=int, default=int(os.environ.get("SERVEKIT_WATCHER_PORT") or 0) or None,
-                   help="the watcher's /ready and /metrics on 127.0.0.1:PORT (default: $SERVEKIT_WATCHER_PORT)")
+    p.add_argument(
+        "--watcher-port",
+        type=int,
+        default=int(os.environ.get("SERVEKIT_WATCHER_PORT") or 0) or None,
+        help="the watcher's /ready and /metrics on 127.0.0.1:PORT (default: $SERVEKIT_WATCHER_PORT)",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to wait for a clean stop")
     p.set_defaults(func=cmd_serve)

@@ -28,8 +28,13 @@ class _Api:
     kind = "inference"
     attempts = 6
 
-    def __init__(self, base_url: str, token_file: str | os.PathLike | TokenFile | None = None, timeout: float = 60.0,
-                 api_key: str | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        token_file: str | os.PathLike | TokenFile | None = None,
+        timeout: float = 60.0,
+        api_key: str | None = None,
+    ):
         self.base = base_url.rstrip("/")
         if token_file is None or isinstance(token_file, TokenFile):
             self.tokens = token_file
@@ -63,8 +68,9 @@ class InferenceClient(_Api):
 
     kind = "inference"
 
-    def predict(self, model: str, body: bytes, content_type: str = "application/octet-stream",
-                version: str | None = None) -> requests.Response:
+    def predict(
+        self, model: str, body: bytes, content_type: str = "application/octet-stream", version: str | None = None
+    ) -> requests.Response:
         """POST one image; the response JSON is the handler's answer."""
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         return self.request("POST", path, data=body, headers={"Content-Type": content_type})
@@ -99,8 +105,9 @@ class ManagementClient(_Api):
         resp.raise_for_status()
         return resp.json()
 
-    def register(self, url: str, initial_workers: int | None = None, synchronous: bool = True,
-                 timeout: float = 600.0) -> requests.Response:
+    def register(
+        self, url: str, initial_workers: int | None = None, synchronous: bool = True, timeout: float = 600.0
+    ) -> requests.Response:
         """Register an archive (a file name in the model store)."""
         params: dict[str, Any] = {"url": url, "synchronous": str(synchronous).lower()}
         if initial_workers is not None:
@@ -116,12 +123,21 @@ class ManagementClient(_Api):
         path = f"/models/{model}" + (f"/{version}" if version else "")
         return self.request("DELETE", path, timeout=timeout)
 
-    def scale(self, model: str, min_worker: int, max_worker: int | None = None,
-              version: str | None = None, synchronous: bool = True) -> requests.Response:
+    def scale(
+        self,
+        model: str,
+        min_worker: int,
+        max_worker: int | None = None,
+        version: str | None = None,
+        synchronous: bool = True,
+    ) -> requests.Response:
         """Set a version's worker count."""
         path = f"/models/{model}" + (f"/{version}" if version else "")
-        params = {"min_worker": min_worker, "max_worker": max_worker or min_worker,
-                  "synchronous": str(synchronous).lower()}
+        params = {
+            "min_worker": min_worker,
+            "max_worker": max_worker or min_worker,
+            "synchronous": str(synchronous).lower(),
+        }
         return self.request("PUT", path, params=params, timeout=600)
 
 
@@ -146,11 +162,16 @@ def model_states(mgmt: ManagementClient) -> list[ModelState]:
         default_version = str(default[0]["modelVersion"]) if default else None
         for d in mgmt.describe(m["modelName"]):
             workers = d.get("workers", [])
-            states.append(ModelState(
-                name=d["modelName"], version=str(d["modelVersion"]), default=str(d["modelVersion"]) == default_version,
-                ready_workers=sum(w.get("status") == "READY" for w in workers), workers=len(workers),
-                url=d.get("modelUrl", ""),
-            ))
+            states.append(
+                ModelState(
+                    name=d["modelName"],
+                    version=str(d["modelVersion"]),
+                    default=str(d["modelVersion"]) == default_version,
+                    ready_workers=sum(w.get("status") == "READY" for w in workers),
+                    workers=len(workers),
+                    url=d.get("modelUrl", ""),
+                )
+            )
     return states
 
 

@@ -43,9 +43,7 @@ class HandlerOptions:
         if self.amp not in AMP_CHOICES:
             problems.append(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.decode_device not in DECODE_CHOICES:
-            problems.append(
-                f"decode_device must be one of {DECODE_CHOICES}, got {self.decode_device!r}"
-            )
+            problems.append(f"decode_device must be one of {DECODE_CHOICES}, got {self.decode_device!r}")
         if self.channels not in (1, 3):
             problems.append(f"channels must be 1 or 3, got {self.channels!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
@@ -58,9 +56,7 @@ class HandlerOptions:
             problems.append(f"topk must be >= 1, got {self.topk}")
         if not self.warmup_batch_sizes or any(b < 1 for b in self.warmup_batch_sizes):
             problems.append("warmup_batch_sizes must list batch sizes >= 1")
-        if self.cpu_threads != "auto" and (
-            not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
-        ):
+        if self.cpu_threads != "auto" and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             problems.append(f"cpu_threads must be 'auto' or an integer >= 1, got {self.cpu_threads!r}")
         if self.max_image_pixels < 1 or self.max_image_bytes < 1:
             problems.append("max_image_pixels and max_image_bytes must be >= 1")
@@ -74,9 +70,7 @@ class HandlerOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(
-                f"unknown handler option(s) {unknown}; known options: {sorted(known)}"
-            )
+            raise ConfigError(f"unknown handler option(s) {unknown}; known options: {sorted(known)}")
         for key in ("mean", "std", "warmup_batch_sizes"):
             if key in data:
                 data[key] = tuple(data[key])

@@ -105,11 +105,17 @@ def _precisions(loaded, amp_dtype: torch.dtype | None) -> list[torch.dtype | Non
     return [None]
 
 
-def check_parity(eager: Callable, artifact: Callable,
-                 inputs: torch.Tensor | Sequence[torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
-                 amp: torch.dtype | None = None, artifact_autocast: bool = True,
-                 artifact_dtype: torch.dtype | None = None, hint: str = "", precision: str | None = None,
-                 tolerance: float | None = None) -> tuple[float, float]:
+def check_parity(
+    eager: Callable,
+    artifact: Callable,
+    inputs: torch.Tensor | Sequence[torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
+    amp: torch.dtype | None = None,
+    artifact_autocast: bool = True,
+    artifact_dtype: torch.dtype | None = None,
+    hint: str = "",
+    precision: str | None = None,
+    tolerance: float | None = None,
+) -> tuple[float, float]:
     """Worst relative error and lowest top-1 agreement of ``artifact`` vs ``eager`` over the batches.
 
     Raises :class:`ExportMismatch` at the first batch past the tolerance (by default the one for ``amp``).
@@ -128,7 +134,9 @@ def check_parity(eager: Callable, artifact: Callable,
             with _autocast(device, amp if artifact_autocast else None):
                 out = artifact(xa)
         err = relative_error(out, ref)
-        agree = float((out.float().argmax(-1) == ref.float().argmax(-1)).float().mean()) if out.shape == ref.shape else 0.0
+        agree = (
+            float((out.float().argmax(-1) == ref.float().argmax(-1)).float().mean()) if out.shape == ref.shape else 0.0
+        )
         if not err <= tol:
             raise ExportMismatch(
                 f"exported artifact disagrees with the eager model under {precision} on the "
@@ -149,11 +157,17 @@ def top1_agreement(eager: Callable, artifact: Callable, batches: Sequence[torch.
     return same / total if total else 1.0
 
 
-def _check_int8(model: Callable, loaded: Callable, batches: Sequence[tuple[str, torch.Tensor]],
-                held: Sequence[torch.Tensor], hint: str) -> tuple[float, float]:
+def _check_int8(
+    model: Callable,
+    loaded: Callable,
+    batches: Sequence[tuple[str, torch.Tensor]],
+    held: Sequence[torch.Tensor],
+    hint: str,
+) -> tuple[float, float]:
     """int8 vs fp32 eager: the relative error on each check batch, the top-1 agreement over all held-out items."""
-    err, _ = check_parity(model, loaded, batches, artifact_autocast=False, hint=hint, precision="int8",
-                          tolerance=INT8_TOLERANCE)
+    err, _ = check_parity(
+        model, loaded, batches, artifact_autocast=False, hint=hint, precision="int8", tolerance=INT8_TOLERANCE
+    )
     agreement = top1_agreement(model, loaded, held)
     if agreement < INT8_MIN_AGREEMENT:
         raise ExportMismatch(
@@ -192,8 +206,9 @@ def _script(model: torch.nn.Module) -> torch.jit.ScriptModule:
         ) from None
 
 
-def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike,
-                       method: str = "trace", freeze: bool = False) -> list[str]:
+def export_torchscript(
+    model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, method: str = "trace", freeze: bool = False
+) -> list[str]:
     """Trace or script ``model`` and save it (optionally frozen) to ``path``; returns the tracer's warnings."""
     model = model.eval()
     module, notes = _trace(model, example) if method == "trace" else (_script(model), [])
@@ -215,7 +230,8 @@ def _export_failure(exc: Exception) -> ConfigError:
     hint = (
         "Python control flow on a tensor's values cannot be captured: rewrite the branch with "
         "torch.cond, or export with --format script."
-        if data_dependent else "Fix the model for torch.export, or use --format script / trace."
+        if data_dependent
+        else "Fix the model for torch.export, or use --format script / trace."
     )
     return ConfigError(f"torch.export cannot capture the model: {text.strip().splitlines()[0][:300]}{where}. {hint}")
 
@@ -236,9 +252,15 @@ def _check_compiler(device: torch.device) -> None:
         raise ConfigError("exporting a .pt2 for cuda needs a CUDA GPU on the exporting machine")
 
 
-def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike,
-               device: torch.device, dtype: torch.dtype | None = None, max_batch: int = 1024,
-               channels_last: bool = False) -> Path:
+def export_pt2(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    max_batch: int = 1024,
+    channels_last: bool = False,
+) -> Path:
     """torch.export with a dynamic batch dimension, compiled by AOTInductor for ``device``.
 
     ``dtype`` (a half type, GPU only) and ``channels_last`` are baked into the package, recorded in its
@@ -289,8 +311,7 @@ def _unsupported_operator(exc: Exception, opset: int) -> ConfigError:
     return ConfigError(f"ONNX export failed: operator {name} is not supported at opset {opset}. {what}")
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike,
-                opset: int = 18) -> Path:
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = 18) -> Path:
     """ONNX (fp32, dynamic batch axis) at an explicit opset, with torch's TorchScript-based exporter.
 
     The dynamo exporter (torch's default) needs the onnxscript package; the TorchScript-based one
@@ -308,8 +329,13 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the parity check catches what they warn of
             with torch.no_grad():
                 torch.onnx.export(
-                    model, (example,), str(path), input_names=["input"], output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                    model,
+                    (example,),
+                    str(path),
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                    opset_version=opset,
                     dynamo=False,
                 )
     except torch.onnx.errors.UnsupportedOperatorError as exc:
@@ -328,14 +354,24 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
 
 
 # -- the one entry point ---------------------------------------------------------------------------
-def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, path: Path, device: torch.device,
-           amp_dtype: torch.dtype | None, freeze: bool, opset: int, channels_last: bool) -> list[str]:
+def _write(
+    fmt: str,
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    freeze: bool,
+    opset: int,
+    channels_last: bool,
+) -> list[str]:
     if fmt in ("trace", "script"):
         return export_torchscript(model, example, path, fmt, freeze)
     if fmt == "pt2":
         # AOTInductor bakes the dtype in: a half-precision graph for GPU AMP, fp32 otherwise.
-        export_pt2(model, example, path, device, amp_dtype if device.type == "cuda" else None,
-                   channels_last=channels_last)
+        export_pt2(
+            model, example, path, device, amp_dtype if device.type == "cuda" else None, channels_last=channels_last
+        )
     else:
         export_onnx(model, example, path, opset)
     return []
@@ -350,11 +386,22 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(main, path)
 
 
-def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike, fmt: str = "trace",
-           device: str | torch.device = "cpu", amp: str = "off", freeze: bool = False,
-           opset: int = 18, log_fn=log.info, *, channels_last: bool = False,
-           check_inputs: Sequence[torch.Tensor] | None = None, quantize: str = "off",
-           calibration: Sequence[torch.Tensor] | None = None) -> ParityReport:
+def export(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    fmt: str = "trace",
+    device: str | torch.device = "cpu",
+    amp: str = "off",
+    freeze: bool = False,
+    opset: int = 18,
+    log_fn=log.info,
+    *,
+    channels_last: bool = False,
+    check_inputs: Sequence[torch.Tensor] | None = None,
+    quantize: str = "off",
+    calibration: Sequence[torch.Tensor] | None = None,
+) -> ParityReport:
     """Export in ``fmt``, check against eager (fp32 and the AMP dtype) on several batches, then write ``path``.
 
     The artifact is written to a temporary folder beside ``path``; ``path`` (and its ``.dtype``
@@ -380,8 +427,11 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLik
         batches.append(("single held-out item", held[0][:1]))
     else:
         written = model
-        batches = ([(f"check batch {i + 1}", b.to(device)) for i, b in enumerate(check_inputs)]
-                   if check_inputs else parity_inputs(example))
+        batches = (
+            [(f"check batch {i + 1}", b.to(device)) for i, b in enumerate(check_inputs)]
+            if check_inputs
+            else parity_inputs(example)
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
@@ -391,8 +441,11 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLik
         seconds["export"] = time.perf_counter() - t0
         for note in notes:
             log_fn(f"export {fmt}: tracer warning: {note}")
-        hint = (" Tracing records one path through the model; tracer warnings: " + "; ".join(notes[:3]) + "."
-                if notes else "")
+        hint = (
+            " Tracing records one path through the model; tracer warnings: " + "; ".join(notes[:3]) + "."
+            if notes
+            else ""
+        )
         if fmt in ("trace", "onnx"):
             hint += " If the model has data-dependent control flow, export with --format script."
         t0 = time.perf_counter()
@@ -402,17 +455,27 @@ def export(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLik
         t0 = time.perf_counter()
         if quantize == "int8":
             errors["int8"], agree["int8"] = _check_int8(model, loaded, batches, held, hint)
-            log_fn(f"export {fmt}: parity int8 vs fp32 on {len(batches)} held-out batches: "
-                   f"worst relative error {errors['int8']:.2e}, top-1 agreement {agree['int8']:.0%}")
+            log_fn(
+                f"export {fmt}: parity int8 vs fp32 on {len(batches)} held-out batches: "
+                f"worst relative error {errors['int8']:.2e}, top-1 agreement {agree['int8']:.0%}"
+            )
         else:
             for dt in _precisions(loaded, amp_dtype):
-                err, ag = check_parity(model, loaded, batches, amp=dt, artifact_autocast=loaded.autocast,
-                                       artifact_dtype=loaded.input_dtype, hint=hint)
+                err, ag = check_parity(
+                    model,
+                    loaded,
+                    batches,
+                    amp=dt,
+                    artifact_autocast=loaded.autocast,
+                    artifact_dtype=loaded.input_dtype,
+                    hint=hint,
+                )
                 errors[precision_name(dt)], agree[precision_name(dt)] = err, ag
-                log_fn(f"export {fmt}: parity {precision_name(dt)} on {len(batches)} batches: "
-                       f"worst relative error {err:.2e}, top-1 agreement {ag:.0%}")
+                log_fn(
+                    f"export {fmt}: parity {precision_name(dt)} on {len(batches)} batches: "
+                    f"worst relative error {err:.2e}, top-1 agreement {ag:.0%}"
+                )
         seconds["check"] = time.perf_counter() - t0
         _publish(Path(tmp), path)
     log_fn(f"export {fmt}: wrote {path} (export {seconds['export']:.1f} s, load {seconds['load']:.2f} s)")
     return ParityReport(errors, agree, seconds)
-

@@ -111,8 +111,9 @@ class BuildHook:
         for candidate in (self.model_dir / name, HANDLERS_DIR / name):
             if candidate.is_file():
                 return candidate
-        raise ConfigError(f"{self.model_dir / 'build.py'}: HANDLER {name!r} is neither in {self.model_dir} "
-                          f"nor in {HANDLERS_DIR}")
+        raise ConfigError(
+            f"{self.model_dir / 'build.py'}: HANDLER {name!r} is neither in {self.model_dir} nor in {HANDLERS_DIR}"
+        )
 
     def weights(self, given: str | None) -> str | None:
         """``given``, else the file the hook's WEIGHTS_ENV variable names (None when neither is set)."""

@@ -76,8 +76,7 @@ class Engine:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 raise OutOfMemory(
-                    f"out of memory running a batch of {batch.shape[0]} on {self.device}; "
-                    "retry, or lower batchSize"
+                    f"out of memory running a batch of {batch.shape[0]} on {self.device}; retry, or lower batchSize"
                 ) from None
             raise ModelError(f"model failed: {first_line(exc)}") from None
 

@@ -29,9 +29,7 @@ class JavaRuntime:
 def java_major(java: str | os.PathLike) -> int | None:
     """The major version ``java -version`` reports, or None if it does not run."""
     try:
-        out = subprocess.run(
-            [str(java), "-version"], capture_output=True, text=True, timeout=30
-        ).stderr
+        out = subprocess.run([str(java), "-version"], capture_output=True, text=True, timeout=30).stderr
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_java_version(out)

@@ -43,10 +43,17 @@ class CheckedLoad:
     between a client's requests bound the load; ``clock`` sets the time base of the outcomes.
     """
 
-    def __init__(self, make_client: Callable[[], InferenceClient], model: str,
-                 samples: Sequence[tuple[bytes, str | None]], threads: int = 4, timeout: float = 60.0,
-                 content_type: str = "image/png", pause: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        make_client: Callable[[], InferenceClient],
+        model: str,
+        samples: Sequence[tuple[bytes, str | None]],
+        threads: int = 4,
+        timeout: float = 60.0,
+        content_type: str = "image/png",
+        pause: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if not samples:
             raise ValueError("CheckedLoad needs at least one sample")
         self.make_client, self.model, self.samples = make_client, model, list(samples)

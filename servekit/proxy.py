@@ -62,11 +62,17 @@ def read_keys(keys_dir: Path | None, env_keys: str = "") -> dict[str, str]:
             keys[f"env-{i + 1}"] = key
     for name, key in keys.items():
         if not KEY_RE.match(key):
-            raise ConfigError(f"client key {name!r} has characters a bearer token cannot carry (allowed: A-Z a-z 0-9 . _ ~ + / = -)")
+            raise ConfigError(
+                f"client key {name!r} has characters a bearer token cannot carry (allowed: A-Z a-z 0-9 . _ ~ + / = -)"
+            )
     short = sorted(n for n, k in keys.items() if len(k) < MIN_KEY_LENGTH)
     if short:
-        log.warning("client keys %s are shorter than %d characters: use long random keys "
-                    "(python -c 'import secrets; print(secrets.token_urlsafe(32))')", short, MIN_KEY_LENGTH)
+        log.warning(
+            "client keys %s are shorter than %d characters: use long random keys "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            short,
+            MIN_KEY_LENGTH,
+        )
     return keys
 
 
@@ -84,10 +90,16 @@ def _size_text(size: str) -> str:
 def render(settings: ProxySettings) -> str:
     """nginx.conf for these settings."""
     values = {
-        "workers": str(settings.workers), "run_dir": str(settings.run_dir), "listen": str(settings.listen),
-        "metrics_listen": str(settings.metrics_listen), "inference": settings.inference,
-        "ts_metrics": settings.ts_metrics, "watcher": settings.watcher, "max_body": settings.max_body,
-        "read_timeout": settings.read_timeout, "max_body_text": _size_text(settings.max_body),
+        "workers": str(settings.workers),
+        "run_dir": str(settings.run_dir),
+        "listen": str(settings.listen),
+        "metrics_listen": str(settings.metrics_listen),
+        "inference": settings.inference,
+        "ts_metrics": settings.ts_metrics,
+        "watcher": settings.watcher,
+        "max_body": settings.max_body,
+        "read_timeout": settings.read_timeout,
+        "max_body_text": _size_text(settings.max_body),
         "access_log": "/dev/stdout servekit" if settings.access_log else "off",
     }
     text = TEMPLATE.read_text()
@@ -115,8 +127,10 @@ class Proxy:
         """Write nginx.conf and the keys map (refusing to start with no key at all)."""
         keys = read_keys(self.keys_dir, self.env_keys)
         if not keys:
-            raise ConfigError(f"no client keys: mount the Secret's keys at {self.keys_dir} "
-                              "(one key per file) or set SERVEKIT_API_KEYS")
+            raise ConfigError(
+                f"no client keys: mount the Secret's keys at {self.keys_dir} "
+                "(one key per file) or set SERVEKIT_API_KEYS"
+            )
         for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.settings.run_dir / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(render(self.settings))
@@ -130,13 +144,19 @@ class Proxy:
         """Check the configuration with ``nginx -t``, then start nginx in the foreground."""
         self.write()
         # -e stderr: nginx would otherwise open its compiled-in error log first (unwritable here).
-        check = subprocess.run([self.nginx, "-t", "-q", "-e", "stderr", "-c", str(self.conf)],
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            [self.nginx, "-t", "-q", "-e", "stderr", "-c", str(self.conf)], capture_output=True, text=True
+        )
         if check.returncode != 0:
             raise ConfigError(f"nginx refused the configuration: {check.stderr.strip()}")
         self.proc = subprocess.Popen([self.nginx, "-e", "stderr", "-c", str(self.conf), "-g", "daemon off;"])
-        log.info("nginx on :%d (inference) and :%d (metrics) with %d client key(s): %s",
-                 self.settings.listen, self.settings.metrics_listen, len(self.keys), ", ".join(sorted(self.keys)))
+        log.info(
+            "nginx on :%d (inference) and :%d (metrics) with %d client key(s): %s",
+            self.settings.listen,
+            self.settings.metrics_listen,
+            len(self.keys),
+            ", ".join(sorted(self.keys)),
+        )
 
     def refresh(self) -> bool:
         """Re-read the keys; on a change rewrite the map and reload nginx (graceful). True when reloaded."""
@@ -150,8 +170,12 @@ class Proxy:
         added, removed = sorted(set(keys) - set(self.keys)), sorted(set(self.keys) - set(keys))
         self.write()
         self.proc.send_signal(signal.SIGHUP)
-        log.info("client keys changed (added %s, removed %s, changed %s); nginx reloaded", added or "none",
-                 removed or "none", sorted(n for n in keys if n in self.keys and keys[n] != self.keys[n]) or "none")
+        log.info(
+            "client keys changed (added %s, removed %s, changed %s); nginx reloaded",
+            added or "none",
+            removed or "none",
+            sorted(n for n in keys if n in self.keys and keys[n] != self.keys[n]) or "none",
+        )
         return True
 
     def run(self, stop: threading.Event, interval: float = 2.0) -> int:
@@ -176,28 +200,64 @@ def main(argv: list[str] | None = None) -> int:
     env = os.environ
     p = argparse.ArgumentParser(prog="servekit proxy", description=__doc__.splitlines()[0])
     p.add_argument("--listen", type=int, default=int(env.get("SERVEKIT_PROXY_PORT", 8080)), help="inference port")
-    p.add_argument("--metrics-listen", type=int, default=int(env.get("SERVEKIT_PROXY_METRICS_PORT", 8082)),
-                   help="port for /metrics (TorchServe's) and /metrics/servekit (the watcher's)")
-    p.add_argument("--inference", default=env.get("SERVEKIT_UPSTREAM", "127.0.0.1:8180"),
-                   help="TorchServe's inference address on the pod's loopback")
-    p.add_argument("--ts-metrics", default=env.get("SERVEKIT_UPSTREAM_METRICS", "127.0.0.1:8182"),
-                   help="TorchServe's metrics address")
-    p.add_argument("--watcher", default=env.get("SERVEKIT_WATCHER", "127.0.0.1:9101"),
-                   help="the watcher's /ready and /metrics address")
-    p.add_argument("--keys-dir", type=Path, default=Path(env.get("SERVEKIT_KEYS_DIR", "/etc/servekit/api-keys")),
-                   help="the mounted Secret: one client key per file")
+    p.add_argument(
+        "--metrics-listen",
+        type=int,
+        default=int(env.get("SERVEKIT_PROXY_METRICS_PORT", 8082)),
+        help="port for /metrics (TorchServe's) and /metrics/servekit (the watcher's)",
+    )
+    p.add_argument(
+        "--inference",
+        default=env.get("SERVEKIT_UPSTREAM", "127.0.0.1:8180"),
+        help="TorchServe's inference address on the pod's loopback",
+    )
+    p.add_argument(
+        "--ts-metrics",
+        default=env.get("SERVEKIT_UPSTREAM_METRICS", "127.0.0.1:8182"),
+        help="TorchServe's metrics address",
+    )
+    p.add_argument(
+        "--watcher",
+        default=env.get("SERVEKIT_WATCHER", "127.0.0.1:9101"),
+        help="the watcher's /ready and /metrics address",
+    )
+    p.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=Path(env.get("SERVEKIT_KEYS_DIR", "/etc/servekit/api-keys")),
+        help="the mounted Secret: one client key per file",
+    )
     p.add_argument("--max-body", default=env.get("SERVEKIT_MAX_BODY", "10m"), help="largest request body")
-    p.add_argument("--read-timeout", default=env.get("SERVEKIT_READ_TIMEOUT", "130s"),
-                   help="longest wait for TorchServe's answer")
-    p.add_argument("--no-access-log", action="store_true", default=env.get("SERVEKIT_ACCESS_LOG") == "off",
-                   help="no access log (default: one line per request on stdout)")
+    p.add_argument(
+        "--read-timeout", default=env.get("SERVEKIT_READ_TIMEOUT", "130s"), help="longest wait for TorchServe's answer"
+    )
+    p.add_argument(
+        "--no-access-log",
+        action="store_true",
+        default=env.get("SERVEKIT_ACCESS_LOG") == "off",
+        help="no access log (default: one line per request on stdout)",
+    )
     p.add_argument("--workers", type=int, default=int(env.get("SERVEKIT_PROXY_WORKERS", 2)), help="nginx workers")
-    p.add_argument("--run-dir", type=Path, default=Path(env.get("SERVEKIT_PROXY_RUN_DIR", "/tmp/servekit-proxy")),
-                   help="where nginx.conf, the keys map and nginx's temp files go")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path(env.get("SERVEKIT_PROXY_RUN_DIR", "/tmp/servekit-proxy")),
+        help="where nginx.conf, the keys map and nginx's temp files go",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ProxySettings(args.listen, args.metrics_listen, args.inference, args.ts_metrics, args.watcher,
-                             args.max_body, args.read_timeout, not args.no_access_log, args.workers, args.run_dir)
+    settings = ProxySettings(
+        args.listen,
+        args.metrics_listen,
+        args.inference,
+        args.ts_metrics,
+        args.watcher,
+        args.max_body,
+        args.read_timeout,
+        not args.no_access_log,
+        args.workers,
+        args.run_dir,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

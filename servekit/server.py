@@ -35,23 +35,43 @@ PID_FILE = "server.pid"
 
 
 def default_paths() -> tuple[Path, Path, Path]:
-    """(config template, model store, run dir): ``$SERVEKIT_CONFIG``, ``$SERVEKIT_MODEL_STORE``, ``$SERVEKIT_RUN_DIR``."""
+    """(config template, model store, run dir) from ``$SERVEKIT_CONFIG``, ``_MODEL_STORE``, ``_RUN_DIR``, else ours."""
     env = os.environ
-    return (Path(env.get("SERVEKIT_CONFIG", DEFAULT_CONFIG)), Path(env.get("SERVEKIT_MODEL_STORE", DEFAULT_STORE)),
-            Path(env.get("SERVEKIT_RUN_DIR", DEFAULT_RUN)))
+    return (
+        Path(env.get("SERVEKIT_CONFIG", DEFAULT_CONFIG)),
+        Path(env.get("SERVEKIT_MODEL_STORE", DEFAULT_STORE)),
+        Path(env.get("SERVEKIT_RUN_DIR", DEFAULT_RUN)),
+    )
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     """The arguments that locate a server: config template, model store, run dir, overrides."""
     config, store, run = default_paths()
-    p.add_argument("--config", type=Path, default=config,
-                   help="config.properties template (default: $SERVEKIT_CONFIG or the repository's)")
-    p.add_argument("--model-store", type=Path, default=store,
-                   help="folder of .mar archives (default: $SERVEKIT_MODEL_STORE or model_store/)")
-    p.add_argument("--run-dir", type=Path, default=run,
-                   help="key_file.json, logs, pid and status files (default: $SERVEKIT_RUN_DIR or .run/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config.properties entry (repeatable)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=config,
+        help="config.properties template (default: $SERVEKIT_CONFIG or the repository's)",
+    )
+    p.add_argument(
+        "--model-store",
+        type=Path,
+        default=store,
+        help="folder of .mar archives (default: $SERVEKIT_MODEL_STORE or model_store/)",
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=run,
+        help="key_file.json, logs, pid and status files (default: $SERVEKIT_RUN_DIR or .run/)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config.properties entry (repeatable)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -79,7 +99,9 @@ class ServerConfig:
         props = read_properties(self.template)
         store = str(self.model_store.resolve())
         props["model_store"] = store
-        props["allowed_urls"] = props.get("allowed_urls", "").replace("MODEL_STORE", re.escape(store).replace("\\", "\\\\"))
+        props["allowed_urls"] = props.get("allowed_urls", "").replace(
+            "MODEL_STORE", re.escape(store).replace("\\", "\\\\")
+        )
         if props.get("metrics_config", "METRICS_CONFIG") == "METRICS_CONFIG":
             props["metrics_config"] = str(METRICS_YAML)
         props.update(self.overrides)
@@ -186,8 +208,9 @@ def read_pid(run_dir: Path) -> int | None:
     return pgid if _alive(pgid) else None
 
 
-def start(cfg: ServerConfig, models: dict[str, str] | None = None, log: Callable[[str], None] = print,
-          console: bool = False) -> subprocess.Popen:
+def start(
+    cfg: ServerConfig, models: dict[str, str] | None = None, log: Callable[[str], None] = print, console: bool = False
+) -> subprocess.Popen:
     """Start TorchServe in its own process group; ``models`` maps names to archive files in the store.
 
     ``console``: TorchServe's logs go to this process's stdout as well as to the capped files
@@ -203,14 +226,32 @@ def start(cfg: ServerConfig, models: dict[str, str] | None = None, log: Callable
     (cfg.run_dir / "logs").mkdir(exist_ok=True)
     cfg.key_file.unlink(missing_ok=True)  # a stale key file would be mistaken for the new one
     # The launcher module runs the same code as the `torchserve` script, wherever it is installed.
-    cmd = [sys.executable, "-m", "ts.model_server",
-           "--start", "--foreground", "--ts-config", str(props_file),
-           "--model-store", str(cfg.model_store.resolve()), "--ncs", "--log-config", str(LOG_CONFIG)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ts.model_server",
+        "--start",
+        "--foreground",
+        "--ts-config",
+        str(props_file),
+        "--model-store",
+        str(cfg.model_store.resolve()),
+        "--ncs",
+        "--log-config",
+        str(LOG_CONFIG),
+    ]
     if models:
         cmd += ["--models", *(f"{n}={f}" for n, f in sorted(models.items()))]
     out: IO[bytes] | None = None if console else open(cfg.run_dir / "logs" / "torchserve.out", "ab")
-    proc = subprocess.Popen(cmd, cwd=cfg.run_dir, env=_env(cfg, java.home, console), stdout=out,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cfg.run_dir,
+        env=_env(cfg, java.home, console),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     (cfg.run_dir / PID_FILE).write_text(str(proc.pid))
     return proc
 
@@ -220,9 +261,11 @@ def ready_models(cfg: ServerConfig) -> dict[str, tuple[str, int]]:
     return {s.name: (s.version, s.ready_workers) for s in model_states(cfg.management()) if s.default}
 
 
-def wait_ready(cfg: ServerConfig, models: list[str] | None = None, timeout: float = 600.0,
-               proc: subprocess.Popen | None = None) -> None:
+def wait_ready(
+    cfg: ServerConfig, models: list[str] | None = None, timeout: float = 600.0, proc: subprocess.Popen | None = None
+) -> None:
     """Wait for /ping and for every named model to have a READY worker on its default version."""
+
     def check() -> bool:
         if proc is not None and proc.poll() is not None:
             raise ConfigError(f"TorchServe exited with code {proc.returncode}; see {cfg.run_dir / 'logs'}")
@@ -283,5 +326,8 @@ def check_health(cfg: ServerConfig, live: bool = False) -> Health:
     not_ready = sorted(f"{name} v{version}" for name, (version, workers) in models.items() if workers == 0)
     if not models or not_ready:
         return Health(False, f"not ready: {not_ready or 'no models registered'}")
-    return Health(True, "ready: " + ", ".join(f"{name} v{version} ({workers} workers)"
-                                             for name, (version, workers) in sorted(models.items())))
+    return Health(
+        True,
+        "ready: "
+        + ", ".join(f"{name} v{version} ({workers} workers)" for name, (version, workers) in sorted(models.items())),
+    )

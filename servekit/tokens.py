@@ -110,9 +110,15 @@ class KeyRenewer:
     ``on_renewal(kind, ok, expires)`` reports each attempt (metrics).
     """
 
-    def __init__(self, management_url: str, tokens: TokenFile, lifetime_s: float,
-                 on_renewal: Callable[[str, bool, float | None], None] | None = None,
-                 retry_s: float = 5.0, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        management_url: str,
+        tokens: TokenFile,
+        lifetime_s: float,
+        on_renewal: Callable[[str, bool, float | None], None] | None = None,
+        retry_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.url = management_url.rstrip("/") + "/token"
         self.tokens = tokens
         self.lifetime_s = lifetime_s
@@ -136,8 +142,9 @@ class KeyRenewer:
     def renew(self, kind: str) -> float | None:
         """Ask the token API for a new ``kind`` key; its expiry once the key file holds it (raises otherwise)."""
         before = self.tokens.keys(force=True)
-        resp = self.session.post(self.url, params={"type": kind}, timeout=30,
-                                 headers={"Authorization": f"Bearer {before.api}"})
+        resp = self.session.post(
+            self.url, params={"type": kind}, timeout=30, headers={"Authorization": f"Bearer {before.api}"}
+        )
         if resp.status_code != 200:
             raise RuntimeError(f"token API answered {resp.status_code}: {resp.text.strip()[:200]}")
         after = self.tokens.keys(force=True)

@@ -43,8 +43,9 @@ def tail_lines(path: str | Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def worker_timeline(log_dir: str | Path, model: str, version: str,
-                    max_bytes: int = 8 << 20) -> dict[str, tuple[float, float]]:
+def worker_timeline(
+    log_dir: str | Path, model: str, version: str, max_bytes: int = 8 << 20
+) -> dict[str, tuple[float, float]]:
     """For each step, the (first, last) epoch time it was logged for ``model`` ``version``'s workers.
 
     Only the last ``max_bytes`` of each log are read (a long-running server's logs grow).
@@ -68,8 +69,11 @@ def worker_timeline(log_dir: str | Path, model: str, version: str,
 
 def relative_timeline(timeline: dict[str, tuple[float, float]], zero: float) -> dict[str, list[float]]:
     """The timeline as seconds after ``zero`` (e.g. the publish time), steps in TorchServe's order."""
-    return {step: [round(timeline[step][0] - zero, 2), round(timeline[step][1] - zero, 2)]
-            for step, _ in STEPS if step in timeline}
+    return {
+        step: [round(timeline[step][0] - zero, 2), round(timeline[step][1] - zero, 2)]
+        for step, _ in STEPS
+        if step in timeline
+    }
 
 
 def describe(timeline: dict[str, list[float]]) -> str:

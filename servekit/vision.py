@@ -45,7 +45,7 @@ def extract_bytes(item: Any) -> bytes:
             return extract_bytes(item["instances"][0])
         raise InvalidInput(
             "no image found: send the image as the raw body, a multipart field named "
-            "'data', or JSON {\"data\": \"<base64>\"}"
+            '\'data\', or JSON {"data": "<base64>"}'
         )
     if isinstance(item, (bytes, bytearray, memoryview)):
         raw = bytes(item)
@@ -83,9 +83,7 @@ class ImageHeader:
 def check_image(raw: bytes, opts: HandlerOptions) -> ImageHeader:
     """Validate size, format and declared dimensions before any pixel is decoded."""
     if len(raw) > opts.max_image_bytes:
-        raise PayloadTooLarge(
-            f"image is {len(raw)} bytes; the limit is {opts.max_image_bytes} (max_image_bytes)"
-        )
+        raise PayloadTooLarge(f"image is {len(raw)} bytes; the limit is {opts.max_image_bytes} (max_image_bytes)")
     fmt = sniff_format(raw)
     if fmt is None:
         raise UnsupportedMediaType("not a JPEG or PNG image")
@@ -194,12 +192,12 @@ class Preprocessor:
         x = torch.empty((len(images), self.opts.channels, c, c), device=self.device)
         for idx in groups.values():
             stacked = torch.stack([images[i].to(self.device, non_blocking=True) for i in idx])
-            x[torch.tensor(idx, device=self.device) if len(idx) < len(images) else slice(None)] = self.resize_crop(stacked)
+            x[torch.tensor(idx, device=self.device) if len(idx) < len(images) else slice(None)] = self.resize_crop(
+                stacked
+            )
         x = x.clamp_(0, 255).round_()
         x = (x - self.mean) * self.inv_std
-        return x.to(dtype=self.dtype, memory_format=self.memory_format).contiguous(
-            memory_format=self.memory_format
-        )
+        return x.to(dtype=self.dtype, memory_format=self.memory_format).contiguous(memory_format=self.memory_format)
 
 
 def reference_transform(opts: HandlerOptions):

@@ -20,8 +20,12 @@ class ControlFlowNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
-            nn.Linear(8 * 7 * 7, 32), nn.ReLU(),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(4),
+            nn.Flatten(),
+            nn.Linear(8 * 7 * 7, 32),
+            nn.ReLU(),
         )
         self.bright = nn.Linear(32, 10)
         self.dark = nn.Linear(32, 10)

@@ -22,8 +22,10 @@ def build_model(weights: str | None = None, log=print) -> torch.nn.Module:
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         log(f"resnet50: loaded weights from {weights}")
     else:
-        msg = ("resnet50: no WEIGHTS given; using a deterministic random initialisation. "
-               "Predicted labels are meaningless (use WEIGHTS=path/to/state_dict.pt for real ones).")
+        msg = (
+            "resnet50: no WEIGHTS given; using a deterministic random initialisation. "
+            "Predicted labels are meaningless (use WEIGHTS=path/to/state_dict.pt for real ones)."
+        )
         warnings.warn(msg, stacklevel=2)
         log("WARNING: " + msg)
     return model.eval()

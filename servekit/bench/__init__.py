@@ -1,7 +1,7 @@
 """``servekit bench``: our handler vs TorchServe's stock image_classifier under the same load.
 
-    servekit bench [--quick | --gpu] [sweep flags]     measure, write <out>/results.json, report.md, bench.png
-    servekit bench report FILE.json... [--out DIR]      merge result files and redraw the report
+servekit bench [--quick | --gpu] [sweep flags]     measure, write <out>/results.json, report.md, bench.png
+servekit bench report FILE.json... [--out DIR]      merge result files and redraw the report
 """
 
 from __future__ import annotations
@@ -14,15 +14,43 @@ from typing import Any
 
 PROFILES: dict[str, dict[str, Any]] = {
     # A 2-core CPU machine: about 8 minutes for ours (TorchScript), ours int8, stock and stock tuned.
-    "quick": dict(device="cpu", configs=["ours", "ours-int8", "stock", "stock-tuned"],
-                  workers=[1, 2], batch=[8], delay=[5], stock_workers=None, stock_batch=None,
-                  concurrency=[1, 8, 32], duration=10.0, warmup=2.0, ceiling_batch=[1, 8], decode_batch=[],
-                  micro_seconds=2.0, amp="auto", freeze="auto", channels_last_weights=True),
+    "quick": dict(
+        device="cpu",
+        configs=["ours", "ours-int8", "stock", "stock-tuned"],
+        workers=[1, 2],
+        batch=[8],
+        delay=[5],
+        stock_workers=None,
+        stock_batch=None,
+        concurrency=[1, 8, 32],
+        duration=10.0,
+        warmup=2.0,
+        ceiling_batch=[1, 8],
+        decode_batch=[],
+        micro_seconds=2.0,
+        amp="auto",
+        freeze="auto",
+        channels_last_weights=True,
+    ),
     # One H100: ours on the whole grid, the stock handler at batch 32 (run the phases as separate commands).
-    "gpu": dict(device="cuda", configs=["ours", "stock", "stock-tuned"],
-                workers=[2, 4], batch=[32, 64], delay=[5], stock_workers=None, stock_batch=[32],
-                concurrency=[1, 32, 128], duration=8.0, warmup=2.0, ceiling_batch=[1, 32, 64, 128],
-                decode_batch=[32, 64], micro_seconds=2.0, amp=None, freeze=False, channels_last_weights=True),
+    "gpu": dict(
+        device="cuda",
+        configs=["ours", "stock", "stock-tuned"],
+        workers=[2, 4],
+        batch=[32, 64],
+        delay=[5],
+        stock_workers=None,
+        stock_batch=[32],
+        concurrency=[1, 32, 128],
+        duration=8.0,
+        warmup=2.0,
+        ceiling_batch=[1, 32, 64, 128],
+        decode_batch=[32, 64],
+        micro_seconds=2.0,
+        amp=None,
+        freeze=False,
+        channels_last_weights=True,
+    ),
 }
 
 
@@ -48,20 +76,29 @@ def _configs(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``servekit bench`` (profile values fill whatever is not given)."""
-    p = argparse.ArgumentParser(prog="servekit bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="servekit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     prof = p.add_mutually_exclusive_group()
-    prof.add_argument("--quick", dest="profile", action="store_const", const="quick",
-                      help="CPU profile for a small machine (the default)")
+    prof.add_argument(
+        "--quick",
+        dest="profile",
+        action="store_const",
+        const="quick",
+        help="CPU profile for a small machine (the default)",
+    )
     prof.add_argument("--gpu", dest="profile", action="store_const", const="gpu", help="H100 profile")
     p.add_argument("--model", default="resnet50", help="model folder under models/ (default: resnet50)")
     p.add_argument("--weights", help="state dict for the model (default: seeded random weights)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where the workers run")
-    p.add_argument("--configs", type=_configs,
-                   help="comma-separated: ours (TorchScript), ours-pt2 (AOTInductor package, compiled here), "
-                        "ours-int8 (int8 artifact, CPU only), stock (default threads), "
-                        "stock-tuned (cores/workers threads); default: the profile's (CPU: all but "
-                        "ours-pt2; GPU: ours, stock, stock-tuned)")
+    p.add_argument(
+        "--configs",
+        type=_configs,
+        help="comma-separated: ours (TorchScript), ours-pt2 (AOTInductor package, compiled here), "
+        "ours-int8 (int8 artifact, CPU only), stock (default threads), "
+        "stock-tuned (cores/workers threads); default: the profile's (CPU: all but "
+        "ours-pt2; GPU: ours, stock, stock-tuned)",
+    )
     p.add_argument("--workers", type=_ints, help="workers per device, e.g. 1,2")
     p.add_argument("--batch", type=_ints, help="TorchServe batchSize values, e.g. 8,32")
     p.add_argument("--delay", type=_ints, help="maxBatchDelay values in ms, e.g. 5")
@@ -71,19 +108,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="measured seconds per concurrency level")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each window")
     p.add_argument("--loadgen-procs", type=int, help="load generator processes (default: cores/4, at most 8)")
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"],
-                   help="our handler's amp; auto: the faster of fp32/bf16 in the model-only ceiling "
-                        "(default: auto on CPU, model-config on GPU)")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "off", "bf16", "fp16"],
+        help="our handler's amp; auto: the faster of fp32/bf16 in the model-only ceiling "
+        "(default: auto on CPU, model-config on GPU)",
+    )
     p.add_argument("--cpu-threads", help="our handler's cpu_threads: auto or N (default: model-config)")
-    p.add_argument("--freeze", action=argparse.BooleanOptionalAction, default=None,
-                   help="serve a torch.jit.freeze-d artifact with our handler (default: auto on CPU, off on GPU)")
-    p.add_argument("--channels-last-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="serve (both handlers) a copy of the artifact with channels_last conv weights")
+    p.add_argument(
+        "--freeze",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve a torch.jit.freeze-d artifact with our handler (default: auto on CPU, off on GPU)",
+    )
+    p.add_argument(
+        "--channels-last-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve (both handlers) a copy of the artifact with channels_last conv weights",
+    )
     p.add_argument("--no-micro", dest="micro", action="store_false", help="skip the model-only and decode rates")
     p.add_argument("--micro-seconds", type=float, help="seconds per model-only / decode measurement")
     p.add_argument("--ceiling-batch", type=_ints, help="batch sizes for the model-only ceiling")
-    p.add_argument("--ceiling-threads", type=int, default=1,
-                   help="torch threads for the CPU model-only ceiling (default 1: a per-core rate)")
+    p.add_argument(
+        "--ceiling-threads",
+        type=int,
+        default=1,
+        help="torch threads for the CPU model-only ceiling (default 1: a per-core rate)",
+    )
     p.add_argument("--decode-batch", type=_ints, help="nvjpeg batch sizes (GPU only)")
     p.add_argument("--image-bytes", type=int, default=170_000, help="size of the synthetic JPEG")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
@@ -113,15 +165,28 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
     if args.cpu_threads:
         overrides["cpu_threads"] = args.cpu_threads if args.cpu_threads == "auto" else int(args.cpu_threads)
     return Plan(
-        model=args.model, device=pick("device"), configs=configs,
+        model=args.model,
+        device=pick("device"),
+        configs=configs,
         points=[Point(w, b, d) for w in workers for b in batch for d in delay],
         stock_points=[Point(w, b, d) for w in stock_workers for b in stock_batch for d in delay],
-        concurrency=pick("concurrency"), duration=pick("duration"), warmup=pick("warmup"), out=args.out,
-        loadgen_procs=args.loadgen_procs, handler_overrides=overrides, amp=pick("amp"), freeze=pick("freeze"),
-        channels_last_weights=pick("channels_last_weights"), weights=args.weights,
-        micro=args.micro, micro_seconds=pick("micro_seconds"), ceiling_batches=pick("ceiling_batch"),
+        concurrency=pick("concurrency"),
+        duration=pick("duration"),
+        warmup=pick("warmup"),
+        out=args.out,
+        loadgen_procs=args.loadgen_procs,
+        handler_overrides=overrides,
+        amp=pick("amp"),
+        freeze=pick("freeze"),
+        channels_last_weights=pick("channels_last_weights"),
+        weights=args.weights,
+        micro=args.micro,
+        micro_seconds=pick("micro_seconds"),
+        ceiling_batches=pick("ceiling_batch"),
         ceiling_threads=args.ceiling_threads,
-        decode_batches=pick("decode_batch"), image_bytes=args.image_bytes, keep=args.keep,
+        decode_batches=pick("decode_batch"),
+        image_bytes=args.image_bytes,
+        keep=args.keep,
         command="servekit bench " + " ".join(argv),
     )
 

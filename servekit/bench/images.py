@@ -19,7 +19,7 @@ def _octaves(rng: np.random.Generator, h: int, w: int, channels: int) -> np.ndar
         small = rng.normal(0, 1, (h // step + 2, w // step + 2, channels)).astype(np.float32)
         size = ((w // step + 2) * step, (h // step + 2) * step)
         up = [np.asarray(Image.fromarray(small[..., c]).resize(size, Image.BICUBIC))[:h, :w] for c in range(channels)]
-        tex += np.stack(up, -1) * step ** -0.2
+        tex += np.stack(up, -1) * step**-0.2
     return tex / tex.std()
 
 
@@ -46,8 +46,9 @@ def _encode(pixels: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_jpeg(width: int = WIDTH, height: int = HEIGHT, target_bytes: int = TARGET_BYTES,
-                   quality: int = QUALITY, seed: int = 0) -> bytes:
+def synthetic_jpeg(
+    width: int = WIDTH, height: int = HEIGHT, target_bytes: int = TARGET_BYTES, quality: int = QUALITY, seed: int = 0
+) -> bytes:
     """A ``width`` x ``height`` JPEG (4:4:4, ``quality``) whose size is within 2% of ``target_bytes``.
 
     The texture amplitude is found by bisection; the file size grows with it monotonically enough.

@@ -107,8 +107,9 @@ def _cpu_probe(measure_from: float, stop_at: float, cpu: list[float]) -> None:
     cpu.append(time.process_time())
 
 
-def _process_main(target: Target, threads: int, warmup: float, duration: float,
-                  start_value, ready: mp.Queue, results: mp.Queue) -> None:
+def _process_main(
+    target: Target, threads: int, warmup: float, duration: float, start_value, ready: mp.Queue, results: mp.Queue
+) -> None:
     """One load process: report ready, wait for the shared start instant, run ``threads`` clients."""
     ready.put(os.getpid())
     while start_value.value == 0.0:
@@ -117,8 +118,10 @@ def _process_main(target: Target, threads: int, warmup: float, duration: float,
     measure_from, stop_at = start_at + warmup, start_at + warmup + duration
     records: list[list[Record]] = [[] for _ in range(threads)]
     cpu: list[float] = []
-    workers = [threading.Thread(target=_client_loop, args=(target, start_at, stop_at, records[i]), daemon=True)
-               for i in range(threads)]
+    workers = [
+        threading.Thread(target=_client_loop, args=(target, start_at, stop_at, records[i]), daemon=True)
+        for i in range(threads)
+    ]
     workers.append(threading.Thread(target=_cpu_probe, args=(measure_from, stop_at, cpu), daemon=True))
     for w in workers:
         w.start()
@@ -140,8 +143,9 @@ def default_processes(concurrency: int, cpus: int | None = None) -> int:
     return max(1, min(concurrency, cpus // 4, 8))
 
 
-def summarize(records: list[Record], measure_from: float, stop_at: float, concurrency: int,
-              processes: int, cpu_s: float) -> LoadResult:
+def summarize(
+    records: list[Record], measure_from: float, stop_at: float, concurrency: int, processes: int, cpu_s: float
+) -> LoadResult:
     """Throughput counts answers that ended inside the window; latencies, requests that started in it."""
     duration = stop_at - measure_from
     ok_done = sum(1 for s, e, st, _ in records if st == 200 and measure_from <= e <= stop_at)
@@ -152,8 +156,9 @@ def summarize(records: list[Record], measure_from: float, stop_at: float, concur
     return LoadResult(concurrency, processes, duration, ok_done, latencies, len(failed), samples, cpu_s)
 
 
-def _probe_window(probes: dict[str, Callable[[], float]], measure_from: float, stop_at: float,
-                  out: dict[str, float]) -> None:
+def _probe_window(
+    probes: dict[str, Callable[[], float]], measure_from: float, stop_at: float, out: dict[str, float]
+) -> None:
     """Rate of change of each probe (e.g. CPU seconds of the server) between the window's edges."""
     time.sleep(max(0.0, measure_from - time.time()))
     first = {k: f() for k, f in probes.items()}
@@ -161,8 +166,14 @@ def _probe_window(probes: dict[str, Callable[[], float]], measure_from: float, s
     out.update({k: (f() - first[k]) / max(1e-9, stop_at - measure_from) for k, f in probes.items()})
 
 
-def run_load(target: Target, concurrency: int, duration: float, warmup: float = 2.0,
-             processes: int | None = None, probes: dict[str, Callable[[], float]] | None = None) -> LoadResult:
+def run_load(
+    target: Target,
+    concurrency: int,
+    duration: float,
+    warmup: float = 2.0,
+    processes: int | None = None,
+    probes: dict[str, Callable[[], float]] | None = None,
+) -> LoadResult:
     """Keep ``concurrency`` requests in flight for ``warmup`` + ``duration`` seconds; measure the last part.
 
     ``probes`` are read in this process at the window's start and end; their rates come back in ``probes``.
@@ -171,8 +182,10 @@ def run_load(target: Target, concurrency: int, duration: float, warmup: float = 
     shares = split(concurrency, processes or default_processes(concurrency))
     start_value = ctx.Value("d", 0.0)
     ready, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_process_main, args=(target, n, warmup, duration, start_value, ready, results),
-                         daemon=True) for n in shares]
+    procs = [
+        ctx.Process(target=_process_main, args=(target, n, warmup, duration, start_value, ready, results), daemon=True)
+        for n in shares
+    ]
     for p in procs:
         p.start()
     try:
@@ -181,8 +194,11 @@ def run_load(target: Target, concurrency: int, duration: float, warmup: float = 
         start_at = time.time() + 0.2
         start_value.value = start_at
         rates: dict[str, float] = {}
-        prober = threading.Thread(target=_probe_window, daemon=True,
-                                  args=(probes or {}, start_at + warmup, start_at + warmup + duration, rates))
+        prober = threading.Thread(
+            target=_probe_window,
+            daemon=True,
+            args=(probes or {}, start_at + warmup, start_at + warmup + duration, rates),
+        )
         prober.start()
         deadline = start_at + warmup + duration + target.timeout + 30
         collected = []

@@ -40,8 +40,14 @@ CPU_VARIANTS = tuple(Variant(a, c, f) for a in (False, True) for c in (False, Tr
 GPU_VARIANTS = tuple(Variant(a, c, False) for a in (False, True) for c in (False, True)) + (Variant(True, True, True),)
 
 
-def rate(fn: Callable[[], object], items_per_call: int, seconds: float, sync: Callable[[], None] = lambda: None,
-         warmup_calls: int = 3, min_calls: int = 2) -> float:
+def rate(
+    fn: Callable[[], object],
+    items_per_call: int,
+    seconds: float,
+    sync: Callable[[], None] = lambda: None,
+    warmup_calls: int = 3,
+    min_calls: int = 2,
+) -> float:
     """Items per second of ``fn`` over about ``seconds`` (after ``warmup_calls`` untimed calls)."""
     for _ in range(warmup_calls):
         fn()
@@ -82,9 +88,17 @@ ALTERNATE_VARIANTS = {
 }
 
 
-def model_ceiling(artifact: Path, frozen_artifact: Path | None, device: torch.device, opts: HandlerOptions,
-                  batch_sizes: Sequence[int], variants: Sequence[Variant], seconds: float,
-                  log: Callable[[str], None] = print, alternates: dict[str, Path] | None = None) -> list[dict]:
+def model_ceiling(
+    artifact: Path,
+    frozen_artifact: Path | None,
+    device: torch.device,
+    opts: HandlerOptions,
+    batch_sizes: Sequence[int],
+    variants: Sequence[Variant],
+    seconds: float,
+    log: Callable[[str], None] = print,
+    alternates: dict[str, Path] | None = None,
+) -> list[dict]:
     """Images/s of the artifact on preprocessed tensors already on ``device``, per variant and batch size.
 
     ``alternates`` maps bench configurations (ours-int8, ours-pt2) to their artifacts, measured too.
@@ -100,35 +114,65 @@ def model_ceiling(artifact: Path, frozen_artifact: Path | None, device: torch.de
             results += _ceiling_variant(path, variant, device, opts, batch_sizes, seconds, log)
         except Exception as exc:  # one variant failing (e.g. out of memory) must not lose the others
             log(f"  model-only {variant.name(device)}: failed: {exc}")
-            results.append({"variant": variant.name(device), **asdict(variant), "device": str(device),
-                            "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            results.append(
+                {
+                    "variant": variant.name(device),
+                    **asdict(variant),
+                    "device": str(device),
+                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                }
+            )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
 
 
-def _ceiling_variant(path: Path, variant: Variant, device: torch.device, opts: HandlerOptions,
-                     batch_sizes: Sequence[int], seconds: float, log: Callable[[str], None]) -> list[dict]:
+def _ceiling_variant(
+    path: Path,
+    variant: Variant,
+    device: torch.device,
+    opts: HandlerOptions,
+    batch_sizes: Sequence[int],
+    seconds: float,
+    log: Callable[[str], None],
+) -> list[dict]:
     amp = ("fp16" if device.type == "cuda" else "bf16") if variant.amp else "off"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = Engine(load_artifact(path, device), HandlerOptions(
-            amp=amp, channels=opts.channels, resize=opts.resize, crop=opts.crop, mean=opts.mean, std=opts.std))
+        engine = Engine(
+            load_artifact(path, device),
+            HandlerOptions(
+                amp=amp, channels=opts.channels, resize=opts.resize, crop=opts.crop, mean=opts.mean, std=opts.std
+            ),
+        )
     fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
     shape = (opts.channels, opts.crop, opts.crop)
     rows = []
     for bs in batch_sizes:
         x = torch.randn((bs, *shape), device=device, dtype=engine.input_dtype).contiguous(memory_format=fmt)
-        ips = rate(lambda: engine.forward(x), bs, seconds, _sync(device))
-        rows.append({"variant": variant.name(device), **asdict(variant), "device": str(device), "batch": bs,
-                     "threads": torch.get_num_threads() if device.type == "cpu" else None,
-                     "images_per_s": round(ips, 2)})
+        ips = rate(lambda x=x: engine.forward(x), bs, seconds, _sync(device))
+        rows.append(
+            {
+                "variant": variant.name(device),
+                **asdict(variant),
+                "device": str(device),
+                "batch": bs,
+                "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "images_per_s": round(ips, 2),
+            }
+        )
         log(f"  model-only {variant.name(device):28s} batch {bs:4d}: {ips:9.1f} images/s")
     return rows
 
 
-def decode_rates(raw: bytes, opts: HandlerOptions, device: torch.device, batch_sizes: Sequence[int],
-                 seconds: float, log: Callable[[str], None] = print) -> list[dict]:
+def decode_rates(
+    raw: bytes,
+    opts: HandlerOptions,
+    device: torch.device,
+    batch_sizes: Sequence[int],
+    seconds: float,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Images/s of decoding (and full preprocessing) one JPEG repeatedly: our CPU path, PIL, nvjpeg batches."""
     from PIL import Image
 
@@ -144,19 +188,43 @@ def decode_rates(raw: bytes, opts: HandlerOptions, device: torch.device, batch_s
     cases: list[tuple[str, str, int, Callable[[], object], Callable[[], None]]] = [
         ("torchvision decode_image (libjpeg-turbo)", "cpu", 1, lambda: pre.decode_cpu(raw), lambda: None),
         ("PIL decode", "cpu", 1, pil_decode, lambda: None),
-        ("servekit preprocess: decode_image + resize/crop/normalise", "cpu", 1,
-         lambda: pre.to_batch(pre.decode_many([raw], [header])), lambda: None),
-        ("stock preprocess: PIL + torchvision transforms", "cpu", 1,
-         lambda: pil_transform(Image.open(io.BytesIO(raw))), lambda: None),
+        (
+            "servekit preprocess: decode_image + resize/crop/normalise",
+            "cpu",
+            1,
+            lambda: pre.to_batch(pre.decode_many([raw], [header])),
+            lambda: None,
+        ),
+        (
+            "stock preprocess: PIL + torchvision transforms",
+            "cpu",
+            1,
+            lambda: pil_transform(Image.open(io.BytesIO(raw))),
+            lambda: None,
+        ),
     ]
     if device.type == "cuda":
         gpu_pre = Preprocessor(opts, device)
         for bs in batch_sizes:
             raws, headers = [raw] * bs, [header] * bs
-            cases.append(("nvjpeg batched decode_jpeg", str(device), bs,
-                          lambda r=raws, h=headers: gpu_pre.decode_many(r, h), _sync(device)))
-            cases.append(("servekit preprocess on GPU: nvjpeg + resize/crop/normalise", str(device), bs,
-                          lambda r=raws, h=headers: gpu_pre.to_batch(gpu_pre.decode_many(r, h)), _sync(device)))
+            cases.append(
+                (
+                    "nvjpeg batched decode_jpeg",
+                    str(device),
+                    bs,
+                    lambda r=raws, h=headers: gpu_pre.decode_many(r, h),
+                    _sync(device),
+                )
+            )
+            cases.append(
+                (
+                    "servekit preprocess on GPU: nvjpeg + resize/crop/normalise",
+                    str(device),
+                    bs,
+                    lambda r=raws, h=headers: gpu_pre.to_batch(gpu_pre.decode_many(r, h)),
+                    _sync(device),
+                )
+            )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per-core rates: a worker decodes on its own share of the cores
     try:

@@ -34,8 +34,11 @@ def point_summary(load: Any, **extra: Any) -> dict[str, Any]:
         "rps": round(load.rps, 2),
         "completed": load.completed,
         "duration_s": round(load.duration_s, 2),
-        "latency_ms": {**percentiles(lat), "mean": round(float(np.mean(lat)), 2) if lat else None,
-                       "max": round(max(lat), 2) if lat else None},
+        "latency_ms": {
+            **percentiles(lat),
+            "mean": round(float(np.mean(lat)), 2) if lat else None,
+            "max": round(max(lat), 2) if lat else None,
+        },
         "errors": load.errors,
         "error_samples": load.error_samples,
         "loadgen_processes": load.processes,
@@ -79,8 +82,9 @@ def comparison_rows(runs: Sequence[dict]) -> list[dict[str, Any]]:
         for ours in OURS:
             prefix = f"{ALTERNATES[ours]}_" if ours in ALTERNATES else ""
             row[f"{prefix}speedup_vs_stock"] = row[ours] / row["stock"] if row[ours] and row["stock"] else None
-            row[f"{prefix}speedup_vs_stock_tuned"] = (row[ours] / row["stock-tuned"]
-                                                      if row[ours] and row["stock-tuned"] else None)
+            row[f"{prefix}speedup_vs_stock_tuned"] = (
+                row[ours] / row["stock-tuned"] if row[ours] and row["stock-tuned"] else None
+            )
         rows.append(row)
     return rows
 
@@ -101,8 +105,14 @@ def comparison_table(runs: Sequence[dict]) -> str:
     extra = [c for c in ALTERNATES if c in ran]
     rows = []
     for r in comparison_rows(runs):
-        row = [r["concurrency"], _num(r["ours"]), _num(r["stock"]), _num(r["stock-tuned"]),
-               _ratio(r["ours"], r["stock"]), _ratio(r["ours"], r["stock-tuned"])]
+        row = [
+            r["concurrency"],
+            _num(r["ours"]),
+            _num(r["stock"]),
+            _num(r["stock-tuned"]),
+            _ratio(r["ours"], r["stock"]),
+            _ratio(r["ours"], r["stock-tuned"]),
+        ]
         for c in extra:
             row += [_num(r[c]), _ratio(r[c], r["stock"]), _ratio(r[c], r["stock-tuned"])]
         rows.append(row + [r["ours_run"], r["stock_run"], r["stock-tuned_run"]] + [r[f"{c}_run"] for c in extra])
@@ -126,16 +136,43 @@ def runs_table(runs: Sequence[dict]) -> str:
             other = None
             if p.get("machine_busy_cores") is not None and p.get("server_cpu_cores") is not None:
                 other = max(0.0, p["machine_busy_cores"] - p["server_cpu_cores"] - p["loadgen_cpu_cores"])
-            rows.append([
-                run["label"] + (f" (= {run['same_as']})" if run.get("same_as") else ""),
-                run["threads_per_worker"], p["concurrency"], _num(p["rps"]), _num(lat["p50"]), _num(lat["p90"]),
-                _num(lat["p99"]), p["errors"], _num(p["loadgen_cpu_cores"], 2), _num(p.get("server_cpu_cores"), 2),
-                _num(p["rps"] / p["server_cpu_cores"] if p.get("server_cpu_cores") else None), _num(other, 2),
-                _num(gpu.get("util_mean_pct")), gpu.get("mem_per_worker_mib"),
-            ])
-    return _md(["run", "threads/worker", "concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-                "loadgen cores", "server cores", "req per server CPU-s", "other cores", "GPU util %",
-                "GPU MiB/worker"], rows)
+            rows.append(
+                [
+                    run["label"] + (f" (= {run['same_as']})" if run.get("same_as") else ""),
+                    run["threads_per_worker"],
+                    p["concurrency"],
+                    _num(p["rps"]),
+                    _num(lat["p50"]),
+                    _num(lat["p90"]),
+                    _num(lat["p99"]),
+                    p["errors"],
+                    _num(p["loadgen_cpu_cores"], 2),
+                    _num(p.get("server_cpu_cores"), 2),
+                    _num(p["rps"] / p["server_cpu_cores"] if p.get("server_cpu_cores") else None),
+                    _num(other, 2),
+                    _num(gpu.get("util_mean_pct")),
+                    gpu.get("mem_per_worker_mib"),
+                ]
+            )
+    return _md(
+        [
+            "run",
+            "threads/worker",
+            "concurrency",
+            "req/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "errors",
+            "loadgen cores",
+            "server cores",
+            "req per server CPU-s",
+            "other cores",
+            "GPU util %",
+            "GPU MiB/worker",
+        ],
+        rows,
+    )
 
 
 def micro_tables(results: dict[str, Any]) -> str:
@@ -143,16 +180,37 @@ def micro_tables(results: dict[str, Any]) -> str:
     out = []
     if results.get("ceiling"):
         out.append("Model-only ceiling (preprocessed tensors already on the device):\n")
-        out.append(_md(["variant", "device", "threads", "batch", "images/s"],
-                       [[c["variant"], c["device"], c.get("threads"), c.get("batch"),
-                         _num(c.get("images_per_s")) or f"failed: {c.get('error', '')[:80]}"]
-                        for c in results["ceiling"]]))
+        out.append(
+            _md(
+                ["variant", "device", "threads", "batch", "images/s"],
+                [
+                    [
+                        c["variant"],
+                        c["device"],
+                        c.get("threads"),
+                        c.get("batch"),
+                        _num(c.get("images_per_s")) or f"failed: {c.get('error', '')[:80]}",
+                    ]
+                    for c in results["ceiling"]
+                ],
+            )
+        )
     if results.get("decode"):
         out.append("\nDecode-only (one thread; GPU rows: batched on the device):\n")
-        out.append(_md(["path", "device", "batch", "images/s"],
-                       [[d["path"], d["device"], d["batch"],
-                         _num(d.get("images_per_s")) or f"failed: {d.get('error', '')[:80]}"]
-                        for d in results["decode"]]))
+        out.append(
+            _md(
+                ["path", "device", "batch", "images/s"],
+                [
+                    [
+                        d["path"],
+                        d["device"],
+                        d["batch"],
+                        _num(d.get("images_per_s")) or f"failed: {d.get('error', '')[:80]}",
+                    ]
+                    for d in results["decode"]
+                ],
+            )
+        )
     return "\n".join(out)
 
 
@@ -161,8 +219,12 @@ def full_report(results: dict[str, Any]) -> str:
     runs = results.get("runs", [])
     parts = []
     if runs:
-        parts += ["Comparison (best run of each configuration at each concurrency):\n", comparison_table(runs),
-                  "\nAll runs:\n", runs_table(runs)]
+        parts += [
+            "Comparison (best run of each configuration at each concurrency):\n",
+            comparison_table(runs),
+            "\nAll runs:\n",
+            runs_table(runs),
+        ]
     micro = micro_tables(results)
     if micro:
         parts += ["", micro]
@@ -189,8 +251,13 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-COLORS = {"ours": "tab:blue", "ours-pt2": "tab:purple", "ours-int8": "tab:green", "stock": "tab:red",
-          "stock-tuned": "tab:orange"}
+COLORS = {
+    "ours": "tab:blue",
+    "ours-pt2": "tab:purple",
+    "ours-int8": "tab:green",
+    "stock": "tab:red",
+    "stock-tuned": "tab:orange",
+}
 
 
 def plot(runs: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path | None:
@@ -211,8 +278,15 @@ def plot(runs: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path
         color, marker = COLORS.get(run["config"], "gray"), markers[i % len(markers)]
         ax_t.plot(conc, [p["rps"] for p in pts], marker=marker, color=color, label=run["label"])
         ax_l.plot(conc, [p["latency_ms"]["p50"] for p in pts], marker=marker, color=color, label=f"{run['label']} p50")
-        ax_l.plot(conc, [p["latency_ms"]["p99"] for p in pts], marker=marker, color=color, linestyle="--",
-                  alpha=0.6, label=f"{run['label']} p99")
+        ax_l.plot(
+            conc,
+            [p["latency_ms"]["p99"] for p in pts],
+            marker=marker,
+            color=color,
+            linestyle="--",
+            alpha=0.6,
+            label=f"{run['label']} p99",
+        )
     for ax in (ax_t, ax_l):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")

@@ -200,8 +200,7 @@ def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -
     return raw
 
 
-def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path,
-                 label: str) -> tuple[Path, dict]:
+def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
     """Package our handler with this point's model-config into a store of its own."""
     overrides = dict(plan.handler_overrides)
     if config == "ours-int8":
@@ -213,16 +212,22 @@ def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "model-config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     store = workdir / "stores" / label
-    mar = archive(ArchiveRequest(plan.model, model_dir, store, artifact=art.for_ours(config, plan.freeze),
-                                  force=True),
-                  log=lambda *_: None)
+    mar = archive(
+        ArchiveRequest(plan.model, model_dir, store, artifact=art.for_ours(config, plan.freeze), force=True),
+        log=lambda *_: None,
+    )
     return mar, raw
 
 
 def archive_stock(plan: Plan, art: Artifacts, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
     """Package the stock handler with this point's batching settings."""
-    raw = {"minWorkers": point.workers, "maxWorkers": point.workers, "batchSize": point.batch,
-           "maxBatchDelay": point.delay, "responseTimeout": int(art.base_config.get("responseTimeout", 120))}
+    raw = {
+        "minWorkers": point.workers,
+        "maxWorkers": point.workers,
+        "batchSize": point.batch,
+        "maxBatchDelay": point.delay,
+        "responseTimeout": int(art.base_config.get("responseTimeout", 120)),
+    }
     mar = stock.archive_stock(plan.model, art.served, art.labels, workdir / "stores" / label, raw)
     return mar, raw
 
@@ -258,8 +263,9 @@ def busy_seconds() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def start_server(plan: Plan, store: Path, mar: Path, workers: int, env: dict[str, str],
-                 run_dir: Path) -> tuple[server.ServerConfig, Any]:
+def start_server(
+    plan: Plan, store: Path, mar: Path, workers: int, env: dict[str, str], run_dir: Path
+) -> tuple[server.ServerConfig, Any]:
     """Start TorchServe on free ports with ``env`` and wait for every worker to be READY."""
     overrides = server.private_ports()
     if plan.device == "cpu":
@@ -281,14 +287,20 @@ def start_server(plan: Plan, store: Path, mar: Path, workers: int, env: dict[str
     return cfg, proc
 
 
-def measure(plan: Plan, cfg: server.ServerConfig, proc: Any, workers: int, body: bytes, topk: int,
-            log: Log) -> list[dict]:
+def measure(
+    plan: Plan, cfg: server.ServerConfig, proc: Any, workers: int, body: bytes, topk: int, log: Log
+) -> list[dict]:
     """Warm the server up, then one measured window per concurrency level."""
     key = cfg.tokens.keys().inference
-    target = Target(url=f"{cfg.address('inference_address')}/predictions/{plan.model}", body=body,
-                    headers={"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"}, topk=topk)
-    run_load(target, max(plan.concurrency), duration=max(1.0, plan.warmup), warmup=0.0,
-             processes=plan.loadgen_procs)  # untimed: first batches, JIT profiling, allocator growth
+    target = Target(
+        url=f"{cfg.address('inference_address')}/predictions/{plan.model}",
+        body=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"},
+        topk=topk,
+    )
+    run_load(
+        target, max(plan.concurrency), duration=max(1.0, plan.warmup), warmup=0.0, processes=plan.loadgen_procs
+    )  # untimed: first batches, JIT profiling, allocator growth
     worker_pids = [p.pid for p in worker_processes(proc.pid)]
     points = []
     probes = {"server": lambda: group_cpu_seconds(proc.pid), "machine": busy_seconds}
@@ -298,11 +310,17 @@ def measure(plan: Plan, cfg: server.ServerConfig, proc: Any, workers: int, body:
             load = run_load(target, conc, plan.duration, plan.warmup, plan.loadgen_procs, probes)
         server_cores = load.probes.get("server", 0.0)
         point = report.point_summary(
-            load, server_cpu_cores=round(server_cores, 2), machine_busy_cores=round(load.probes.get("machine", 0.0), 2),
-            loadavg_1m=round(loadavg, 2), gpu=gpu.summary(worker_pids, workers))
+            load,
+            server_cpu_cores=round(server_cores, 2),
+            machine_busy_cores=round(load.probes.get("machine", 0.0), 2),
+            loadavg_1m=round(loadavg, 2),
+            gpu=gpu.summary(worker_pids, workers),
+        )
         lat = point["latency_ms"]
-        log(f"    c={conc:4d}: {point['rps']:8.1f} req/s  p50 {lat['p50']} ms  p99 {lat['p99']} ms  "
-            f"errors {point['errors']}  loadgen {point['loadgen_cpu_cores']:.2f} cores  server {server_cores:.2f} cores")
+        log(
+            f"    c={conc:4d}: {point['rps']:8.1f} req/s  p50 {lat['p50']} ms  p99 {lat['p99']} ms  "
+            f"errors {point['errors']}  loadgen {point['loadgen_cpu_cores']:.2f} cores  server {server_cores:.2f} cores"
+        )
         if load.error_samples:
             log(f"      errors: {load.error_samples[:2]}")
         if load.loadgen_cores > 0.8 * load.processes:
@@ -322,16 +340,21 @@ def worker_env_threads(pgid: int) -> list[str | None]:
     return out
 
 
-def package(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, slug: str,
-            default_threads: int) -> tuple[Path, int, dict[str, str], int, dict[str, Any]]:
+def package(
+    plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, slug: str, default_threads: int
+) -> tuple[Path, int, dict[str, str], int, dict[str, Any]]:
     """Archive one configuration: (archive, threads per worker, server env, top-k, facts for the record)."""
     if config in report.OURS:
         mar, raw = archive_ours(plan, art, config, point, workdir, slug)
         opts = ModelConfig.from_dict(raw).handler
         baked = "fp16" if plan.device == "cuda" and opts.amp == "fp16" else "fp32"
         precision = {"ours-int8": "int8", "ours-pt2": f"pt2 ({baked})"}
-        facts = {"handler": "servekit handlers/image_classifier.py", "amp": precision.get(config, opts.amp),
-                 "frozen": True if config != "ours" else plan.freeze, "handler_options": raw["handler"]}
+        facts = {
+            "handler": "servekit handlers/image_classifier.py",
+            "amp": precision.get(config, opts.amp),
+            "frozen": True if config != "ours" else plan.freeze,
+            "handler_options": raw["handler"],
+        }
         threads, env, topk = opts.threads(point.workers), {}, opts.topk
     else:
         mar, raw = archive_stock(plan, art, point, workdir, slug)
@@ -343,13 +366,19 @@ def package(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path
     return mar, threads, env, topk, facts
 
 
-def run_one(plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path,
-            default_threads: int, log: Log) -> dict[str, Any]:
+def run_one(
+    plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path, default_threads: int, log: Log
+) -> dict[str, Any]:
     """Archive, serve, load and stop one configuration at one point; failures are recorded, not raised."""
     label = f"{config} w{point.workers} b{point.batch} d{point.delay}"
     slug = label.replace(" ", "-")
-    run: dict[str, Any] = {"config": config, "label": label, "workers": point.workers, "batch": point.batch,
-                           "delay_ms": point.delay}
+    run: dict[str, Any] = {
+        "config": config,
+        "label": label,
+        "workers": point.workers,
+        "batch": point.batch,
+        "delay_ms": point.delay,
+    }
     run_dir = workdir / "runs" / slug
     try:
         mar, threads, env, topk, facts = package(plan, art, config, point, workdir, slug, default_threads)
@@ -389,8 +418,11 @@ def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | N
         for config in plan.configs:
             if (point in plan.points) if config in report.OURS else (point in plan.stock_points):
                 same = None
-                if (config == "stock-tuned" and "stock" in plan.configs
-                        and max(1, cores // point.workers) == default_threads):
+                if (
+                    config == "stock-tuned"
+                    and "stock" in plan.configs
+                    and max(1, cores // point.workers) == default_threads
+                ):
                     same = f"stock w{point.workers} b{point.batch} d{point.delay}"
                 order.append((config, point, same))
     return order
@@ -409,8 +441,17 @@ def run_micro(plan: Plan, art: Artifacts, body: bytes, log: Log) -> dict[str, li
         torch.set_num_threads(plan.ceiling_threads)
     variants = GPU_VARIANTS if device.type == "cuda" else CPU_VARIANTS
     log("model-only ceiling:")
-    ceiling = model_ceiling(art.traced, art.plain_frozen, device, opts, plan.ceiling_batches, variants,
-                            plan.micro_seconds, log, alternates=art.alternates)
+    ceiling = model_ceiling(
+        art.traced,
+        art.plain_frozen,
+        device,
+        opts,
+        plan.ceiling_batches,
+        variants,
+        plan.micro_seconds,
+        log,
+        alternates=art.alternates,
+    )
     log("decode-only:")
     decode = decode_rates(body, opts, device, plan.decode_batches, plan.micro_seconds, log)
     return {"ceiling": ceiling, "decode": decode}
@@ -424,21 +465,33 @@ def choose_levers(plan: Plan, ceiling: Sequence[dict], cpu_bf16: bool) -> dict[s
     """
     layout = plan.channels_last_weights
     batch = max(plan.ceiling_batches) if plan.ceiling_batches else None
-    rows = [r for r in ceiling if r.get("images_per_s") and r["batch"] == batch and r["channels_last"] == layout
-            and not r.get("int8") and not r.get("pt2")
-            and (plan.amp == "auto" or r["amp"] == (plan.amp not in (None, "off")))
-            and (plan.freeze == "auto" or r["frozen"] == bool(plan.freeze))]
+    rows = [
+        r
+        for r in ceiling
+        if r.get("images_per_s")
+        and r["batch"] == batch
+        and r["channels_last"] == layout
+        and not r.get("int8")
+        and not r.get("pt2")
+        and (plan.amp == "auto" or r["amp"] == (plan.amp not in (None, "off")))
+        and (plan.freeze == "auto" or r["frozen"] == bool(plan.freeze))
+    ]
     if rows:
         best = max(rows, key=lambda r: r["images_per_s"])
         amp = "bf16" if best["amp"] else "off"
         frozen = best["frozen"]
-        why = (f"fastest model-only variant at batch {batch}: {best['variant']} ({best['images_per_s']} images/s) of "
-               + ", ".join(f"{r['variant']} {r['images_per_s']}" for r in rows))
+        why = (
+            f"fastest model-only variant at batch {batch}: {best['variant']} ({best['images_per_s']} images/s) of "
+            + ", ".join(f"{r['variant']} {r['images_per_s']}" for r in rows)
+        )
     else:
         amp, frozen = ("bf16" if cpu_bf16 else "off"), False
         why = "no model-only measurement: bf16 where the CPU has AVX512-BF16/AMX, not frozen"
-    return {"amp": amp if plan.amp == "auto" else plan.amp,
-            "freeze": frozen if plan.freeze == "auto" else bool(plan.freeze), "why": why}
+    return {
+        "amp": amp if plan.amp == "auto" else plan.amp,
+        "freeze": frozen if plan.freeze == "auto" else bool(plan.freeze),
+        "why": why,
+    }
 
 
 def resolve_levers(plan: Plan, results: dict[str, Any], log: Log) -> None:
@@ -448,8 +501,9 @@ def resolve_levers(plan: Plan, results: dict[str, Any], log: Log) -> None:
             plan.handler_overrides["amp"] = plan.amp
         return
     flags = results["meta"].get("cpu_flags", [])
-    choice = choose_levers(plan, results.get("ceiling", []),
-                           cpu_bf16=any(f in flags for f in ("avx512_bf16", "amx_bf16")))
+    choice = choose_levers(
+        plan, results.get("ceiling", []), cpu_bf16=any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    )
     log(f"our handler: amp {choice['amp'] or 'from model-config'}, frozen {choice['freeze']} ({choice['why']})")
     results["meta"]["choices"] = choice
     plan.amp, plan.freeze = choice["amp"], choice["freeze"]
@@ -469,9 +523,11 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
         log(f"building {plan.model}")
         art = prepare_artifacts(plan, workdir, log)
         results["meta"]["artifact"] = {
-            "export": "TorchScript trace", "weights": plan.weights or "seeded random initialisation",
+            "export": "TorchScript trace",
+            "weights": plan.weights or "seeded random initialisation",
             "channels_last_weights": plan.channels_last_weights,
-            "size_mb": round(art.served.stat().st_size / 1e6, 1)}
+            "size_mb": round(art.served.stat().st_size / 1e6, 1),
+        }
         body = synthetic_jpeg(target_bytes=plan.image_bytes)
         results["meta"]["image"] = {"width": 500, "height": 375, "bytes": len(body), "format": "JPEG q90 4:4:4"}
         log(f"request body: synthetic 500x375 JPEG, {len(body) / 1000:.0f} kB")
@@ -486,8 +542,12 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
         done: dict[str, dict] = {}
         for config, point, same_as in order:
             if same_as and same_as in done:
-                run = {**copy.deepcopy(done[same_as]), "config": config, "same_as": same_as,
-                       "label": f"{config} w{point.workers} b{point.batch} d{point.delay}"}
+                run = {
+                    **copy.deepcopy(done[same_as]),
+                    "config": config,
+                    "same_as": same_as,
+                    "label": f"{config} w{point.workers} b{point.batch} d{point.delay}",
+                }
                 log(f"  {run['label']}: same settings as {same_as}; not rerun")
             else:
                 run = run_one(plan, art, config, point, body, workdir, defaults, log)
@@ -495,8 +555,12 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
             results["runs"].append(run)
             report.write_json(results, plan.out / "results.json")  # partial results survive a crash
         if plan.keep:
-            shutil.copytree(workdir / "runs", plan.out / "server-runs", dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns(".ts.sock*"))
+            shutil.copytree(
+                workdir / "runs",
+                plan.out / "server-runs",
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns(".ts.sock*"),
+            )
     results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["comparison"] = report.comparison_rows(results["runs"])
     write_outputs(results, plan.out)
@@ -522,4 +586,3 @@ def _plan_dict(plan: Plan) -> dict[str, Any]:
     d["stock_points"] = [vars(p) for p in plan.stock_points]
     d["out"] = str(plan.out)
     return d
-

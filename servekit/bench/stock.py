@@ -41,8 +41,9 @@ def stock_config(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: raw[k] for k in TS_KEYS if k in raw}
 
 
-def archive_stock(name: str, artifact: Path, labels: list[str], store: Path, config: dict[str, Any],
-                  version: str = "1.0") -> Path:
+def archive_stock(
+    name: str, artifact: Path, labels: list[str], store: Path, config: dict[str, Any], version: str = "1.0"
+) -> Path:
     """Package ``artifact`` with ``--handler image_classifier`` into ``store``; returns the .mar path."""
     check_stock_available()
     store.mkdir(parents=True, exist_ok=True)
@@ -53,10 +54,26 @@ def archive_stock(name: str, artifact: Path, labels: list[str], store: Path, con
         cfg_file = tmp_dir / "model-config.yaml"
         cfg_file.write_text(yaml.safe_dump(stock_config(config), sort_keys=False))
         cmd = [
-            sys.executable, "-m", "model_archiver.model_packaging",
-            "--model-name", name, "--version", version, "--serialized-file", str(artifact),
-            "--handler", STOCK_HANDLER, "--extra-files", str(mapping), "--config-file", str(cfg_file),
-            "--export-path", str(tmp_dir), "--archive-format", "default", "--force",
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--serialized-file",
+            str(artifact),
+            "--handler",
+            STOCK_HANDLER,
+            "--extra-files",
+            str(mapping),
+            "--config-file",
+            str(cfg_file),
+            "--export-path",
+            str(tmp_dir),
+            "--archive-format",
+            "default",
+            "--force",
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -69,6 +86,11 @@ def archive_stock(name: str, artifact: Path, labels: list[str], store: Path, con
 def default_threads() -> int:
     """Torch's intra-op thread count in a fresh process with no thread settings: what stock workers get."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                         capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return int(out.stdout.strip().splitlines()[-1])

@@ -29,8 +29,12 @@ log = logging.getLogger("servekit.reload")
 
 
 def _reloader(args: argparse.Namespace, metrics: Metrics | None = None) -> Reloader:
-    options = SwitchOptions(drain_grace=args.drain_grace, ready_timeout=args.ready_timeout,
-                            memory_margin=args.memory_margin, memory_check=not args.no_memory_check)
+    options = SwitchOptions(
+        drain_grace=args.drain_grace,
+        ready_timeout=args.ready_timeout,
+        memory_margin=args.memory_margin,
+        memory_check=not args.no_memory_check,
+    )
     return Reloader(config_from_args(args), options, metrics)
 
 
@@ -102,8 +106,11 @@ def _rollout(args: argparse.Namespace, version: str | None, reason: str) -> int:
         if version is None:
             if default is None:
                 raise ServeKitError(f"{model} is not registered")
-            older = [a for a in archives if version_key(a.version) < version_key(default)
-                     and not reloader.status.is_failed(a)]
+            older = [
+                a
+                for a in archives
+                if version_key(a.version) < version_key(default) and not reloader.status.is_failed(a)
+            ]
             if not older:
                 raise ServeKitError(f"no version of {model} older than v{default} is in {store}")
             version = max(older, key=lambda a: version_key(a.version)).version
@@ -118,8 +125,10 @@ def _rollout(args: argparse.Namespace, version: str | None, reason: str) -> int:
         try:
             versions.write(pins)
         except OSError as exc:
-            raise ConfigError(f"cannot write {versions.path} ({exc.strerror}): where it is a read-only "
-                              "ConfigMap, change the ConfigMap instead (kubectl apply)") from None
+            raise ConfigError(
+                f"cannot write {versions.path} ({exc.strerror}): where it is a read-only "
+                "ConfigMap, change the ConfigMap instead (kubectl apply)"
+            ) from None
         others = [s.version for s in registered if s.version != version]
         if default == version:
             for old in others:
@@ -133,8 +142,11 @@ def _rollout(args: argparse.Namespace, version: str | None, reason: str) -> int:
             versions.write(previous)
         reloader.status.summarize(reloader.states(), versions.read())
         reloader.status.save()
-    print(f"{model}: v{version} is the default and pinned (a version newer than v{newest} releases the pin)"
-          if ok else f"{model}: {reason} to v{version} failed; see `servekit reload list`")
+    print(
+        f"{model}: v{version} is the default and pinned (a version newer than v{newest} releases the pin)"
+        if ok
+        else f"{model}: {reason} to v{version} failed; see `servekit reload list`"
+    )
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -166,7 +178,8 @@ def inventory(reloader: Reloader, versions: VersionsFile) -> dict:
         entry = models.setdefault(model, {"versions": {}})
         for s in registered:
             entry["versions"].setdefault(s.version, {}).update(
-                registered=True, default=s.default, ready_workers=s.ready_workers, workers=s.workers)
+                registered=True, default=s.default, ready_workers=s.ready_workers, workers=s.workers
+            )
     for model, entry in models.items():
         entry["default"] = next((v for v, d in entry["versions"].items() if d.get("default")), None)
         pin = pins.get(model)
@@ -196,7 +209,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         if e:
             print(f"    last event: {e['time']} {e['event']} v{e.get('version')}: {e['message']}")
             if e.get("seconds") is not None:
-                print(f"      took {e['seconds']:.1f} s ({describe_switch(e.get('steps') or {}, e.get('torchserve_steps') or {})})")
+                print(
+                    f"      took {e['seconds']:.1f} s "
+                    f"({describe_switch(e.get('steps') or {}, e.get('torchserve_steps') or {})})"
+                )
     w = data["watcher"]
     print(f"watcher: {w['state']} (pid {w.get('pid')}, last poll {w.get('heartbeat')})" if w else "watcher: never ran")
     if w and w.get("last_error"):
@@ -223,33 +239,62 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         add_server_args(p)
-        p.add_argument("--versions", type=Path,
-                       help="desired versions file (default: $SERVEKIT_VERSIONS or model-versions.yaml in the run dir)")
-        p.add_argument("--drain-grace", type=float, default=2.0,
-                       help="seconds to wait after an old version's queue is empty before unregistering it")
-        p.add_argument("--ready-timeout", type=float, default=300.0,
-                       help="seconds a new version may take to register and get READY workers")
-        p.add_argument("--lock-timeout", type=float, default=900.0,
-                       help="seconds to wait for a switch in progress elsewhere")
-        p.add_argument("--memory-margin", type=float, default=0.2,
-                       help="room a new version needs beyond its measured per-worker memory (0.2 = 20%%)")
-        p.add_argument("--no-memory-check", action="store_true",
-                       help="register new versions without checking the device has room for them")
+        p.add_argument(
+            "--versions",
+            type=Path,
+            help="desired versions file (default: $SERVEKIT_VERSIONS or model-versions.yaml in the run dir)",
+        )
+        p.add_argument(
+            "--drain-grace",
+            type=float,
+            default=2.0,
+            help="seconds to wait after an old version's queue is empty before unregistering it",
+        )
+        p.add_argument(
+            "--ready-timeout",
+            type=float,
+            default=300.0,
+            help="seconds a new version may take to register and get READY workers",
+        )
+        p.add_argument(
+            "--lock-timeout", type=float, default=900.0, help="seconds to wait for a switch in progress elsewhere"
+        )
+        p.add_argument(
+            "--memory-margin",
+            type=float,
+            default=0.2,
+            help="room a new version needs beyond its measured per-worker memory (0.2 = 20%%)",
+        )
+        p.add_argument(
+            "--no-memory-check",
+            action="store_true",
+            help="register new versions without checking the device has room for them",
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         p.set_defaults(func=func)
         return p
 
     p = command("watch", cmd_watch, "poll the model store and roll new versions in (until SIGTERM)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls of the store")
-    p.add_argument("--http-port", "--metrics-port", dest="http_port", type=int,
-                   help="serve /metrics and /ready on 127.0.0.1:PORT")
+    p.add_argument(
+        "--http-port", "--metrics-port", dest="http_port", type=int, help="serve /metrics and /ready on 127.0.0.1:PORT"
+    )
     p.add_argument("--log-file", type=Path, help="log to this file, rotated at 10 MB (default: stderr)")
     p.add_argument("--no-reload", action="store_true", help="only renew TorchServe's keys (no hot reload)")
     removed = p.add_mutually_exclusive_group()
-    removed.add_argument("--unregister-removed", dest="unregister_removed", action="store_true", default=True,
-                         help="unregister versions (and models) whose archives left the store (default)")
-    removed.add_argument("--keep-removed", dest="unregister_removed", action="store_false",
-                         help="keep serving versions whose archives left the store")
+    removed.add_argument(
+        "--unregister-removed",
+        dest="unregister_removed",
+        action="store_true",
+        default=True,
+        help="unregister versions (and models) whose archives left the store (default)",
+    )
+    removed.add_argument(
+        "--keep-removed",
+        dest="unregister_removed",
+        action="store_false",
+        help="keep serving versions whose archives left the store",
+    )
     p = command("list", cmd_list, "versions per model: default, ready workers, store, pins, failures")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = command("rollout", cmd_rollout, "make MODEL VERSION the default (pinned) and retire the others")
@@ -264,8 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``servekit reload``."""
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.INFO if args.command in ("watch", "rollout", "rollback") \
+    level = (
+        logging.DEBUG
+        if args.verbose
+        else logging.INFO
+        if args.command in ("watch", "rollout", "rollback")
         else logging.WARNING
+    )
     _log_to(getattr(args, "log_file", None), level)
     try:
         return args.func(args)

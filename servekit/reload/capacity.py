@@ -36,10 +36,12 @@ def room_problem(fig: DeviceFigures, new_workers: int, margin: float) -> str | N
     need = int(fig.per_worker * new_workers * (1 + margin))
     if need <= fig.free:
         return None
-    return (f"not enough memory on {fig.name} for {new_workers} more worker(s): need {need // MIB} MiB "
-            f"({fig.per_worker // MIB} MiB measured per worker of the running version, +{margin:.0%}), "
-            f"{fig.free // MIB} MiB free. The running version keeps serving; free memory (fewer workers, "
-            "another model) or move the new version to a larger device")
+    return (
+        f"not enough memory on {fig.name} for {new_workers} more worker(s): need {need // MIB} MiB "
+        f"({fig.per_worker // MIB} MiB measured per worker of the running version, +{margin:.0%}), "
+        f"{fig.free // MIB} MiB free. The running version keeps serving; free memory (fewer workers, "
+        "another model) or move the new version to a larger device"
+    )
 
 
 class Probe(Protocol):

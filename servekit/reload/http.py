@@ -33,8 +33,10 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], Health]):
         if environ.get("PATH_INFO") == "/ready":
             health = ready()
             body = json.dumps({"status": "ready" if health.ok else "not ready", "detail": health.detail}).encode()
-            start_response("200 OK" if health.ok else "503 Service Unavailable",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            start_response(
+                "200 OK" if health.ok else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
             return [body]
         return metrics(environ, start_response)
 
@@ -43,8 +45,9 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], Health]):
 
 def serve(port: int, registry: CollectorRegistry, ready: Callable[[], Health], host: str = "127.0.0.1"):
     """Serve the endpoint on a daemon thread; returns the server (``shutdown()`` stops it)."""
-    httpd = make_server(host, port, make_app(registry, ready), server_class=_ThreadingServer,
-                        handler_class=_QuietHandler)
+    httpd = make_server(
+        host, port, make_app(registry, ready), server_class=_ThreadingServer, handler_class=_QuietHandler
+    )
     threading.Thread(target=httpd.serve_forever, name="watcher-http", daemon=True).start()
     log.info("watcher endpoint on http://%s:%d (/ready, /metrics)", host, port)
     return httpd

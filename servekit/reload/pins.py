@@ -37,7 +37,7 @@ def default_versions_file(run_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class Pin:
-    """What one model should serve: ``version`` (or ``newest``); held until a version newer than ``until_newer_than``."""
+    """What one model should serve: ``version`` (or ``newest``), held until one newer than ``until_newer_than``."""
 
     version: str
     until_newer_than: str | None = None
@@ -60,8 +60,12 @@ class Pin:
         """The file entry: a bare version when nothing else is set."""
         if self.until_newer_than is None and self.reason == "declared" and not self.time:
             return self.version
-        return {"version": self.version, "until_newer_than": self.until_newer_than, "reason": self.reason,
-                "time": self.time}
+        return {
+            "version": self.version,
+            "until_newer_than": self.until_newer_than,
+            "reason": self.reason,
+            "time": self.time,
+        }
 
 
 def parse_pins(data: object, where: str = "versions file") -> dict[str, Pin]:
@@ -79,8 +83,12 @@ def parse_pins(data: object, where: str = "versions file") -> dict[str, Pin]:
             if unknown:
                 raise ConfigError(f"{where}: {model}: unknown keys {sorted(unknown)}")
             newer = entry.get("until_newer_than")
-            pins[str(model)] = Pin(str(entry["version"]), None if newer is None else str(newer),
-                                   str(entry.get("reason") or "declared"), str(entry.get("time") or ""))
+            pins[str(model)] = Pin(
+                str(entry["version"]),
+                None if newer is None else str(newer),
+                str(entry.get("reason") or "declared"),
+                str(entry.get("time") or ""),
+            )
         else:
             raise ConfigError(f"{where}: {model}: expected a version, {NEWEST!r} or a mapping with 'version'")
     return pins
@@ -125,8 +133,10 @@ class VersionsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         body = {m: p.to_yaml() for m, p in sorted(pins.items())}
-        tmp.write_text("# Desired model versions (servekit reload rollout|rollback write this file).\n"
-                       + yaml.safe_dump(body, sort_keys=True))
+        tmp.write_text(
+            "# Desired model versions (servekit reload rollout|rollback write this file).\n"
+            + yaml.safe_dump(body, sort_keys=True)
+        )
         os.replace(tmp, self.path)
 
 

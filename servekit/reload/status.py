@@ -50,20 +50,34 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.reloads = Counter("servekit_reload_total", "Version switches attempted, by result",
-                               ["model", "result"], registry=r)
-        self.seconds = Histogram("servekit_reload_seconds", "Seconds from register to set-default",
-                                 ["model"], registry=r, buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
-        self.version = Gauge("servekit_model_version_info", "1 for the version that answers each model in this pod",
-                             ["model", "version"], registry=r)
-        self.renewals = Counter("servekit_key_renewals_total", "Renewals of TorchServe's keys, by result",
-                                ["kind", "result"], registry=r)
-        self.key_expiry = Gauge("servekit_key_expiry_timestamp_seconds", "When each current TorchServe key expires",
-                                ["kind"], registry=r)
-        self.polls = Counter("servekit_watcher_polls_total", "Polls of the store and server, by result",
-                             ["result"], registry=r)
-        self.heartbeat = Gauge("servekit_watcher_last_poll_timestamp_seconds", "When the last poll finished",
-                               registry=r)
+        self.reloads = Counter(
+            "servekit_reload_total", "Version switches attempted, by result", ["model", "result"], registry=r
+        )
+        self.seconds = Histogram(
+            "servekit_reload_seconds",
+            "Seconds from register to set-default",
+            ["model"],
+            registry=r,
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+        )
+        self.version = Gauge(
+            "servekit_model_version_info",
+            "1 for the version that answers each model in this pod",
+            ["model", "version"],
+            registry=r,
+        )
+        self.renewals = Counter(
+            "servekit_key_renewals_total", "Renewals of TorchServe's keys, by result", ["kind", "result"], registry=r
+        )
+        self.key_expiry = Gauge(
+            "servekit_key_expiry_timestamp_seconds", "When each current TorchServe key expires", ["kind"], registry=r
+        )
+        self.polls = Counter(
+            "servekit_watcher_polls_total", "Polls of the store and server, by result", ["result"], registry=r
+        )
+        self.heartbeat = Gauge(
+            "servekit_watcher_last_poll_timestamp_seconds", "When the last poll finished", registry=r
+        )
         self._versions: dict[str, str] = {}
 
     def set_versions(self, defaults: dict[str, str]) -> None:
@@ -112,8 +126,13 @@ class Status:
 
     def event(self, model: str, kind: str, version: str | None, message: str, **extra: Any) -> None:
         """Record the last thing that happened to a model."""
-        self.model(model)["last_event"] = {"time": now_iso(), "event": kind, "version": version,
-                                           "message": message, **extra}
+        self.model(model)["last_event"] = {
+            "time": now_iso(),
+            "event": kind,
+            "version": version,
+            "message": message,
+            **extra,
+        }
 
     def record_failure(self, found: Found, reason: str, result: str = "failure") -> None:
         """Remember a failed archive (by size and mtime) so it is retried only once it changes."""
@@ -122,8 +141,12 @@ class Status:
         failures.append(entry)
         del failures[:-MAX_FAILURES]
         self.data.setdefault("failed_archives", {})[found.file] = {
-            **entry, "model": found.name, "size": found.stamp.size, "mtime_ns": found.stamp.mtime_ns,
-            "epoch": time.time()}
+            **entry,
+            "model": found.name,
+            "size": found.stamp.size,
+            "mtime_ns": found.stamp.mtime_ns,
+            "epoch": time.time(),
+        }
         self.event(found.name, "failed" if result == "failure" else result, found.version, reason, file=found.file)
         self.metrics.reloads.labels(found.name, result).inc()
 
@@ -147,8 +170,10 @@ class Status:
             entry = self.model(model)
             default = next((s.version for s in versions if s.default), None)
             entry["default"] = default
-            entry["versions"] = {s.version: {"ready_workers": s.ready_workers, "workers": s.workers, "url": s.url}
-                                 for s in sorted(versions, key=lambda s: version_key(s.version))}
+            entry["versions"] = {
+                s.version: {"ready_workers": s.ready_workers, "workers": s.workers, "url": s.url}
+                for s in sorted(versions, key=lambda s: version_key(s.version))
+            }
             if default:
                 defaults[model] = default
         for model, entry in self.data.get("models", {}).items():

@@ -75,8 +75,13 @@ class SwitchOptions:
 class Reloader:
     """Moves models between versions through the management API; records outcomes in the status file and metrics."""
 
-    def __init__(self, cfg: ServerConfig, options: SwitchOptions | None = None, metrics: Metrics | None = None,
-                 probe: Probe | None = None):
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        options: SwitchOptions | None = None,
+        metrics: Metrics | None = None,
+        probe: Probe | None = None,
+    ):
         self.cfg = cfg
         self.options = options or SwitchOptions()
         self.mgmt: ManagementClient = cfg.management()
@@ -100,8 +105,15 @@ class Reloader:
         return max(1, int(described[0].get("minWorkers") or 1)) if described else 1
 
     # switching ------------------------------------------------------------------------------
-    def switch(self, found: Found, workers: int, retire: Iterable[str], registered: Iterable[str],
-               reason: str = "new archive", running: str | None = None) -> bool:
+    def switch(
+        self,
+        found: Found,
+        workers: int,
+        retire: Iterable[str],
+        registered: Iterable[str],
+        reason: str = "new archive",
+        running: str | None = None,
+    ) -> bool:
         """Check room, register (if needed), wait for READY workers, warm up, set default, then retire old versions.
 
         ``running`` is the version serving now, whose workers are measured for the room check. On
@@ -142,8 +154,13 @@ class Reloader:
             why = exc.message if isinstance(exc, ReloadError) else f"timed out: {exc}"
             if newly:
                 self._unregister_quietly(model, version)
-            log.error("%s: v%s from %s was NOT rolled out: %s; the previous default keeps serving",
-                      model, version, found.file, why)
+            log.error(
+                "%s: v%s from %s was NOT rolled out: %s; the previous default keeps serving",
+                model,
+                version,
+                found.file,
+                why,
+            )
             self.status.record_failure(found, why)
             self.status.save()
             return False
@@ -156,10 +173,17 @@ class Reloader:
         self.metrics.reloads.labels(model, "success").inc()
         self.metrics.seconds.labels(model).observe(seconds)
         ts_steps = self._torchserve_steps(model, version, time.time() - seconds)
-        self.status.event(model, "default", version, f"v{version} serves {model} ({reason})",
-                          file=found.file, seconds=round(seconds, 3), steps=steps, torchserve_steps=ts_steps)
-        log.info("%s: v%s is the default after %.1f s (%s)", model, version, seconds,
-                 describe_switch(steps, ts_steps))
+        self.status.event(
+            model,
+            "default",
+            version,
+            f"v{version} serves {model} ({reason})",
+            file=found.file,
+            seconds=round(seconds, 3),
+            steps=steps,
+            torchserve_steps=ts_steps,
+        )
+        log.info("%s: v%s is the default after %.1f s (%s)", model, version, seconds, describe_switch(steps, ts_steps))
         self.status.save()  # visible now: retiring the old versions takes a while
         for old in retire:
             if old != version:
@@ -184,8 +208,9 @@ class Reloader:
             return {}
 
     def _register(self, found: Found, workers: int) -> None:
-        resp = self.mgmt.register(found.file, initial_workers=workers, synchronous=True,
-                                  timeout=self.options.ready_timeout + 30)
+        resp = self.mgmt.register(
+            found.file, initial_workers=workers, synchronous=True, timeout=self.options.ready_timeout + 30
+        )
         if resp.status_code == 409:  # registered meanwhile (e.g. by hand): use it
             return
         if resp.status_code != 200:
@@ -193,8 +218,9 @@ class Reloader:
             if detail is None:  # the frontend writes worker logs asynchronously
                 time.sleep(1.0)
                 detail = self._worker_error(found.name, found.version)
-            raise ReloadError(f"register answered {resp.status_code}: {message_of(resp)}"
-                              + (f" (worker: {detail})" if detail else ""))
+            raise ReloadError(
+                f"register answered {resp.status_code}: {message_of(resp)}" + (f" (worker: {detail})" if detail else "")
+            )
 
     def _ensure_workers(self, model: str, version: str, workers: int) -> None:
         """Scale a version registered earlier (by hand, or before a restart) up to ``workers``."""
@@ -202,8 +228,9 @@ class Reloader:
         if described and len(described[0].get("workers", [])) < workers:
             resp = self.mgmt.scale(model, workers, version=version)
             if resp.status_code not in (200, 202):
-                raise ReloadError(f"scaling v{version} to {workers} workers answered {resp.status_code}: "
-                                  f"{message_of(resp)}")
+                raise ReloadError(
+                    f"scaling v{version} to {workers} workers answered {resp.status_code}: {message_of(resp)}"
+                )
 
     def _wait_ready(self, model: str, version: str, workers: int) -> None:
         deadline = time.monotonic() + self.options.ready_timeout
@@ -217,8 +244,10 @@ class Reloader:
                 return
             time.sleep(0.25)
         detail = self._worker_error(model, version)
-        raise ReloadError(f"{ready}/{workers} workers READY after {self.options.ready_timeout:.0f} s"
-                          + (f" (worker: {detail})" if detail else ""))
+        raise ReloadError(
+            f"{ready}/{workers} workers READY after {self.options.ready_timeout:.0f} s"
+            + (f" (worker: {detail})" if detail else "")
+        )
 
     def _warm_up(self, found: Found) -> None:
         sample = sample_of(found.path)

@@ -30,13 +30,13 @@ class Sample:
 @lru_cache(maxsize=1)
 def generic_png(size: int = 64) -> bytes:
     """A small grey gradient PNG, written without an imaging library."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     rows = b"".join(b"\0" + bytes((x * 255 // (size - 1)) for x in range(size)) for _ in range(size))
     header = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def sample_of(mar: Path) -> Sample:

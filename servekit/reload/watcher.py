@@ -22,8 +22,14 @@ log = logging.getLogger("servekit.reload")
 class Watcher:
     """Reconciles the server with the store on every poll; idempotent, so a restart just picks up."""
 
-    def __init__(self, reloader: Reloader, store: Path, versions: VersionsFile, interval: float = 1.0,
-                 unregister_removed: bool = True):
+    def __init__(
+        self,
+        reloader: Reloader,
+        store: Path,
+        versions: VersionsFile,
+        interval: float = 1.0,
+        unregister_removed: bool = True,
+    ):
         self.reloader = reloader
         self.store = store
         self.versions = versions
@@ -39,8 +45,13 @@ class Watcher:
         r = self.reloader
         started = now_iso()
         observer = self._observe()
-        log.info("watching %s every %.2g s (server %s, versions from %s)", self.store, self.interval,
-                 r.mgmt.base, self.versions.path)
+        log.info(
+            "watching %s every %.2g s (server %s, versions from %s)",
+            self.store,
+            self.interval,
+            r.mgmt.base,
+            self.versions.path,
+        )
         waiting = False
         try:
             while not stop.is_set():
@@ -75,10 +86,18 @@ class Watcher:
         """One tick with the status file loaded before and saved after (the lock is held)."""
         status = self.reloader.status
         status.load()
-        status.data["watcher"] = {"state": "running", "pid": os.getpid(), "started": started, "heartbeat": now_iso(),
-                                  "interval": self.interval, "store": str(self.store),
-                                  "versions_file": str(self.versions.path), "versions_error": self.versions.error,
-                                  "failed_polls": self.failed_polls, "last_error": self.last_error}
+        status.data["watcher"] = {
+            "state": "running",
+            "pid": os.getpid(),
+            "started": started,
+            "heartbeat": now_iso(),
+            "interval": self.interval,
+            "store": str(self.store),
+            "versions_file": str(self.versions.path),
+            "versions_error": self.versions.error,
+            "failed_polls": self.failed_polls,
+            "last_error": self.last_error,
+        }
         self.tick()
         status.save()
 
@@ -143,8 +162,14 @@ class Watcher:
             found = max((a for a in usable if a.version == target), key=lambda a: a.stamp.mtime_ns)
             workers = r.min_workers(model, default) if default else archive_min_workers(found.path)
             retire = ([default] if default else []) + ([s.version for s in gone] if self.unregister_removed else [])
-            r.switch(found, workers, retire, [s.version for s in registered], self._why(target, default, pin),
-                     running=default)
+            r.switch(
+                found,
+                workers,
+                retire,
+                [s.version for s in registered],
+                self._why(target, default, pin),
+                running=default,
+            )
             return True
         if self.unregister_removed and gone:
             return self._unregister_gone(model, registered, gone, bool(usable) or bool(scan.pending))
@@ -158,8 +183,9 @@ class Watcher:
             return f"pinned by {pin.reason}"
         return "new archive" if version_key(target) > version_key(default) else "store changed"
 
-    def _unregister_gone(self, model: str, registered: list[ModelState], gone: list[ModelState],
-                         anything_left: bool) -> bool:
+    def _unregister_gone(
+        self, model: str, registered: list[ModelState], gone: list[ModelState], anything_left: bool
+    ) -> bool:
         """Unregister versions whose archives left the store (the model, when none is left)."""
         r = self.reloader
         if len(gone) == len(registered) and not anything_left:

@@ -31,11 +31,11 @@ def test_percentiles_interpolate_linearly():
 def test_summarize_counts_only_the_window():
     t0 = 1000.0
     records = [
-        (t0 - 1.0, t0 - 0.5, 200, None),    # warm-up: ignored entirely
-        (t0 - 0.2, t0 + 0.3, 200, None),    # started before, ended inside: throughput yes, latency no
-        (t0 + 1.0, t0 + 1.1, 200, None),    # inside
+        (t0 - 1.0, t0 - 0.5, 200, None),  # warm-up: ignored entirely
+        (t0 - 0.2, t0 + 0.3, 200, None),  # started before, ended inside: throughput yes, latency no
+        (t0 + 1.0, t0 + 1.1, 200, None),  # inside
         (t0 + 2.0, t0 + 2.4, 500, "HTTP 500: boom"),
-        (t0 + 9.8, t0 + 10.5, 200, None),   # started inside, ended after: latency yes, throughput no
+        (t0 + 9.8, t0 + 10.5, 200, None),  # started inside, ended after: latency yes, throughput no
     ]
     res = summarize(records, t0, t0 + 10.0, concurrency=2, processes=1, cpu_s=0.5)
     assert res.completed == 2
@@ -90,8 +90,12 @@ def test_comparison_picks_the_best_run_and_computes_speedups():
 
 
 def test_comparison_adds_int8_columns_only_when_int8_ran():
-    runs = [_run("ours", "ours w1", {8: 30.0}), _run("ours-int8", "ours-int8 w2", {8: 60.0}),
-            _run("stock", "stock w1", {8: 15.0}), _run("stock-tuned", "stock-tuned w2", {8: 20.0})]
+    runs = [
+        _run("ours", "ours w1", {8: 30.0}),
+        _run("ours-int8", "ours-int8 w2", {8: 60.0}),
+        _run("stock", "stock w1", {8: 15.0}),
+        _run("stock-tuned", "stock-tuned w2", {8: 20.0}),
+    ]
     rows = {r["concurrency"]: r for r in comparison_rows(runs)}
     assert rows[8]["int8_speedup_vs_stock"] == pytest.approx(4.0)
     assert rows[8]["int8_speedup_vs_stock_tuned"] == pytest.approx(3.0)
@@ -102,8 +106,10 @@ def test_comparison_adds_int8_columns_only_when_int8_ran():
 
 
 def test_runs_table_shows_every_point_and_failures():
-    runs = [_run("ours", "ours w1", {1: 10.0, 8: 30.0}),
-            {"config": "stock", "label": "stock w1", "error": "RuntimeError: TorchServe exited"}]
+    runs = [
+        _run("ours", "ours w1", {1: 10.0, 8: 30.0}),
+        {"config": "stock", "label": "stock w1", "error": "RuntimeError: TorchServe exited"},
+    ]
     table = runs_table(runs).splitlines()
     assert len(table) == 2 + 2 + 1
     assert table[2].startswith("| ours w1 | 1 | 1 | 10.0 | 20.0 | 28.0 | 29.8 | 0 | 0.00 | 1.50 | 6.7 | 0.50 |")
@@ -125,8 +131,13 @@ def test_index_to_name_keeps_top_k_keys_distinct():
 
 
 def test_ours_config_sets_batching_and_rejects_bad_overrides():
-    base = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 32, "responseTimeout": 120,
-            "handler": {"amp": "fp16", "warmup_batch_sizes": [1, 32]}}
+    base = {
+        "minWorkers": 1,
+        "maxWorkers": 1,
+        "batchSize": 32,
+        "responseTimeout": 120,
+        "handler": {"amp": "fp16", "warmup_batch_sizes": [1, 32]},
+    }
     raw = ours_config(base, Point(2, 8, 5), {"amp": "bf16"})
     assert (raw["minWorkers"], raw["maxWorkers"], raw["batchSize"], raw["maxBatchDelay"]) == (2, 2, 8, 5)
     assert raw["handler"] == {"amp": "bf16", "warmup_batch_sizes": [1, 8]}
@@ -142,7 +153,11 @@ def test_quick_profile_and_overrides():
     assert plan.points == [Point(w, 8, 5) for w in PROFILES["quick"]["workers"]]
     assert plan.amp == "bf16" and plan.freeze == "auto"
     gpu = plan_from_args(build_parser().parse_args(["--gpu"]), [])
-    assert gpu.device == "cuda" and {p.batch for p in gpu.points} == {32, 64} and {p.batch for p in gpu.stock_points} == {32}
+    assert (
+        gpu.device == "cuda"
+        and {p.batch for p in gpu.points} == {32, 64}
+        and {p.batch for p in gpu.stock_points} == {32}
+    )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--configs", "ours,mine"])
     assert plan.configs == ["ours", "ours-int8", "stock", "stock-tuned"]
@@ -158,12 +173,16 @@ def _ceiling(variant: str, amp: bool, frozen: bool, ips: float, batch: int = 8, 
 
 def test_auto_levers_pick_the_fastest_model_only_variant():
     plan = plan_from_args(build_parser().parse_args(["--quick"]), [])
-    ceiling = [_ceiling("fp32", False, False, 9.0), _ceiling("bf16", True, False, 19.0),
-               _ceiling("bf16+frozen", True, True, 21.0), _ceiling("fp32+frozen", False, True, 9.5),
-               _ceiling("bf16+frozen", True, True, 99.0, batch=1),         # not the largest batch
-               _ceiling("bf16+frozen", True, True, 99.0, cl=False),        # not the served layout
-               {**_ceiling("int8+frozen", False, True, 99.0), "int8": True},  # its own configuration
-               {**_ceiling("pt2 (fp32)", True, True, 99.0), "pt2": True}]
+    ceiling = [
+        _ceiling("fp32", False, False, 9.0),
+        _ceiling("bf16", True, False, 19.0),
+        _ceiling("bf16+frozen", True, True, 21.0),
+        _ceiling("fp32+frozen", False, True, 9.5),
+        _ceiling("bf16+frozen", True, True, 99.0, batch=1),  # not the largest batch
+        _ceiling("bf16+frozen", True, True, 99.0, cl=False),  # not the served layout
+        {**_ceiling("int8+frozen", False, True, 99.0), "int8": True},  # its own configuration
+        {**_ceiling("pt2 (fp32)", True, True, 99.0), "pt2": True},
+    ]
     choice = choose_levers(plan, ceiling, cpu_bf16=True)
     assert (choice["amp"], choice["freeze"]) == ("bf16", True)
     assert "bf16+frozen (21.0 images/s)" in choice["why"]
@@ -172,17 +191,25 @@ def test_auto_levers_pick_the_fastest_model_only_variant():
     assert choose_levers(plan, ceiling, cpu_bf16=True)["amp"] == "bf16"
     plan.freeze = "auto"
     assert choose_levers(plan, [], cpu_bf16=False) == {
-        "amp": "off", "freeze": False, "why": "no model-only measurement: bf16 where the CPU has AVX512-BF16/AMX, not frozen"}
+        "amp": "off",
+        "freeze": False,
+        "why": "no model-only measurement: bf16 where the CPU has AVX512-BF16/AMX, not frozen",
+    }
 
 
 def test_schedule_does_not_rerun_a_tuned_point_equal_to_the_default(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    plan = plan_from_args(build_parser().parse_args(["--quick", "--workers", "1,2", "--configs",
-                                                     "ours,stock,stock-tuned"]), [])
+    plan = plan_from_args(
+        build_parser().parse_args(["--quick", "--workers", "1,2", "--configs", "ours,stock,stock-tuned"]), []
+    )
     order = schedule(plan, default_threads=2)
     assert [(c, p.workers, same) for c, p, same in order] == [
-        ("ours", 1, None), ("stock", 1, None), ("stock-tuned", 1, "stock w1 b8 d5"),
-        ("ours", 2, None), ("stock", 2, None), ("stock-tuned", 2, None),
+        ("ours", 1, None),
+        ("stock", 1, None),
+        ("stock-tuned", 1, "stock w1 b8 d5"),
+        ("ours", 2, None),
+        ("stock", 2, None),
+        ("stock-tuned", 2, None),
     ]
     plan = plan_from_args(build_parser().parse_args(["--quick", "--workers", "2", "--configs", "ours-int8,stock"]), [])
     assert [(c, p.workers) for c, p, _ in schedule(plan, default_threads=2)] == [("ours-int8", 2), ("stock", 2)]
@@ -190,11 +217,19 @@ def test_schedule_does_not_rerun_a_tuned_point_equal_to_the_default(monkeypatch)
 
 def test_stock_archive_uses_the_builtin_handler(tmp_path):
     model_dir = MODELS_DIR / "digits"
-    artifact = build_artifact(ArchiveRequest("digits", model_dir, tmp_path / "unused"),
-                              ModelConfig.load(model_dir / "model-config.yaml"), BuildHook(model_dir),
-                              log=lambda *_: None)
-    mar = archive_stock("digits", artifact, [str(i) for i in range(10)], tmp_path,
-                        {"minWorkers": 2, "batchSize": 4, "handler": {"amp": "off"}})
+    artifact = build_artifact(
+        ArchiveRequest("digits", model_dir, tmp_path / "unused"),
+        ModelConfig.load(model_dir / "model-config.yaml"),
+        BuildHook(model_dir),
+        log=lambda *_: None,
+    )
+    mar = archive_stock(
+        "digits",
+        artifact,
+        [str(i) for i in range(10)],
+        tmp_path,
+        {"minWorkers": 2, "batchSize": 4, "handler": {"amp": "off"}},
+    )
     manifest = read_manifest(mar)
     assert manifest["model"]["handler"] == "image_classifier"
     assert manifest["model"]["serializedFile"] == "model.pt"
@@ -203,9 +238,32 @@ def test_stock_archive_uses_the_builtin_handler(tmp_path):
 @pytest.mark.server
 def test_bench_end_to_end_smoke(tmp_path):
     out = tmp_path / "out"
-    rc = main(["--model", "digits", "--configs", "ours,ours-pt2,ours-int8", "--workers", "1", "--batch", "4", "--delay", "5",
-               "--concurrency", "2", "--duration", "2", "--warmup", "0.5", "--micro-seconds", "0.1",
-               "--ceiling-batch", "2", "--out", str(out)])
+    rc = main(
+        [
+            "--model",
+            "digits",
+            "--configs",
+            "ours,ours-pt2,ours-int8",
+            "--workers",
+            "1",
+            "--batch",
+            "4",
+            "--delay",
+            "5",
+            "--concurrency",
+            "2",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+            "--micro-seconds",
+            "0.1",
+            "--ceiling-batch",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["model"] == "digits" and results["meta"]["cores"] >= 1

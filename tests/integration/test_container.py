@@ -39,6 +39,7 @@ pytestmark = [
     pytest.mark.timeout(3600),
 ]
 
+
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory) -> tuple[Path, Path]:
     """(store, staging): the store holds digits-v1.0.mar, staging holds digits-v2.0.mar; built
@@ -47,8 +48,13 @@ def archives(tmp_path_factory) -> tuple[Path, Path]:
     staging = tmp_path_factory.mktemp("container-staging")
     t0 = time.monotonic()
     for args, out in (([MODEL], store), ([MODEL, "--version", "2.0"], staging)):
-        proc = subprocess.run([*servekit_cli(), "archive", *args, "--model-store", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [*servekit_cli(), "archive", *args, "--model-store", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, f"servekit archive {args} failed:\n{proc.stdout}\n{proc.stderr}"
     record("servekit archive v1.0 + v2.0", time.monotonic() - t0)
     assert (store / f"{MODEL}-v1.0.mar").is_file() and (staging / f"{MODEL}-v2.0.mar").is_file()
@@ -88,8 +94,12 @@ class Container:
     def predict(self, png: bytes) -> requests.Response:
         """POST an image to the published inference port with the inference token."""
         token = self.keys()["inference"]["key"]
-        return requests.post(f"http://127.0.0.1:{self.port}/predictions/{MODEL}", data=png, timeout=60,
-                             headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
+        return requests.post(
+            f"http://127.0.0.1:{self.port}/predictions/{MODEL}",
+            data=png,
+            timeout=60,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"},
+        )
 
     def watcher_running(self) -> bool:
         """Whether the reload watcher (python -m servekit.reload watch) is alive in the container."""
@@ -98,10 +108,10 @@ class Container:
 
     def diagnostics(self) -> str:
         logs = podman("logs", "--tail", "60", self.name, check=False)
-        ts = self.exec("sh", "-c", f"tail -n 60 {RUN_DIR}/logs/torchserve.out {RUN_DIR}/logs/watcher.log",
-                       check=False)
-        return (f"--- podman logs {self.name} ---\n{logs.stdout}{logs.stderr}\n"
-                f"--- run dir logs ---\n{ts.stdout}{ts.stderr}")
+        ts = self.exec("sh", "-c", f"tail -n 60 {RUN_DIR}/logs/torchserve.out {RUN_DIR}/logs/watcher.log", check=False)
+        return (
+            f"--- podman logs {self.name} ---\n{logs.stdout}{logs.stderr}\n--- run dir logs ---\n{ts.stdout}{ts.stderr}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +122,23 @@ def container(image, archives):
     port = free_port()
     t0 = time.monotonic()
     podman(
-        "run", "--detach", "--name", name, "--pull", "never",
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--pull",
+        "never",
         "--read-only",
         # Owned by the image's user (:U), so the non-root server can write its run dir.
-        "--tmpfs", f"{RUN_DIR}:rw,size=256m,U",
-        "--tmpfs", "/tmp:rw,size=512m",
-        "--volume", f"{store}:/models",
+        "--tmpfs",
+        f"{RUN_DIR}:rw,size=256m,U",
+        "--tmpfs",
+        "/tmp:rw,size=512m",
+        "--volume",
+        f"{store}:/models",
         # Only the inference API leaves the container, and only to the host's loopback.
-        "--publish", f"127.0.0.1:{port}:8080",
+        "--publish",
+        f"127.0.0.1:{port}:8080",
         image,
     )
     c = Container(name, port, store, staging)
@@ -127,8 +146,9 @@ def container(image, archives):
         deadline = time.monotonic() + 600
         while True:
             if c.state("{{.State.Running}}") != "true":
-                pytest.fail(f"container exited ({c.state('{{.State.ExitCode}}')}) before it was healthy\n"
-                            + c.diagnostics())
+                pytest.fail(
+                    f"container exited ({c.state('{{.State.ExitCode}}')}) before it was healthy\n" + c.diagnostics()
+                )
             health = c.exec("servekit", "health", "--run-dir", RUN_DIR, check=False, timeout=60)
             if health.returncode == 0:
                 break
@@ -170,8 +190,12 @@ def test_token_is_required(container, digits):
     png, _ = digits[0]
     resp = requests.post(f"http://127.0.0.1:{container.port}/predictions/{MODEL}", data=png, timeout=30)
     assert resp.status_code in (400, 401), resp.status_code
-    wrong = requests.post(f"http://127.0.0.1:{container.port}/predictions/{MODEL}", data=png, timeout=30,
-                          headers={"Authorization": "Bearer not-the-key"})
+    wrong = requests.post(
+        f"http://127.0.0.1:{container.port}/predictions/{MODEL}",
+        data=png,
+        timeout=30,
+        headers={"Authorization": "Bearer not-the-key"},
+    )
     assert wrong.status_code in (400, 401), wrong.status_code
 
 
@@ -206,11 +230,17 @@ def test_management_only_inside_the_container(container):
     assert "8081" not in ports and "8082" not in ports, ports
     assert f"127.0.0.1:{container.port}" in ports, ports
     key = container.keys()["management"]["key"]
-    inside = container.exec("python3", "-c", (
-        "import json, sys, urllib.request as u\n"
-        "r = u.urlopen(u.Request('http://127.0.0.1:8081/models',"
-        " headers={'Authorization': 'Bearer ' + sys.argv[1]}), timeout=30)\n"
-        "print(r.status, json.dumps(json.load(r)))"), key)
+    inside = container.exec(
+        "python3",
+        "-c",
+        (
+            "import json, sys, urllib.request as u\n"
+            "r = u.urlopen(u.Request('http://127.0.0.1:8081/models',"
+            " headers={'Authorization': 'Bearer ' + sys.argv[1]}), timeout=30)\n"
+            "print(r.status, json.dumps(json.load(r)))"
+        ),
+        key,
+    )
     assert inside.stdout.startswith("200 ") and MODEL in inside.stdout, inside.stdout
     # From the host: through the container's own address, inference answers, management refuses
     # (it listens on the container's loopback only) ...
@@ -221,8 +251,7 @@ def test_management_only_inside_the_container(container):
     # ... and nothing of the container listens on the host's 8081.
     if connects("127.0.0.1", 8081):
         # Something else on this machine (a dev server) owns it; our key must not work there.
-        resp = requests.get("http://127.0.0.1:8081/models", timeout=10,
-                            headers={"Authorization": f"Bearer {key}"})
+        resp = requests.get("http://127.0.0.1:8081/models", timeout=10, headers={"Authorization": f"Bearer {key}"})
         assert resp.status_code != 200, "the container's management API answers on the host's 8081"
 
 
@@ -251,8 +280,10 @@ def test_hot_reload_to_v2_inside_the_container(container, digits):
         if now - checked > 10:  # fail fast when the watcher died
             checked, dead = now, not container.watcher_running()
         if waited > 300 or dead:
-            pytest.fail(f"not on 2.0 after {waited:.0f} s (watcher running: {container.watcher_running()}); "
-                        f"versions seen {sorted(set(map(str, versions)))}\n" + container.diagnostics())
+            pytest.fail(
+                f"not on 2.0 after {waited:.0f} s (watcher running: {container.watcher_running()}); "
+                f"versions seen {sorted(set(map(str, versions)))}\n" + container.diagnostics()
+            )
         time.sleep(0.5)
     record("hot reload v1.0 -> v2.0", time.monotonic() - t0)
     assert set(versions) <= {"1.0", "2.0"}, versions

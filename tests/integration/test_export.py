@@ -79,8 +79,9 @@ def test_fp16_amp_on_a_cpu_checks_fp32_only_as_serving_runs_it(digits_net, tmp_p
 
 def test_exported_program_pt2_loads_and_runs_under_autocast(digits_net, tmp_path):
     out = tmp_path / "program.pt2"
-    program = torch.export.export(digits_net, (digits_batch(4),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    program = torch.export.export(
+        digits_net, (digits_batch(4),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)
+    )
     torch.export.save(program, str(out))
     loaded = load_artifact(out, CPU)
     assert loaded.kind == EXPORTED and loaded.autocast
@@ -244,11 +245,14 @@ def test_package_needing_missing_cpu_features_is_refused(tmp_path):
         load_artifact(fake_aoti_package(tmp_path / "m.pt2", meta), CPU)
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("m.pt2", b"not a zip", "not a valid .pt2 package"),
-    ("m.h5", b"", "unknown artifact type '.h5'"),
-    ("missing.pt", None, "model artifact not found"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("m.pt2", b"not a zip", "not a valid .pt2 package"),
+        ("m.h5", b"", "unknown artifact type '.h5'"),
+        ("missing.pt", None, "model artifact not found"),
+    ],
+)
 def test_loader_refuses_what_it_cannot_load(name, content, match, tmp_path):
     if content is not None:
         (tmp_path / name).write_bytes(content)
@@ -368,7 +372,13 @@ def test_cuda_pt2_is_a_half_graph_and_a_cpu_only_machine_refuses_it(digits_net, 
         f"try: load_artifact({str(out)!r}, torch.device('cpu'))\n"
         "except ConfigError as e: print(e.message)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiled for cuda, but it is being loaded on cpu and this machine has no usable CUDA GPU" in proc.stdout

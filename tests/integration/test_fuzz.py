@@ -36,24 +36,71 @@ METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 # Weighted towards the served model, so that most requests reach the handler or a real registration.
 MODELS = ["digits", "digits", "digits", "nope", "digits%2F..", "..", "%00", "a" * 300]
 VERSIONS = ["1.0", "2.0", "all", "", "-1", "1.0/set-default", "%2e%2e"]
-INFERENCE_PATHS = ["/ping", "/predictions/digits", "/predictions/digits", "/predictions/digits", "/predictions/{m}", "/predictions/{m}/{v}", "/explanations/{m}", "/api-description",
-                   "/", "/v1/models/{m}:predict", "/v2/models/{m}/infer", "/metrics", "/{junk}"]
-MANAGEMENT_PATHS = ["/models", "/models/{m}", "/models/{m}/{v}", "/models/{m}/{v}/set-default", "/token",
-                    "/api-description", "/workflows", "/{junk}"]
+INFERENCE_PATHS = [
+    "/ping",
+    "/predictions/digits",
+    "/predictions/digits",
+    "/predictions/digits",
+    "/predictions/{m}",
+    "/predictions/{m}/{v}",
+    "/explanations/{m}",
+    "/api-description",
+    "/",
+    "/v1/models/{m}:predict",
+    "/v2/models/{m}/infer",
+    "/metrics",
+    "/{junk}",
+]
+MANAGEMENT_PATHS = [
+    "/models",
+    "/models/{m}",
+    "/models/{m}/{v}",
+    "/models/{m}/{v}/set-default",
+    "/token",
+    "/api-description",
+    "/workflows",
+    "/{junk}",
+]
 # Worker counts stay small: the fuzz must not fork a hundred Python workers on a 2-core machine.
 QUERY = {
-    "url": st.sampled_from(["digits-v1.0.mar", "nope.mar", "../digits-v1.0.mar", "http://127.0.0.1:9/x.mar",
-                            "file:///etc/passwd", "%2e%2e%2fx.mar", "", "/nonexistent/dir"]),
-    "min_worker": st.integers(0, 2).map(str), "max_worker": st.integers(0, 2).map(str),
-    "initial_workers": st.integers(0, 1).map(str), "synchronous": st.sampled_from(["true", "false", "maybe"]),
-    "batch_size": st.sampled_from(["1", "8", "0", "-1", "x"]), "model_name": st.sampled_from(MODELS),
-    "limit": st.sampled_from(["1", "0", "-5", "99999999999", "x"]), "next_page_token": st.text(max_size=5),
-    "type": st.sampled_from(["inference", "management", "api", "x"]), "handler": st.text(max_size=10),
-    "runtime": st.sampled_from(["python", "python3", "x"]), "response_timeout": st.sampled_from(["1", "-1", "x"]),
+    "url": st.sampled_from(
+        [
+            "digits-v1.0.mar",
+            "nope.mar",
+            "../digits-v1.0.mar",
+            "http://127.0.0.1:9/x.mar",
+            "file:///etc/passwd",
+            "%2e%2e%2fx.mar",
+            "",
+            "/nonexistent/dir",
+        ]
+    ),
+    "min_worker": st.integers(0, 2).map(str),
+    "max_worker": st.integers(0, 2).map(str),
+    "initial_workers": st.integers(0, 1).map(str),
+    "synchronous": st.sampled_from(["true", "false", "maybe"]),
+    "batch_size": st.sampled_from(["1", "8", "0", "-1", "x"]),
+    "model_name": st.sampled_from(MODELS),
+    "limit": st.sampled_from(["1", "0", "-5", "99999999999", "x"]),
+    "next_page_token": st.text(max_size=5),
+    "type": st.sampled_from(["inference", "management", "api", "x"]),
+    "handler": st.text(max_size=10),
+    "runtime": st.sampled_from(["python", "python3", "x"]),
+    "response_timeout": st.sampled_from(["1", "-1", "x"]),
 }
-CONTENT_TYPES = [None, "image/png", "image/jpeg", "application/json", "application/octet-stream", "text/plain",
-                 "multipart/form-data; boundary=xyz", "multipart/form-data", "application/x-www-form-urlencoded",
-                 "image/png; charset=utf-8", "\u00e9/\u00e9"]
+CONTENT_TYPES = [
+    None,
+    "image/png",
+    "image/jpeg",
+    "application/json",
+    "application/octet-stream",
+    "text/plain",
+    "multipart/form-data; boundary=xyz",
+    "multipart/form-data",
+    "application/x-www-form-urlencoded",
+    "image/png; charset=utf-8",
+    "\u00e9/\u00e9",
+]
 BODIES = st.one_of(
     st.binary(max_size=2048),
     st.just(digit_samples(1)[0][0]),
@@ -75,8 +122,11 @@ def requests_(draw):
     """(port key, method, path, params, headers, body)."""
     port = draw(st.sampled_from(["inference_address", "management_address"]))
     template = draw(st.sampled_from(INFERENCE_PATHS if port == "inference_address" else MANAGEMENT_PATHS))
-    path = template.format(m=draw(st.sampled_from(MODELS)), v=draw(st.sampled_from(VERSIONS)),
-                           junk=draw(st.text(st.characters(codec="ascii", exclude_characters="?#"), max_size=20)))
+    path = template.format(
+        m=draw(st.sampled_from(MODELS)),
+        v=draw(st.sampled_from(VERSIONS)),
+        junk=draw(st.text(st.characters(codec="ascii", exclude_characters="?#"), max_size=20)),
+    )
     params = {k: draw(QUERY[k]) for k in sorted(draw(st.sets(st.sampled_from(sorted(QUERY)), max_size=4)))}
     headers = {}
     ctype = draw(st.sampled_from(CONTENT_TYPES))
@@ -99,8 +149,13 @@ def _documented(path: str, resp: requests.Response) -> bool:
     return resp.status_code == 503 and kind == "ServiceUnavailableException" and "no worker" in resp.text
 
 
-@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow],
-          derandomize=os.environ.get("SERVEKIT_FUZZ_RANDOM") != "1")
+@settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=os.environ.get("SERVEKIT_FUZZ_RANDOM") != "1",
+)
 @given(req=requests_())
 def test_fuzz_endpoints(fuzz_server, req):
     port, method, path, params, headers, auth, body = req
@@ -111,12 +166,20 @@ def test_fuzz_endpoints(fuzz_server, req):
     if token:
         headers = {**headers, "Authorization": f"Bearer {token}"}
     try:
-        resp = requests.request(method, cfg.address(port) + path, params=params, headers=headers,
-                                data=body if method not in ("GET", "HEAD") else None, timeout=TIMEOUT_S)
+        resp = requests.request(
+            method,
+            cfg.address(port) + path,
+            params=params,
+            headers=headers,
+            data=body if method not in ("GET", "HEAD") else None,
+            timeout=TIMEOUT_S,
+        )
     except requests.Timeout:
         pytest.fail(f"no answer in {TIMEOUT_S} s: {method} {path} {params}")
     event(f"{port.split('_')[0]} {resp.status_code}")
-    assert resp.status_code < 500 or _documented(path, resp), f"{method} {path} {params}: {resp.status_code} {resp.text[:300]}"
+    assert resp.status_code < 500 or _documented(path, resp), (
+        f"{method} {path} {params}: {resp.status_code} {resp.text[:300]}"
+    )
 
 
 def test_server_alive_after_fuzz(fuzz_server):

@@ -33,8 +33,17 @@ def fp32_model(digits_weights) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def int8_artifact(fp32_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("int8") / "digits-int8.pt"
-    report = export(fp32_model, example_inputs(), path, "trace", "cpu", "bf16", quantize="int8",
-                    calibration=calibration_inputs(), log_fn=lambda *_: None)
+    report = export(
+        fp32_model,
+        example_inputs(),
+        path,
+        "trace",
+        "cpu",
+        "bf16",
+        quantize="int8",
+        calibration=calibration_inputs(),
+        log_fn=lambda *_: None,
+    )
     assert set(report.errors) == {"int8"} and report.errors["int8"] < 0.15
     assert report.top1_agreement["int8"] >= 0.9
     return path
@@ -51,7 +60,7 @@ def test_int8_artifact_classifies_held_out_digits_without_torchserve(int8_artifa
     raws = [encode(img, "PNG" if i % 2 else "JPEG") for i, (img, _) in enumerate(pairs)]
     answers = []
     for start in range(0, len(raws), 16):
-        answers += clf.predict(raws[start:start + 16])
+        answers += clf.predict(raws[start : start + 16])
     top1 = [a["predictions"][0]["label"] for a in answers]
     accuracy = sum(p == str(t) for p, (_, t) in zip(top1, pairs)) / len(pairs)
     assert accuracy >= 0.95, accuracy
@@ -83,8 +92,16 @@ def test_int8_export_refuses_calibration_that_misses_the_data(fp32_model, tmp_pa
     tiny = [torch.randn(8, 1, 28, 28) * 1e-3 for _ in range(3)]
     check = [b for b in calibration_inputs(2, 32)]
     with pytest.raises(ExportMismatch, match="under int8"):
-        export(fp32_model, example_inputs(), tmp_path / "bad.pt", "trace", "cpu", quantize="int8",
-               calibration=[*tiny, *check[:1]], log_fn=lambda *_: None)
+        export(
+            fp32_model,
+            example_inputs(),
+            tmp_path / "bad.pt",
+            "trace",
+            "cpu",
+            quantize="int8",
+            calibration=[*tiny, *check[:1]],
+            log_fn=lambda *_: None,
+        )
     assert not (tmp_path / "bad.pt").exists()
 
 
@@ -92,8 +109,16 @@ def test_int8_export_refuses_a_model_whose_answers_drift(fp32_model, tmp_path, m
     """The top-1 agreement gate over all held-out items (raised past 100 % here, so nothing can pass)."""
     monkeypatch.setattr("servekit.export.INT8_MIN_AGREEMENT", 1.01)
     with pytest.raises(ExportMismatch, match=r"agrees with fp32 on only 100\.0% of the held-out"):
-        export(fp32_model, example_inputs(), tmp_path / "drift.pt", "trace", "cpu", quantize="int8",
-               calibration=calibration_inputs(), log_fn=lambda *_: None)
+        export(
+            fp32_model,
+            example_inputs(),
+            tmp_path / "drift.pt",
+            "trace",
+            "cpu",
+            quantize="int8",
+            calibration=calibration_inputs(),
+            log_fn=lambda *_: None,
+        )
     assert not (tmp_path / "drift.pt").exists()
 
 
@@ -103,11 +128,22 @@ def test_int8_archive_serves_the_fp32_answers_through_torchserve(archives, digit
     """`servekit archive --quantize int8` beside the fp32 version: same top-1 on held-out digits."""
     store = tmp_path_factory.mktemp("int8-store")
     (store / "digits-v1.0.mar").write_bytes((archives / "digits-v1.0.mar").read_bytes())
-    rc = cli.main(["archive", "digits", "--quantize", "int8", "--version", INT8_VERSION,
-                   "--weights", str(digits_weights), "--model-store", str(store)])
+    rc = cli.main(
+        [
+            "archive",
+            "digits",
+            "--quantize",
+            "int8",
+            "--version",
+            INT8_VERSION,
+            "--weights",
+            str(digits_weights),
+            "--model-store",
+            str(store),
+        ]
+    )
     assert rc == 0 and (store / INT8_MAR).is_file()
-    srv = start_server(tmp_path_factory.mktemp("int8-server"), store,
-                       {"digits": "digits-v1.0.mar"})
+    srv = start_server(tmp_path_factory.mktemp("int8-server"), store, {"digits": "digits-v1.0.mar"})
     try:
         (srv.cfg.model_store / INT8_MAR).write_bytes((store / INT8_MAR).read_bytes())
         resp = srv.management.register(INT8_MAR, initial_workers=1)

@@ -45,8 +45,10 @@ def archives(tmp_path_factory) -> dict[str, Path]:
     from servekit.archive import ArchiveRequest, archive
     from servekit.hooks import MODELS_DIR
 
-    mars = {v: archive(ArchiveRequest("digits", MODELS_DIR / "digits", out, version=v), log=lambda *_: None)
-            for v in ("1.0", "2.0")}
+    mars = {
+        v: archive(ArchiveRequest("digits", MODELS_DIR / "digits", out, version=v), log=lambda *_: None)
+        for v in ("1.0", "2.0")
+    }
     out.chmod(0o755)  # the publish Job reads them as the image's user
     for mar in mars.values():
         mar.chmod(0o644)
@@ -56,8 +58,13 @@ def archives(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def cluster(image, archives, tmp_path_factory):
     """Two pods serving digits v1.0 (pinned by the versions file), with key-1 in the Secret."""
-    rendered = subprocess.run([_kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")],
-                              capture_output=True, text=True, check=True, timeout=120).stdout
+    rendered = subprocess.run(
+        [_kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     c = Cluster(tmp_path_factory.mktemp("pods"), image)
     try:
         c.prepare({"key-1": KEY_1}, SERVICE_KEY, 'digits: "1.0"\n')
@@ -104,8 +111,14 @@ def test_keys_come_from_the_secret_and_only_inference_passes(cluster):
         assert resp.status_code == 401, resp.text
         assert resp.headers["Content-Type"] == "application/json" and resp.json()["type"] == "Unauthorized"
     auth = {"Authorization": f"Bearer {KEY_1}"}
-    for method, path in (("GET", "/models"), ("POST", "/models?url=digits-v1.0.mar"), ("GET", "/api-description"),
-                         ("OPTIONS", "/"), ("GET", "/ping"), ("DELETE", "/models/digits")):
+    for method, path in (
+        ("GET", "/models"),
+        ("POST", "/models?url=digits-v1.0.mar"),
+        ("GET", "/api-description"),
+        ("OPTIONS", "/"),
+        ("GET", "/ping"),
+        ("DELETE", "/models/digits"),
+    ):
         resp = requests.request(method, pod.url + path, headers=auth, timeout=30)
         assert resp.status_code == 404 and resp.json()["code"] == 404, (method, path, resp.text)
     assert requests.get(pod.url + "/predictions/digits", headers=auth, timeout=30).status_code == 405
@@ -126,8 +139,12 @@ def _only_version(load: CheckedLoad, version: str, since: float) -> float | None
 
 def test_versions_roll_out_and_back_across_both_pods_under_load(cluster, archives):
     samples = digit_samples(8)
-    loads = [CheckedLoad(lambda p=pod: InferenceClient(p.url, api_key=KEY_1), "digits", samples,
-                         threads=2, timeout=60, pause=0.05) for pod in cluster.pods]
+    loads = [
+        CheckedLoad(
+            lambda p=pod: InferenceClient(p.url, api_key=KEY_1), "digits", samples, threads=2, timeout=60, pause=0.05
+        )
+        for pod in cluster.pods
+    ]
     job = yaml.safe_load((ROOT / "k8s" / "store" / "publish-job.yaml").read_text())
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[2] == "/incoming/digits-v2.0.mar", command
@@ -137,17 +154,35 @@ def test_versions_roll_out_and_back_across_both_pods_under_load(cluster, archive
             load.start()
         wait_until(lambda: all(x.ok_streak() >= 5 for x in loads), 60, what="steady load at both pods")
         # Publish v2 with the Job's own command, in the image, as the Job's user.
-        podman("run", "--rm", "--user", "10001:10001", "--read-only", "--network", "none",
-               "-v", f"{cluster.volume}:/models", "-v", f"{archives['2.0'].parent}:/incoming:ro",
-               "--entrypoint", command[0], cluster.image, *command[1:], timeout=300)
+        podman(
+            "run",
+            "--rm",
+            "--user",
+            "10001:10001",
+            "--read-only",
+            "--network",
+            "none",
+            "-v",
+            f"{cluster.volume}:/models",
+            "-v",
+            f"{archives['2.0'].parent}:/incoming:ro",
+            "--entrypoint",
+            command[0],
+            cluster.image,
+            *command[1:],
+            timeout=300,
+        )
         assert (cluster.store() / "digits-v2.0.mar").read_bytes() == archives["2.0"].read_bytes()
         time.sleep(3)
         assert all(_only_version(x, "1.0", 0) is not None for x in loads), "v2.0 rolled out before the pin moved"
         for version in ("2.0", "1.0"):
             t0 = time.monotonic()
             write_atomic(cluster.versions_file, f'digits: "{version}"\n')
-            wait_until(lambda v=version: all(_only_version(x, v, t0) is not None for x in loads), 120,
-                       what=f"both pods to serve only v{version}")
+            wait_until(
+                lambda v=version, t0=t0: all(_only_version(x, v, t0) is not None for x in loads),
+                120,
+                what=f"both pods to serve only v{version}",
+            )
             timings[version] = max(_only_version(x, version, t0) for x in loads) - t0
             record(f"versions file -> both pods on v{version}", timings[version])
             for pod in cluster.pods:  # what each pod serves, as Prometheus would see it

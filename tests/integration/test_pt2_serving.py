@@ -28,8 +28,20 @@ def pt2_store(archives, digits_weights, tmp_path_factory) -> Path:
     """digits-v1.0.mar (TorchScript) and, built by the CLI from the same weights, digits-v1.0-pt2.mar."""
     store = tmp_path_factory.mktemp("pt2-store")
     (store / "digits-v1.0.mar").write_bytes((archives / "digits-v1.0.mar").read_bytes())
-    rc = cli.main(["archive", "digits", "--format", "pt2", "--version", PT2_VERSION,
-                   "--weights", str(digits_weights), "--model-store", str(store)])
+    rc = cli.main(
+        [
+            "archive",
+            "digits",
+            "--format",
+            "pt2",
+            "--version",
+            PT2_VERSION,
+            "--weights",
+            str(digits_weights),
+            "--model-store",
+            str(store),
+        ]
+    )
     assert rc == 0 and (store / PT2_MAR).is_file()
     return store
 
@@ -117,7 +129,7 @@ def test_pt2_classifies_held_out_digits_without_torchserve(unpacked, digits_imag
     answers = {v: [] for v in classifiers}
     for start in range(0, len(raws), 8):
         for version, clf in classifiers.items():
-            answers[version] += clf.predict(raws[start:start + 8])
+            answers[version] += clf.predict(raws[start : start + 8])
     labels = [str(label) for _, label in digits_images]
     top1 = {v: [a["predictions"][0]["label"] for a in ans] for v, ans in answers.items()}
     accuracy = sum(p == t for p, t in zip(top1[PT2_VERSION], labels)) / len(labels)

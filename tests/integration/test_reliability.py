@@ -49,8 +49,14 @@ def faults_server(tmp_path_factory, archives):
     tmp = tmp_path_factory.mktemp("faults-server")
     srv = start_server(tmp, archives, {"digits": "digits-v1.0.mar"})
     try:
-        fault_archive(srv.cfg.model_store, FAULTY, "rel_fault_handler.py", batchSize=8, maxBatchDelay=200,
-                      responseTimeout=RESPONSE_TIMEOUT_S)
+        fault_archive(
+            srv.cfg.model_store,
+            FAULTY,
+            "rel_fault_handler.py",
+            batchSize=8,
+            maxBatchDelay=200,
+            responseTimeout=RESPONSE_TIMEOUT_S,
+        )
         resp = srv.management.register(f"{FAULTY}-v1.0.mar", initial_workers=1)
         assert resp.status_code == 200, resp.text
         yield srv
@@ -139,8 +145,7 @@ def test_load_failure_retries_are_bounded(faults_server):
     """An asynchronously loaded model that cannot load (as at startup) is retried with back-off until
     maxRetryTimeoutInSec, then left stopped with /ping reporting Unhealthy; other models are served."""
     mgmt, inf = faults_server.management, faults_server.inference
-    fault_archive(faults_server.cfg.model_store, "loadfail-async", "rel_load_fail_handler.py",
-                  maxRetryTimeoutInSec=5)
+    fault_archive(faults_server.cfg.model_store, "loadfail-async", "rel_load_fail_handler.py", maxRetryTimeoutInSec=5)
 
     def attempts() -> int:
         return _log(faults_server, "model_log.log").count("Failed to load model loadfail-async,")
@@ -200,7 +205,7 @@ def test_mixed_batch_answers_each_item(faults_server):
     answers = together(calls)
     for (_, label), resp in zip(good, answers[: len(good)]):
         assert top_label(resp) == label
-    for (_, _, status), resp in zip(bad, answers[len(good):]):
+    for (_, _, status), resp in zip(bad, answers[len(good) :]):
         assert resp.status_code == status, resp.text
         assert _message(resp)
     sizes = [int(r.headers.get("X-Batch-Size", 0)) for r in answers]
@@ -256,8 +261,9 @@ def test_worker_sigkill_under_load(faults_server):
         t_kill = time.monotonic()
         os.kill(old, signal.SIGKILL)
         wait_until(lambda: [p for p in worker_pids(mgmt, "digits") if p != old], 30, what="a new worker")
-        wait_until(lambda: load.ok_streak() >= 20 and load.snapshot()[-1].start > t_kill, 30,
-                   what="success back to 100%")
+        wait_until(
+            lambda: load.ok_streak() >= 20 and load.snapshot()[-1].start > t_kill, 30, what="success back to 100%"
+        )
         recovered = time.monotonic() - t_kill
     outcomes = load.snapshot()
     assert all(o.status is not None for o in outcomes), [o.error for o in outcomes if o.status is None]
@@ -315,12 +321,14 @@ def test_concurrent_management_under_load(churn_server):
     assert not bad, bad
     assert max(c[2] for c in calls) < 120
     outcomes = load.snapshot()
+
     # A request that is inside a worker when a scale-down stops it is lost by TorchServe 0.12: it
     # gets 500 "Worker died." or, seen once, no answer until the client's timeout (SECURITY.md).
     # Those are counted and bounded; every other request must succeed.
     def lost_in_scale_down(o) -> bool:
         return (o.status is None and "Timeout" in (o.error or "")) or (
-            o.status in (500, 503) and "Worker died" in (o.error or ""))
+            o.status in (500, 503) and "Worker died" in (o.error or "")
+        )
 
     answered = [o for o in outcomes if o.status is not None]
     lost = [o for o in outcomes if not o.ok and lost_in_scale_down(o)]
@@ -353,8 +361,9 @@ def test_reload_while_serving_has_no_errors(tmp_path, archives):
         with Load(srv.cfg.inference, "digits", digit_samples(8), threads=3, timeout=120) as load:
             wait_until(lambda: load.ok_streak() >= 10, 30, what="steady load")
             _publish(archives / "digits-v2.0.mar", srv.cfg.model_store)
-            wait_until(lambda: load.snapshot()[-1].version == "2.0" and load.ok_streak() >= 10, 180,
-                       what="v2.0 to answer")
+            wait_until(
+                lambda: load.snapshot()[-1].version == "2.0" and load.ok_streak() >= 10, 180, what="v2.0 to answer"
+            )
         assert watcher.poll() is None, (tmp_path / "watcher.log").read_text()[-3000:]
         outcomes = load.snapshot()
         assert all(o.ok for o in outcomes), [(o.status, o.error) for o in outcomes if not o.ok][:5]
@@ -372,8 +381,9 @@ def test_reload_while_serving_has_no_errors(tmp_path, archives):
 
 
 def _servekit(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "servekit.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "servekit.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture()
@@ -443,9 +453,28 @@ def test_soak_past_key_expiry(tmp_path):
     over under their cap and memory stays flat.
     """
     out, work = tmp_path / "soak.json", tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--duration", "240", "--threads", "3",
-                           "--key-minutes", "1", "--publish-every", "120", "--out", str(out), "--work-dir", str(work)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "soak.py"),
+            "--duration",
+            "240",
+            "--threads",
+            "3",
+            "--key-minutes",
+            "1",
+            "--publish-every",
+            "120",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(work),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.exists(), proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert proc.returncode == 0 and result["passed"], {k: result[k] for k in ("checks", "events_s", "failures")}

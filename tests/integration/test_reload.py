@@ -121,8 +121,9 @@ def rotate_keys(cfg: server.ServerConfig) -> None:
     base = cfg.address("management_address")
     for kind in ("management", "inference"):
         api_key = cfg.tokens.keys(force=True).api
-        resp = requests.post(f"{base}/token", params={"type": kind},
-                             headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        resp = requests.post(
+            f"{base}/token", params={"type": kind}, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+        )
         assert resp.status_code == 200, resp.text
 
 
@@ -131,9 +132,17 @@ def failing_archives(staging: Path, source: Path) -> tuple[Path, Path]:
     staging.mkdir(parents=True, exist_ok=True)
     corrupt = staging / "digits-v3.0.mar"
     corrupt.write_bytes(random.Random(3).randbytes(64 * 1024))
-    refusing = archive(ArchiveRequest("digits", MODELS_DIR / "digits", staging, version="3.1",
-                                      artifact=_extract(source, "model.pt", staging),
-                                      handler=FIXTURES / "reload_failing_handler.py"), log=lambda *_: None)
+    refusing = archive(
+        ArchiveRequest(
+            "digits",
+            MODELS_DIR / "digits",
+            staging,
+            version="3.1",
+            artifact=_extract(source, "model.pt", staging),
+            handler=FIXTURES / "reload_failing_handler.py",
+        ),
+        log=lambda *_: None,
+    )
     return corrupt, refusing
 
 
@@ -196,8 +205,9 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
     cfg, store = srv.cfg, srv.cfg.model_store
     watcher = WatcherProcess(cfg, tmp_path / "watcher.log", "--metrics-port", str(free_port()))
     # Bounded load (a pause between requests): the 2 cores need room for the worker being started.
-    load = CheckedLoad(lambda: cfg.inference(timeout=60), "digits", digit_samples(cfg),
-                       threads=THREADS, timeout=60, pause=0.02)
+    load = CheckedLoad(
+        lambda: cfg.inference(timeout=60), "digits", digit_samples(cfg), threads=THREADS, timeout=60, pause=0.02
+    )
     try:
         watcher.start()
         status = watcher.wait_polls(2)
@@ -277,11 +287,17 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
     assert 'servekit_reload_total{model="digits",result="failure"} 2.0' in metrics
     assert 'servekit_model_version_info{model="digits",version="2.0"} 1.0' in metrics
     assert "Traceback" not in watcher.tail(10**6), watcher.tail()
-    result = {"publish_to_first_v2_s": round(first_v2, 3), "requests": sum(seen.values()),
-              "answers_by_version": dict(seen), "clients": THREADS, "poll_interval_s": INTERVAL,
-              "register_to_default_s": event["seconds"],
-              "steps_s": event.get("steps"), "load_seconds": round(load_seconds, 1),
-              "requests_per_s": round(sum(seen.values()) / load_seconds, 1)}
+    result = {
+        "publish_to_first_v2_s": round(first_v2, 3),
+        "requests": sum(seen.values()),
+        "answers_by_version": dict(seen),
+        "clients": THREADS,
+        "poll_interval_s": INTERVAL,
+        "register_to_default_s": event["seconds"],
+        "steps_s": event.get("steps"),
+        "load_seconds": round(load_seconds, 1),
+        "requests_per_s": round(sum(seen.values()) / load_seconds, 1),
+    }
     (tmp_path / "reload-timing.json").write_text(json.dumps(result, indent=2))
     print(f"reload timing: {json.dumps(result)} ({tmp_path / 'reload-timing.json'})")
     assert first_v2 < 60
@@ -289,8 +305,13 @@ def test_publish_failures_rollback_and_key_rotation_under_load(tmp_path, archive
 
 def inventory_text(cfg: server.ServerConfig) -> str:
     """What `servekit reload list` prints."""
-    proc = subprocess.run([sys.executable, "-m", "servekit.reload", "list", *cfg.cli_args()], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "servekit.reload", "list", *cfg.cli_args()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -304,9 +325,16 @@ def test_restart_is_idempotent_and_removed_archives_unregister(tmp_path, archive
     shutil.copyfile(archives / "digits-v1.0.mar", store / "digits-v1.0.mar")
     staging = tmp_path / "staging"
     staging.mkdir()
-    other = archive(ArchiveRequest("digits-b", MODELS_DIR / "digits", staging, version="1.0",
-                                   artifact=_extract(archives / "digits-v1.0.mar", "model.pt", staging)),
-                    log=lambda *_: None)
+    other = archive(
+        ArchiveRequest(
+            "digits-b",
+            MODELS_DIR / "digits",
+            staging,
+            version="1.0",
+            artifact=_extract(archives / "digits-v1.0.mar", "model.pt", staging),
+        ),
+        log=lambda *_: None,
+    )
     metrics_port = free_port()
     log = tmp_path / "watcher.log"
     first = WatcherProcess(cfg, log).start()
@@ -332,8 +360,11 @@ def test_restart_is_idempotent_and_removed_archives_unregister(tmp_path, archive
 
         # A new model name is registered and made the default.
         publish(other, store)
-        wait_until(lambda: versions_of(cfg, "digits-b") == (["1.0"], "1.0"), 120,
-                   what=f"digits-b to be registered\n{second.tail()}")
+        wait_until(
+            lambda: versions_of(cfg, "digits-b") == (["1.0"], "1.0"),
+            120,
+            what=f"digits-b to be registered\n{second.tail()}",
+        )
         from models.digits.model import encode, held_out
 
         image, label = held_out(1)[0]

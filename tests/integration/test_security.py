@@ -68,16 +68,26 @@ BAD_INPUTS = [
     ("no content type, not an image", b"GIF89a" + b"\0" * 64, None, 415),
     ("multipart, garbage", *_multipart(b"this is not multipart at all"), 400),
     ("multipart, no boundary", b"--xyz\r\n\r\nabc\r\n--xyz--\r\n", "multipart/form-data", 415),
-    ("multipart, wrong field",
-     *_multipart(b'--xyz\r\nContent-Disposition: form-data; name="other"\r\n\r\nabc\r\n--xyz--\r\n'), 400),
-    ("multipart, unterminated",
-     *_multipart(b'--xyz\r\nContent-Disposition: form-data; name="data"\r\n\r\n\x89PNG\r\n'), 400),
+    (
+        "multipart, wrong field",
+        *_multipart(b'--xyz\r\nContent-Disposition: form-data; name="other"\r\n\r\nabc\r\n--xyz--\r\n'),
+        400,
+    ),
+    (
+        "multipart, unterminated",
+        *_multipart(b'--xyz\r\nContent-Disposition: form-data; name="data"\r\n\r\n\x89PNG\r\n'),
+        400,
+    ),
     ("malformed JSON", b'{"data": "abc', "application/json", 400),
     ("JSON without an image", b'{"label": 3}', "application/json", 400),
     ("JSON list", b"[1, 2, 3]", "application/json", 400),
     ("invalid base64", b'{"data": "%%%not-base64%%%"}', "application/json", 400),
-    ("base64 of text", json.dumps({"data": base64.b64encode(b"plain text").decode()}).encode(),
-     "application/json", 415),
+    (
+        "base64 of text",
+        json.dumps({"data": base64.b64encode(b"plain text").decode()}).encode(),
+        "application/json",
+        415,
+    ),
 ]
 
 
@@ -161,9 +171,15 @@ def test_effective_config_pins_urls_to_the_store(digits_server):
     assert props["model_store"] == str(store)
     allowed = _java_regex(props["allowed_urls"])
     assert allowed.match(f"file://{store}/digits-v1.0.mar")
-    for url in (f"file://{store}/../x.mar", f"file://{store}/sub/x.mar", f"file://{store.parent}/x.mar",
-                f"file://{store}/x.mar.sh", "http://127.0.0.1/x.mar", "https://example.com/x.mar",
-                "file:///etc/passwd"):
+    for url in (
+        f"file://{store}/../x.mar",
+        f"file://{store}/sub/x.mar",
+        f"file://{store.parent}/x.mar",
+        f"file://{store}/x.mar.sh",
+        "http://127.0.0.1/x.mar",
+        "https://example.com/x.mar",
+        "file:///etc/passwd",
+    ):
         assert not allowed.match(url), url
     assert props["install_py_dep_per_model"] == "false"
     assert props["disable_token_authorization"] == "false"
@@ -200,8 +216,13 @@ def test_management_needs_the_management_key(digits_server):
     base = digits_server.cfg.address("management_address")
     keys = digits_server.cfg.tokens.keys()
     # Changes aim at a model that does not exist: if auth were broken, the shared server stays intact.
-    calls = [("GET", "/models"), ("GET", "/models/digits"), ("POST", "/models?url=nothing-v1.0.mar"),
-             ("PUT", "/models/nothing?min_worker=1"), ("DELETE", "/models/nothing")]
+    calls = [
+        ("GET", "/models"),
+        ("GET", "/models/digits"),
+        ("POST", "/models?url=nothing-v1.0.mar"),
+        ("PUT", "/models/nothing?min_worker=1"),
+        ("DELETE", "/models/nothing"),
+    ]
     for auth in (None, "Bearer wrong-key", f"Bearer {keys.inference}", f"Bearer {keys.api}", keys.management):
         headers = {"Authorization": auth} if auth else {}
         for method, path in calls:
@@ -221,8 +242,9 @@ def test_inference_needs_the_inference_key(digits_server):
     for auth in (None, "Bearer wrong-key", f"Bearer {keys.management}", f"Basic {keys.inference}"):
         headers = {"Authorization": auth} if auth else {}
         assert _refused(requests.get(base + "/ping", headers=headers, timeout=30))
-        resp = requests.post(base + "/predictions/digits", data=body, headers={**headers, "Content-Type": "image/png"},
-                             timeout=30)
+        resp = requests.post(
+            base + "/predictions/digits", data=body, headers={**headers, "Content-Type": "image/png"}, timeout=30
+        )
         assert _refused(resp), f"{auth!r}: {resp.status_code}"
     assert_serves(digits_server.inference)
 
@@ -274,8 +296,11 @@ def test_model_urls_outside_the_store_are_refused(url_server):
         resp = srv.management.register(url, initial_workers=1, timeout=120)
         assert 400 <= resp.status_code < 500, f"{url}: {resp.status_code} {resp.text[:200]}"
     # Encoded traversal, decoded once by the server ("../") and sent double-encoded (stays literal).
-    for query in ("url=%2e%2e%2foutside%2fdigits-v2.0.mar", "url=%252e%252e%252foutside%252fdigits-v2.0.mar",
-                  "url=..%2F..%2Fetc%2Fpasswd"):
+    for query in (
+        "url=%2e%2e%2foutside%2fdigits-v2.0.mar",
+        "url=%252e%252e%252foutside%252fdigits-v2.0.mar",
+        "url=..%2F..%2Fetc%2Fpasswd",
+    ):
         resp = _register_raw(srv, query)
         assert 400 <= resp.status_code < 500, f"{query}: {resp.status_code} {resp.text[:200]}"
     assert _listing(store) == before
@@ -284,8 +309,11 @@ def test_model_urls_outside_the_store_are_refused(url_server):
     assert_serves(srv.inference)
 
 
-@pytest.mark.xfail(strict=True, reason="TorchServe 0.12 loads an absolute directory path from anywhere "
-                   "(ModelArchive.downloadModel); residual risk, see SECURITY.md")
+@pytest.mark.xfail(
+    strict=True,
+    reason="TorchServe 0.12 loads an absolute directory path from anywhere "
+    "(ModelArchive.downloadModel); residual risk, see SECURITY.md",
+)
 def test_directory_outside_the_store_is_refused(url_server):
     srv, outside = url_server
     before = _listing(srv.cfg.model_store)
@@ -316,8 +344,12 @@ def test_directory_load_needs_loopback_and_management_key(url_server):
 def _rotate(cfg: server.ServerConfig, kind: str) -> None:
     """New key of ``kind`` through the token API (the API key does not expire)."""
     api = cfg.tokens.keys(force=True).api
-    resp = requests.post(cfg.address("management_address") + "/token", params={"type": kind},
-                         headers={"Authorization": f"Bearer {api}"}, timeout=30)
+    resp = requests.post(
+        cfg.address("management_address") + "/token",
+        params={"type": kind},
+        headers={"Authorization": f"Bearer {api}"},
+        timeout=30,
+    )
     assert resp.status_code == 200, resp.text
 
 
@@ -330,8 +362,9 @@ def locked_server(tmp_path_factory, archives):
     shutil.copy2(archives / "digits-v1.0.mar", store)
     from conftest import port_overrides
 
-    cfg = server.ServerConfig(tmp / "run", store, overrides={
-        **port_overrides(), "enable_model_api": "false", "token_expiration_min": "0.1"})
+    cfg = server.ServerConfig(
+        tmp / "run", store, overrides={**port_overrides(), "enable_model_api": "false", "token_expiration_min": "0.1"}
+    )
     proc = server.start(cfg, {"digits": "digits-v1.0.mar"}, log=lambda *_: None)
 
     def ready() -> bool:
@@ -369,8 +402,13 @@ def test_workflow_api_reads_only_the_store(locked_server, url_server):
     _, outside = url_server
     _rotate(locked_server, "management")
     mgmt = locked_server.management()
-    for url in (str(outside / "unpacked"), str(outside / "digits-v2.0.mar"), "http://127.0.0.1:9/x.war",
-                f"file://{outside}/x.war", "../outside/x.war"):
+    for url in (
+        str(outside / "unpacked"),
+        str(outside / "digits-v2.0.mar"),
+        "http://127.0.0.1:9/x.war",
+        f"file://{outside}/x.war",
+        "../outside/x.war",
+    ):
         resp = mgmt.request("POST", "/workflows", params={"url": url})
         assert resp.status_code == 404, f"{url}: {resp.status_code} {resp.text[:200]}"
     assert mgmt.request("GET", "/workflows").json()["workflows"] == []
@@ -387,8 +425,12 @@ def test_expired_and_rotated_keys(locked_server):
     old = cfg.tokens.keys(force=True).inference
 
     def raw(key: str) -> requests.Response:
-        return requests.post(base + "/predictions/digits", data=body, timeout=30,
-                             headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
+        return requests.post(
+            base + "/predictions/digits",
+            data=body,
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"},
+        )
 
     wait_until(lambda: _refused(raw(old)), 30, what="the inference key to expire")
     assert _refused(client.predict("digits", body, "image/png"))

@@ -75,8 +75,11 @@ def test_a_bad_item_in_a_batch_fails_alone(digits_server, digits_images):
     """Concurrent good and bad requests share batches; each bad one gets its own 4xx."""
     inf = digits_server.inference
     good = [(encode(img, "PNG"), "image/png", label) for img, label in digits_images[:12]]
-    bad = [(b"definitely not an image", "image/png", None), (b"", "image/png", None),
-           (encode(digits_images[0][0], "JPEG")[:40], "image/jpeg", None)]
+    bad = [
+        (b"definitely not an image", "image/png", None),
+        (b"", "image/png", None),
+        (encode(digits_images[0][0], "JPEG")[:40], "image/jpeg", None),
+    ]
     items = [x for pair in zip(good, bad * 4) for x in pair]
 
     def send(item):
@@ -99,8 +102,9 @@ def test_requests_without_or_with_a_wrong_token_are_rejected(digits_server, digi
     inf, mgmt = cfg.address("inference_address"), cfg.address("management_address")
     body = encode(digits_images[0][0], "PNG")
     for headers in ({}, {"Authorization": "Bearer wrong"}):
-        resp = requests.post(f"{inf}/predictions/digits", data=body, timeout=30,
-                             headers={**headers, "Content-Type": "image/png"})
+        resp = requests.post(
+            f"{inf}/predictions/digits", data=body, timeout=30, headers={**headers, "Content-Type": "image/png"}
+        )
         assert auth_failed(resp), resp.text
         assert auth_failed(requests.get(f"{inf}/ping", headers=headers, timeout=30))
         assert auth_failed(requests.get(f"{mgmt}/models", headers=headers, timeout=30))
@@ -125,7 +129,7 @@ def test_metrics_report_handler_stage_timings(digits_server, digits_images):
             break
         time.sleep(0.5)
     for name in ("StageDecodeTime", "StageInferTime", "StagePostprocessTime", "HandlerItems"):
-        lines = [l for l in text.splitlines() if l.startswith(name) and 'ModelName="digits"' in l]
+        lines = [line for line in text.splitlines() if line.startswith(name) and 'ModelName="digits"' in line]
         assert lines, f"{name} missing from /metrics"
         assert float(lines[0].rsplit(" ", 1)[1]) >= 0
 
@@ -162,18 +166,24 @@ def test_cli_serve_predict_health_stop_leaves_no_process(tmp_path, archives):
     try:
         health = subprocess.run([*cli, "health", *common], capture_output=True, text=True, env=env, timeout=60)
         assert health.returncode == 0 and "digits v1.0" in health.stdout
-        pred = subprocess.run([*cli, "predict", str(ROOT / "tests/data/digit-7.png"), *common],
-                              capture_output=True, text=True, env=env, timeout=60)
+        pred = subprocess.run(
+            [*cli, "predict", str(ROOT / "tests/data/digit-7.png"), *common],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert pred.returncode == 0, pred.stderr
         assert pred.stdout.splitlines()[1].split()[-1] == "7"
         # The curl line printed by serve works as printed.
-        curl = next(l for l in out.stdout.splitlines() if l.strip().startswith("curl"))
-        nxt = out.stdout.splitlines()[out.stdout.splitlines().index(curl) + 1]
-        shell = (curl.rstrip("\\") + " " + nxt.strip()).replace("@tests/", f"@{ROOT}/tests/")
+        curl = next(line for line in out.stdout.splitlines() if line.strip().startswith("curl"))
+        shell = curl.replace("@tests/", f"@{ROOT}/tests/")
         answer = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
         assert json.loads(answer.stdout)["predictions"][0]["label"] == "7", answer.stdout + answer.stderr
     finally:
-        stop = subprocess.run([*cli, "stop", "--run-dir", str(run)], capture_output=True, text=True, env=env, timeout=120)
+        stop = subprocess.run(
+            [*cli, "stop", "--run-dir", str(run)], capture_output=True, text=True, env=env, timeout=120
+        )
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert server.group_members(pgid) == []
     health = subprocess.run([*cli, "health", *common], capture_output=True, text=True, env=env, timeout=60)

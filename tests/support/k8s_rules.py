@@ -16,9 +16,11 @@ GPU = "nvidia.com/gpu"
 PROXY, SERVER = "proxy", "servekit"
 # (container, probe) -> the path it must ask for on the proxy's port.
 PROBE_PATHS = {
-    (PROXY, "startupProbe"): "/healthz/proxy", (PROXY, "readinessProbe"): "/healthz/ready",
+    (PROXY, "startupProbe"): "/healthz/proxy",
+    (PROXY, "readinessProbe"): "/healthz/ready",
     (PROXY, "livenessProbe"): "/healthz/proxy",
-    (SERVER, "startupProbe"): "/healthz/ready", (SERVER, "readinessProbe"): "/healthz/ready",
+    (SERVER, "startupProbe"): "/healthz/ready",
+    (SERVER, "readinessProbe"): "/healthz/ready",
     (SERVER, "livenessProbe"): "/healthz/live",
 }
 
@@ -117,8 +119,9 @@ def check_proxy(where: str, c: dict, volumes: dict[str, dict]) -> list[str]:
     mounts = {m["mountPath"]: m for m in c.get("volumeMounts") or []}
     volume = volumes.get(mounts.get(keys_dir, {}).get("name"), {})
     from_volume = (volume.get("secret") or {}).get("secretName") == SECRET_NAME
-    from_env = ((((env.get("SERVEKIT_API_KEYS") or {}).get("valueFrom") or {}).get("secretKeyRef") or {})
-                .get("name") == SECRET_NAME)
+    from_env = (((env.get("SERVEKIT_API_KEYS") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}).get(
+        "name"
+    ) == SECRET_NAME
     if not (from_volume or from_env):
         return [f"{where}: client keys must come from the Secret {SECRET_NAME} (mounted at {keys_dir})"]
     if (env.get("SERVEKIT_API_KEYS") or {}).get("value"):
@@ -156,8 +159,9 @@ def check_server(where: str, c: dict, volumes: dict[str, dict], configmaps: dict
     return problems
 
 
-def check_pod(name: str, variant: str, pod: dict, configmaps: dict[str, dict],
-              named_ports: dict[str, int]) -> list[str]:
+def check_pod(
+    name: str, variant: str, pod: dict, configmaps: dict[str, dict], named_ports: dict[str, int]
+) -> list[str]:
     """The pod spec: proxy + server containers, each held to the rules."""
     problems = []
     pod_sc = pod.get("securityContext") or {}
@@ -168,8 +172,9 @@ def check_pod(name: str, variant: str, pod: dict, configmaps: dict[str, dict],
     if (pod.get("terminationGracePeriodSeconds") or 30) < 30:
         problems.append(f"Deployment {name}: terminationGracePeriodSeconds too short")
     tolerations = pod.get("tolerations") or []
-    if variant == "cpu" and (any(t.get("key") == GPU for t in tolerations)
-                             or GPU + ".present" in (pod.get("nodeSelector") or {})):
+    if variant == "cpu" and (
+        any(t.get("key") == GPU for t in tolerations) or GPU + ".present" in (pod.get("nodeSelector") or {})
+    ):
         problems.append(f"Deployment {name}: the cpu variant must not target GPU nodes")
     if variant == "gpu" and not pod.get("nodeSelector"):
         problems.append(f"Deployment {name}: the gpu variant needs a GPU nodeSelector")
@@ -205,8 +210,15 @@ def check_rules(docs: list[dict], variant: str) -> list[str]:
     by_kind: dict[str, list[dict]] = {}
     for doc in docs:
         by_kind.setdefault(doc.get("kind", "?"), []).append(doc)
-    for kind in ("Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-                 "NetworkPolicy", "ServiceAccount"):
+    for kind in (
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceAccount",
+    ):
         if not by_kind.get(kind):
             problems.append(f"missing {kind}")
     if by_kind.get("PersistentVolumeClaim"):
@@ -237,8 +249,11 @@ def check_rules(docs: list[dict], variant: str) -> list[str]:
         if not _matches(spec.get("selector"), labels):
             problems.append(f"Deployment {name}: selector does not select its pods")
         annotations = template.get("metadata", {}).get("annotations") or {}
-        if (annotations.get("prometheus.io/scrape"), annotations.get("prometheus.io/port"),
-                annotations.get("prometheus.io/path")) != ("true", str(METRICS_PORT), "/metrics"):
+        if (
+            annotations.get("prometheus.io/scrape"),
+            annotations.get("prometheus.io/port"),
+            annotations.get("prometheus.io/path"),
+        ) != ("true", str(METRICS_PORT), "/metrics"):
             problems.append(f"Deployment {name}: pods need the prometheus.io scrape annotations for {METRICS_PORT}")
         problems += check_pod(name, variant, template.get("spec", {}), configmaps, named_ports)
     problems += check_network(by_kind, pod_labels, named_ports)
@@ -252,8 +267,11 @@ def check_network(by_kind: dict[str, list[dict]], pod_labels: list[dict], named_
         name = svc["metadata"]["name"]
         for port in svc.get("spec", {}).get("ports") or []:
             numbers = {port.get("port"), _port_number(port.get("targetPort", port.get("port")), named_ports)}
-            if MANAGEMENT_PORT in numbers or "manag" in str(port.get("name", "")) \
-                    or "manag" in str(port.get("targetPort", "")):
+            if (
+                MANAGEMENT_PORT in numbers
+                or "manag" in str(port.get("name", ""))
+                or "manag" in str(port.get("targetPort", ""))
+            ):
                 problems.append(f"Service {name}: exposes the management port ({port})")
             elif numbers != {INFERENCE_PORT}:
                 problems.append(f"Service {name}: may expose only {INFERENCE_PORT} ({port})")

@@ -37,19 +37,26 @@ def record(name: str, seconds: float) -> None:
 
 def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run podman, capturing text output; raise with its output when ``check`` and it fails."""
-    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"podman {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
 def _run_script(script: str, log: Path, env: dict[str, str], timeout: float) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.run(["bash", str(ROOT / "docker" / script)], cwd=ROOT, env=env, stdout=out,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout)
+        proc = subprocess.run(
+            ["bash", str(ROOT / "docker" / script)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+        )
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         pytest.fail(f"docker/{script} exited {proc.returncode}; last lines of {log}:\n{tail}")
@@ -119,5 +126,3 @@ def ensure_image() -> str:
         _run_script("build.sh", ROOT / "build" / "container-build.log", env, timeout=3000)
         record(f"image build ({reason})", time.monotonic() - t0)
     return IMAGE
-
-

@@ -127,8 +127,12 @@ class Cluster:
             for part in ("requests", "limits"):
                 c["resources"][part]["cpu"] = "1" if c["name"] == "servekit" else "500m"
             if c["name"] == "proxy":
-                c["env"].append({"name": "SERVEKIT_API_KEYS", "valueFrom": {
-                    "secretKeyRef": {"name": self.secret, "key": SERVICE_KEY_NAME}}})
+                c["env"].append(
+                    {
+                        "name": "SERVEKIT_API_KEYS",
+                        "valueFrom": {"secretKeyRef": {"name": self.secret, "key": SERVICE_KEY_NAME}},
+                    }
+                )
         for v in spec["volumes"]:
             if "secret" in v:
                 del v["secret"]
@@ -167,8 +171,10 @@ class Cluster:
                 if status == 200:
                     waiting.remove(pod)
             if waiting and time.monotonic() > deadline:
-                raise AssertionError(f"not ready after {timeout:.0f} s: {[p.name for p in waiting]}\n"
-                                     + "\n".join(p.logs("servekit")[-3000:] for p in waiting))
+                raise AssertionError(
+                    f"not ready after {timeout:.0f} s: {[p.name for p in waiting]}\n"
+                    + "\n".join(p.logs("servekit")[-3000:] for p in waiting)
+                )
             time.sleep(1.0)
         return seen
 

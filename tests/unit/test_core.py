@@ -29,8 +29,9 @@ def natural_image(w: int = 500, h: int = 375, seed: int = 0) -> Image.Image:
     """A smooth, textured RGB image (not noise: resizing must behave as on a photo)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    chans = [np.sin(xx / (20 + 10 * c)) * np.cos(yy / (15 + 7 * c)) * 90 + 128 + rng.normal(0, 6, (h, w))
-             for c in range(3)]
+    chans = [
+        np.sin(xx / (20 + 10 * c)) * np.cos(yy / (15 + 7 * c)) * 90 + 128 + rng.normal(0, 6, (h, w)) for c in range(3)
+    ]
     return Image.fromarray(np.clip(np.stack(chans, -1), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -186,7 +187,12 @@ def test_token_file_rereads_on_change(tmp_path):
 def test_versions_sort_numerically():
     assert version_key("1.10") > version_key("1.9") > version_key("1.0")
     assert sorted(["2.0", "1.10", "2.0-rc1", "1.0", "custom"], key=version_key) == [
-        "custom", "1.0", "1.10", "2.0-rc1", "2.0"]
+        "custom",
+        "1.0",
+        "1.10",
+        "2.0-rc1",
+        "2.0",
+    ]
 
 
 def test_batch_of_mixed_sizes_keeps_order():
@@ -221,16 +227,19 @@ def test_torchserve_log_timeline_of_a_version(tmp_path):
 
     ts = tmp_path / "ts_log.log"
     ts.write_text(
-        "2026-11-25T18:38:30,926 [DEBUG] epollEventLoopGroup-3-2 ModelVersionedRefs - Adding new version 2.0 for model m\n"
+        "2026-11-25T18:38:30,926 [DEBUG] epollEventLoopGroup-3-2 ModelVersionedRefs - "
+        "Adding new version 2.0 for model m\n"
         "2026-11-25T18:38:30,932 [DEBUG] W-9000-m_2.0 WorkerLifeCycle - Worker cmdline: [python, worker.py]\n"
         "2026-11-25T18:38:31,100 [DEBUG] W-9001-m_2.0 WorkerLifeCycle - Worker cmdline: [python, worker.py]\n"
         "2026-11-25T18:38:31,200 [DEBUG] W-8000-m_1.0 WorkerLifeCycle - Worker cmdline: [python, worker.py]\n"
         "    a continuation line without a time stamp\n"
         "2026-11-25T18:38:36,030 [DEBUG] W-9000-m_2.0 WorkerThread - W-9000-m_2.0 State change "
-        "WORKER_STARTED -> WORKER_MODEL_LOADED\n")
+        "WORKER_STARTED -> WORKER_MODEL_LOADED\n"
+    )
     (tmp_path / "model_log.log").write_text(
         "2026-11-25T18:38:32,128 [INFO ] W-9000-m_2.0-stdout MODEL_LOG - Torch worker started.\n"
-        "2026-11-25T18:38:36,023 [INFO ] W-9000-m_2.0-stdout MODEL_LOG - m v2.0 ready on cpu (2 threads) in 2.8 s\n")
+        "2026-11-25T18:38:36,023 [INFO ] W-9000-m_2.0-stdout MODEL_LOG - m v2.0 ready on cpu (2 threads) in 2.8 s\n"
+    )
     timeline = worker_timeline(tmp_path, "m", "2.0")
     zero = timeline["unpacked"][0]
     rel = relative_timeline(timeline, zero)

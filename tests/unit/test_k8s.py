@@ -43,12 +43,9 @@ def _tool(name: str) -> Path:
 @pytest.fixture(scope="session")
 def kubectl() -> Path:
     path = _tool("kubectl")
-    out = subprocess.run(
-        [str(path), "version", "--client"], capture_output=True, text=True, timeout=60
-    ).stdout
+    out = subprocess.run([str(path), "version", "--client"], capture_output=True, text=True, timeout=60).stdout
     if f"Client Version: {KUBECTL_VERSION}" not in out:
-        pytest.fail(f"{path} is not kubectl {KUBECTL_VERSION} ({out.strip()!r}): {INSTALL_HINT}",
-                    pytrace=False)
+        pytest.fail(f"{path} is not kubectl {KUBECTL_VERSION} ({out.strip()!r}): {INSTALL_HINT}", pytrace=False)
     return path
 
 
@@ -58,9 +55,7 @@ def kubernetes_validate() -> Path:
 
 
 def render(kubectl: Path, directory: Path) -> str:
-    proc = subprocess.run(
-        [str(kubectl), "kustomize", str(directory)], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([str(kubectl), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"kustomize failed for {directory}:\n{proc.stderr}"
     return proc.stdout
 
@@ -93,8 +88,9 @@ def test_gpu_is_the_default(kubectl: Path, rendered: dict[str, str]) -> None:
     assert render(kubectl, K8S) == rendered["gpu"]
 
 
-def test_kubernetes_validate_strict(kubernetes_validate: Path, kubectl: Path, rendered: dict[str, str],
-                                    tmp_path: Path) -> None:
+def test_kubernetes_validate_strict(
+    kubernetes_validate: Path, kubectl: Path, rendered: dict[str, str], tmp_path: Path
+) -> None:
     files = []
     for name, text in rendered.items():
         (tmp_path / f"{name}.yaml").write_text(text)
@@ -106,27 +102,31 @@ def test_kubernetes_validate_strict(kubernetes_validate: Path, kubectl: Path, re
     for version in KUBE_VERSIONS:
         proc = subprocess.run(
             [str(kubernetes_validate), "--strict", "--kubernetes-version", version, *files],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         out = proc.stdout + proc.stderr
         # An unknown kind only warns (and exits 0): treat that as a failure too.
         assert proc.returncode == 0 and "ERROR" not in out and "WARN" not in out, out
-        assert out.count(" passed for resource ") == sum(
-            len(docs_of(Path(f).read_text())) for f in files), out
+        assert out.count(" passed for resource ") == sum(len(docs_of(Path(f).read_text())) for f in files), out
 
 
-
-def test_kubernetes_validate_rejects_unknown_field(kubernetes_validate: Path, rendered: dict[str, str],
-                                                   tmp_path: Path) -> None:
+def test_kubernetes_validate_rejects_unknown_field(
+    kubernetes_validate: Path, rendered: dict[str, str], tmp_path: Path
+) -> None:
     docs = docs_of(rendered["gpu"])
     _pod(docs)["containers"][0]["readinessProbe"]["httpGet"]["pth"] = "/"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump_all(docs))
     proc = subprocess.run(
         [str(kubernetes_validate), "--strict", "--kubernetes-version", KUBE_VERSIONS[0], str(bad)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0 and "'pth' was unexpected" in proc.stdout + proc.stderr
+
 
 # Each mutation breaks one rule; the checker must report it (so the tests above can fail).
 def _svc(docs):
@@ -152,8 +152,8 @@ def _cm(docs):
 def _set_prop(docs, key, value):
     data = _cm(docs)
     data["config.properties"] = "\n".join(
-        f"{key}={value}" if line.startswith(key + "=") else line
-        for line in data["config.properties"].splitlines())
+        f"{key}={value}" if line.startswith(key + "=") else line for line in data["config.properties"].splitlines()
+    )
 
 
 def _volume(docs, name):
@@ -163,89 +163,119 @@ def _volume(docs, name):
 MUTATIONS = {
     "service exposes 8081": (
         lambda d: _svc(d)["spec"]["ports"].append({"name": "api", "port": 8081, "targetPort": 8081}),
-        "Service servekit: exposes the management port"),
+        "Service servekit: exposes the management port",
+    ),
     "service port named management": (
         lambda d: _svc(d)["spec"]["ports"].append({"name": "management", "port": 9000}),
-        "Service servekit: exposes the management port"),
+        "Service servekit: exposes the management port",
+    ),
     "service exposes metrics": (
         lambda d: _svc(d)["spec"]["ports"].append({"name": "metrics", "port": 8082, "targetPort": "metrics"}),
-        "Service servekit: may expose only 8080"),
+        "Service servekit: may expose only 8080",
+    ),
     "containerPort 8081": (
         lambda d: _proxy(d)["ports"].append({"name": "mgmt", "containerPort": 8081}),
-        "exposes the management port"),
+        "exposes the management port",
+    ),
     "server declares a port": (
         lambda d: _ctr(d).update(ports=[{"name": "direct", "containerPort": 8180}]),
-        "TorchServe listens on loopback; the container declares no ports"),
+        "TorchServe listens on loopback; the container declares no ports",
+    ),
     "exec readiness": (
         lambda d: _ctr(d).update(readinessProbe={"exec": {"command": ["servekit", "health"]}}),
-        "readinessProbe must be an httpGet probe (no command, no key file)"),
+        "readinessProbe must be an httpGet probe (no command, no key file)",
+    ),
     "probe reads the key file": (
         lambda d: _proxy(d).update(livenessProbe={"exec": {"command": ["cat", "/run/servekit/key_file.json"]}}),
-        "livenessProbe must be an httpGet probe (no command, no key file)"),
+        "livenessProbe must be an httpGet probe (no command, no key file)",
+    ),
     "probe straight to TorchServe": (
         lambda d: _ctr(d)["livenessProbe"]["httpGet"].update(port=8180),
-        "livenessProbe must ask the proxy on 8080"),
+        "livenessProbe must ask the proxy on 8080",
+    ),
     "liveness on the ready path": (
         lambda d: _ctr(d)["livenessProbe"]["httpGet"].update(path="/healthz/ready"),
-        "livenessProbe must ask for /healthz/live"),
+        "livenessProbe must ask for /healthz/live",
+    ),
     "readiness on the live path": (
         lambda d: _proxy(d)["readinessProbe"]["httpGet"].update(path="/healthz/live"),
-        "readinessProbe must ask for /healthz/ready"),
+        "readinessProbe must ask for /healthz/ready",
+    ),
     "no startup probe": (lambda d: _ctr(d).pop("startupProbe"), "no startupProbe"),
     "keys not from the Secret": (
         lambda d: _volume(d, "api-keys").update(secret=None, emptyDir={}),
-        "client keys must come from the Secret servekit-api-keys"),
+        "client keys must come from the Secret servekit-api-keys",
+    ),
     "keys written into the manifest": (
         lambda d: _proxy(d)["env"].append({"name": "SERVEKIT_API_KEYS", "value": "not-a-secret"}),
-        "client keys must not be written into the manifest"),
-    "no proxy": (
-        lambda d: _pod(d)["containers"].remove(_proxy(d)),
-        "containers must be proxy and servekit"),
+        "client keys must not be written into the manifest",
+    ),
+    "no proxy": (lambda d: _pod(d)["containers"].remove(_proxy(d)), "containers must be proxy and servekit"),
     "runs as root": (
         lambda d: _ctr(d)["securityContext"].update(runAsUser=0, runAsNonRoot=False),
-        "runAsNonRoot must be true"),
+        "runAsNonRoot must be true",
+    ),
     "proxy writable root": (
         lambda d: _proxy(d)["securityContext"].update(readOnlyRootFilesystem=False),
-        "readOnlyRootFilesystem must be true"),
+        "readOnlyRootFilesystem must be true",
+    ),
     "privilege escalation": (
         lambda d: _ctr(d)["securityContext"].pop("allowPrivilegeEscalation"),
-        "allowPrivilegeEscalation must be false"),
-    "capabilities kept": (
-        lambda d: _proxy(d)["securityContext"].pop("capabilities"), "capabilities must drop ALL"),
+        "allowPrivilegeEscalation must be false",
+    ),
+    "capabilities kept": (lambda d: _proxy(d)["securityContext"].pop("capabilities"), "capabilities must drop ALL"),
     "maxUnavailable 1": (
-        lambda d: next(x for x in d if x["kind"] == "Deployment")["spec"]["strategy"]
-        ["rollingUpdate"].update(maxUnavailable=1),
-        "maxUnavailable 0"),
+        lambda d: next(x for x in d if x["kind"] == "Deployment")["spec"]["strategy"]["rollingUpdate"].update(
+            maxUnavailable=1
+        ),
+        "maxUnavailable 0",
+    ),
     "model store not the PVC": (
         lambda d: _volume(d, "models").update(persistentVolumeClaim=None, emptyDir={}),
-        "/models must come from the PVC servekit-models"),
+        "/models must come from the PVC servekit-models",
+    ),
     "app owns the PVC": (
         lambda d: d.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": PVC_NAME}}),
-        "the app must not own a PersistentVolumeClaim"),
+        "the app must not own a PersistentVolumeClaim",
+    ),
     "versions not mounted": (
         lambda d: _volume(d, "versions").update(configMap=None, emptyDir={}),
-        "SERVEKIT_VERSIONS must be a file of the ConfigMap servekit-versions"),
-    "no gpu": (lambda d: _ctr(d)["resources"]["limits"].pop("nvidia.com/gpu"),
-               "the gpu variant needs a nvidia.com/gpu limit"),
-    "no HPA": (lambda d: d.remove(next(x for x in d if x["kind"] == "HorizontalPodAutoscaler")),
-               "missing HorizontalPodAutoscaler"),
-    "no PDB": (lambda d: d.remove(next(x for x in d if x["kind"] == "PodDisruptionBudget")),
-               "missing PodDisruptionBudget"),
-    "no NetworkPolicy": (lambda d: d.remove(next(x for x in d if x["kind"] == "NetworkPolicy")),
-                         "missing NetworkPolicy"),
+        "SERVEKIT_VERSIONS must be a file of the ConfigMap servekit-versions",
+    ),
+    "no gpu": (
+        lambda d: _ctr(d)["resources"]["limits"].pop("nvidia.com/gpu"),
+        "the gpu variant needs a nvidia.com/gpu limit",
+    ),
+    "no HPA": (
+        lambda d: d.remove(next(x for x in d if x["kind"] == "HorizontalPodAutoscaler")),
+        "missing HorizontalPodAutoscaler",
+    ),
+    "no PDB": (
+        lambda d: d.remove(next(x for x in d if x["kind"] == "PodDisruptionBudget")),
+        "missing PodDisruptionBudget",
+    ),
+    "no NetworkPolicy": (
+        lambda d: d.remove(next(x for x in d if x["kind"] == "NetworkPolicy")),
+        "missing NetworkPolicy",
+    ),
     "network policy opens 8081": (
         lambda d: next(x for x in d if x["kind"] == "NetworkPolicy")["spec"]["ingress"].append(
-            {"ports": [{"port": 8081}]}),
-        "NetworkPolicy: ingress only to 8080 and 8082"),
+            {"ports": [{"port": 8081}]}
+        ),
+        "NetworkPolicy: ingress only to 8080 and 8082",
+    ),
     "egress opened": (
         lambda d: next(x for x in d if x["kind"] == "NetworkPolicy")["spec"].update(egress=[{}]),
-        "NetworkPolicy: egress beyond DNS"),
+        "NetworkPolicy: egress beyond DNS",
+    ),
     "management on all interfaces": (
         lambda d: _set_prop(d, "management_address", "http://0.0.0.0:8081"),
-        "management_address must be on 127.0.0.1"),
+        "management_address must be on 127.0.0.1",
+    ),
     "inference bypasses the proxy": (
         lambda d: _set_prop(d, "inference_address", "http://0.0.0.0:8180"),
-        "inference_address must be on 127.0.0.1"),
+        "inference_address must be on 127.0.0.1",
+    ),
     "no OMP_NUM_THREADS": (lambda d: _ctr(d).update(env=[]), "OMP_NUM_THREADS must be set explicitly"),
     "no memory limit": (lambda d: _proxy(d)["resources"]["limits"].pop("memory"), "no memory limits"),
 }
@@ -268,8 +298,14 @@ def test_rule_checker_catches_gpu_in_cpu_variant(rendered: dict[str, str]) -> No
 
 def test_rule_checker_catches_bare_service() -> None:
     """Without any rendering: a lone Service on 8081 is reported, and so is all that is missing."""
-    docs = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "leak"},
-             "spec": {"selector": {"app": "x"}, "ports": [{"port": 8081}]}}]
+    docs = [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "leak"},
+            "spec": {"selector": {"app": "x"}, "ports": [{"port": 8081}]},
+        }
+    ]
     problems = check_rules(copy.deepcopy(docs), "gpu")
     assert any(p.startswith("Service leak: exposes the management port") for p in problems)
     assert "missing Deployment" in problems and "missing NetworkPolicy" in problems

@@ -1,4 +1,4 @@
-"""Pure logic of a long-running deployment: key renewal, pins, room checks, warm-up samples, worker errors, the proxy's config."""
+"""Pure logic of a long-running deployment: key renewal, pins, room checks, warm-up samples, worker errors, proxy."""
 
 from __future__ import annotations
 
@@ -26,18 +26,27 @@ MIB = 1 << 20
 
 # -- keys ---------------------------------------------------------------------------------------
 def key_file(path: Path, inference: str, management: str, expires: dict[str, str]) -> None:
-    path.write_text(json.dumps({
-        "management": {"key": management, "expiration time": expires["management"]},
-        "inference": {"key": inference, "expiration time": expires["inference"]},
-        "API": {"key": "api-key"},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "management": {"key": management, "expiration time": expires["management"]},
+                "inference": {"key": inference, "expiration time": expires["inference"]},
+                "API": {"key": "api-key"},
+            }
+        )
+    )
 
 
 def test_parse_keys_reads_java_instants():
-    keys = parse_keys(json.dumps({
-        "management": {"key": "m", "expiration time": "2026-11-28T10:00:00.123456789Z"},
-        "inference": {"key": "i", "expiration time": "2026-11-28T10:00:00Z"},
-        "API": {"key": "a"}}))
+    keys = parse_keys(
+        json.dumps(
+            {
+                "management": {"key": "m", "expiration time": "2026-11-28T10:00:00.123456789Z"},
+                "inference": {"key": "i", "expiration time": "2026-11-28T10:00:00Z"},
+                "API": {"key": "a"},
+            }
+        )
+    )
     assert (keys.inference, keys.management, keys.api) == ("i", "m", "a")
     assert keys.expires["inference"] == 1795860000.0
     assert keys.expires["management"] == pytest.approx(1795860000.123456)
@@ -65,8 +74,14 @@ def test_renewal_that_fails_is_reported_and_retried(tmp_path):
     path = tmp_path / "key_file.json"
     key_file(path, "i1", "m1", {"inference": "2026-11-28T10:00:00Z", "management": "2026-11-28T10:00:00Z"})
     seen = []
-    renewer = KeyRenewer("http://127.0.0.1:9", TokenFile(path), lifetime_s=60, retry_s=2.5,
-                         on_renewal=lambda kind, ok, exp: seen.append((kind, ok)), clock=lambda: 1795860000.0)
+    renewer = KeyRenewer(
+        "http://127.0.0.1:9",
+        TokenFile(path),
+        lifetime_s=60,
+        retry_s=2.5,
+        on_renewal=lambda kind, ok, exp: seen.append((kind, ok)),
+        clock=lambda: 1795860000.0,
+    )
     assert renewer.step() == 2.5  # nothing listens on port 9
     assert seen == [("inference", False)] and renewer.failing
 
@@ -127,7 +142,9 @@ def test_generic_sample_is_a_real_png():
 def test_sample_comes_from_the_archive(tmp_path):
     mar = tmp_path / "m.mar"
     with zipfile.ZipFile(mar, "w") as zf:
-        zf.writestr(WARMUP_META, json.dumps({"file": "servekit-warmup.png", "content_type": "image/png", "strict": True}))
+        zf.writestr(
+            WARMUP_META, json.dumps({"file": "servekit-warmup.png", "content_type": "image/png", "strict": True})
+        )
         zf.writestr("servekit-warmup.png", b"png-bytes")
     sample = sample_of(mar)
     assert (sample.body, sample.content_type, sample.strict) == (b"png-bytes", "image/png", True)
@@ -138,10 +155,12 @@ def test_sample_comes_from_the_archive(tmp_path):
 
 
 def test_worker_error_keeps_the_qualified_exception():
-    log = ("2026-11-28T10:00:00,000 [INFO ] W-9001-digits_3.1-stdout MODEL_LOG - Traceback (most recent call last):\n"
-           "2026-11-28T10:00:00,001 [INFO ] W-9001-digits_3.1-stdout MODEL_LOG - servekit.errors.ConfigError: "
-           "cannot load model.pt as TorchScript: bad\n"
-           "2026-11-28T10:00:00,002 [INFO ] W-9002-other_1.0-stdout MODEL_LOG - ValueError: not ours\n")
+    log = (
+        "2026-11-28T10:00:00,000 [INFO ] W-9001-digits_3.1-stdout MODEL_LOG - Traceback (most recent call last):\n"
+        "2026-11-28T10:00:00,001 [INFO ] W-9001-digits_3.1-stdout MODEL_LOG - servekit.errors.ConfigError: "
+        "cannot load model.pt as TorchScript: bad\n"
+        "2026-11-28T10:00:00,002 [INFO ] W-9002-other_1.0-stdout MODEL_LOG - ValueError: not ours\n"
+    )
     assert worker_error(log, "digits", "3.1") == "servekit.errors.ConfigError: cannot load model.pt as TorchScript: bad"
     assert worker_error(log, "digits", "3.0") is None
     assert worker_error(log.replace("servekit.errors.", ""), "digits", "3.1").startswith("ConfigError: ")
@@ -179,6 +198,7 @@ def test_rendered_config_passes_nginx_t(tmp_path):
     (tmp_path / "keys.map").write_text(keys_map({"key-1": "k" * 20}))
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / sub).mkdir()
-    proc = subprocess.run(["nginx", "-t", "-e", "stderr", "-c", str(tmp_path / "nginx.conf")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["nginx", "-t", "-e", "stderr", "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
