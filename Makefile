@@ -10,12 +10,14 @@ MODEL ?= digits
 IMG ?= tests/data/digit-7.png
 PYTEST_ARGS ?=
 
-.PHONY: help install dev archive serve stop status rollout rollback versions predict test test-fast bench docker container-base docker-lint container-image container-test k8s-tools k8s-check soak clean
+.PHONY: help install dev archive serve stop status rollout rollback versions predict test test-unit test-fast lint typecheck bench docker container-base docker-lint container-image container-test k8s-tools k8s-check soak clean
 
 help:
 	@echo "make serve      install, archive the default models if missing, start TorchServe + reload watcher"
 	@echo "make stop       stop everything 'make serve' started"
 	@echo "make test       install dev extras and run the whole test suite against real TorchServe"
+	@echo "make test-unit  the fast layer: no Java, no server (under a minute)"
+	@echo "make lint       ruff (lint and format check); make typecheck: mypy"
 	@echo "make archive    build versioned .mar files into $(STORE)/ (WEIGHTS=path for resnet50)"
 	@echo "make predict    IMG=path MODEL=name: classify an image"
 	@echo "make status     health and model versions"
@@ -68,11 +70,22 @@ k8s-tools: dev
 test: dev k8s-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-unit: dev k8s-tools
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Everything but the slow and the container tests (still starts TorchServe).
 test-fast: dev
 	$(PY) -m pytest -m "not heavy and not container" $(PYTEST_ARGS)
 
+lint: dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: dev
+	$(VENV)/bin/mypy
+
 k8s-check: k8s-tools
-	$(PY) -m pytest tests/test_k8s.py -q
+	$(PY) -m pytest tests/unit/test_k8s.py -q
 
 soak: dev
 	$(PY) scripts/soak.py $(SOAK_ARGS)
