@@ -110,6 +110,36 @@ def _check_compiler(device: torch.device) -> None:
         raise ConfigError("exporting a .pt2 for cuda needs a CUDA GPU on the exporting machine")
 
 
+def capture(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    max_batch: int = 1024,
+) -> torch.export.ExportedProgram:
+    """torch.export of the model on ``device`` (in ``dtype``, ``channels_last`` input), its batch dimension dynamic."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # A copy: converting dtype or layout must not touch the caller's (eager reference) model.
+    model = copy.deepcopy(model).eval().to(device=device, dtype=dtype or torch.float32)
+    model = model.to(memory_format=memory_format)
+    example = example.to(device=device, dtype=dtype or torch.float32).contiguous(memory_format=memory_format)
+    if example.shape[0] == 1:
+        example = torch.cat([example, example])  # a batch of 1 would be specialised as a constant
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # export raises many error types; all mean "cannot capture"
+        raise _export_failure(exc) from None
+
+
+def export_program(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
+    """A torch.export program, saved as is (fp32, not compiled): it runs on any device, and autocast applies."""
+    torch.export.save(capture(model, example, torch.device("cpu")), str(path))
+    return Path(path)
+
+
 def export_pt2(
     model: torch.nn.Module,
     example: torch.Tensor,
@@ -126,19 +156,7 @@ def export_pt2(
     """
     device = torch.device(device)
     _check_compiler(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    # A copy: converting dtype or layout must not touch the caller's (eager reference) model.
-    model = copy.deepcopy(model).eval().to(device=device, dtype=dtype or torch.float32)
-    model = model.to(memory_format=memory_format)
-    example = example.to(device=device, dtype=dtype or torch.float32).contiguous(memory_format=memory_format)
-    if example.shape[0] == 1:
-        example = torch.cat([example, example])  # a batch of 1 would be specialised as a constant
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    try:
-        with torch.no_grad():
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    except Exception as exc:  # export raises many error types; all mean "cannot capture"
-        raise _export_failure(exc) from None
+    program = capture(model, example, device, dtype, channels_last, max_batch)
     name = precision_name(dtype).replace("fp32", "float32")
     metadata = {META_DTYPE: name, META_MEMORY_FORMAT: "channels_last" if channels_last else "contiguous"}
     try:
@@ -235,6 +253,11 @@ def _pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, job: ExportJ
     return []
 
 
+def _program(model: torch.nn.Module, example: torch.Tensor, path: Path, job: ExportJob) -> list[str]:
+    export_program(model, example, path)
+    return []
+
+
 def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, job: ExportJob) -> list[str]:
     export_onnx(model, example, path, job.opset)
     return []
@@ -243,6 +266,7 @@ def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, job: Export
 EXPORTERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, Path, ExportJob], list[str]]] = {
     "torchscript": _torchscript,
     "pt2": _pt2,
+    "program": _program,
     "onnx": _onnx,
 }
 

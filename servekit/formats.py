@@ -39,6 +39,8 @@ FORMATS: dict[str, Format] = {
         Format("script", ".pt", "torchscript", (TORCHSCRIPT,)),
         # The AOTInductor package's input dtype is baked in; the .dtype file says which (and the loader checks it).
         Format("pt2", ".pt2", "pt2", (AOTI, EXPORTED), side_files=(".dtype",), device_specific=True),
+        # The torch.export program itself, not compiled: any device, autocast at run time.
+        Format("program", ".pt2", "program", (AOTI, EXPORTED)),
         Format("onnx", ".onnx", "onnx", (ONNX,), traced=True),
     )
 }

@@ -49,12 +49,15 @@ def leftovers(folder: Path) -> list[str]:
 
 
 # -- the four formats -------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["trace", "script", "onnx"])
+KIND = {"trace": TORCHSCRIPT, "script": TORCHSCRIPT, "onnx": ONNX, "program": EXPORTED}
+
+
+@pytest.mark.parametrize("fmt", ["trace", "script", "onnx", "program"])
 def test_digits_exports_match_eager(fmt, digits_net, tmp_path):
     out = tmp_path / f"model{FORMATS[fmt].suffix}"
     report = export(digits_net, digits_batch(4), out, fmt, amp="bf16", log_fn=quiet)
     loaded = load_artifact(out, CPU)
-    assert loaded.kind == (ONNX if fmt == "onnx" else TORCHSCRIPT)
+    assert loaded.kind == KIND[fmt]
     # TorchScript runs under autocast at serving time, so bf16 is checked too; ONNX is an fp32 graph.
     assert set(report.errors) == ({"fp32"} if fmt == "onnx" else {"fp32", "bfloat16"})
     assert report.errors["fp32"] <= TOLERANCE[None] and report.top1_agreement["fp32"] == 1.0
