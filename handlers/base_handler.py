@@ -1,4 +1,4 @@
-"""TorchServe adapter: context -> device and config, per-item status codes, stage metrics."""
+"""TorchServe adapter: context -> device and config, request rows -> bodies, per-item status codes, metrics."""
 
 from __future__ import annotations
 
@@ -10,136 +10,124 @@ from typing import Any
 
 import torch
 
-from servekit.config import ModelConfig
-from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, UnsupportedMediaType, first_line
+from servekit.batch import Answers, Batch, Pipeline
+from servekit.config import HandlerOptions, ModelConfig
+from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, first_line
 from servekit.inference import is_oom, select_device
+from servekit.payload import body_bytes
 
 log = logging.getLogger(__name__)
-
-# Content types accepted for a request body; anything else is a 415.
-ACCEPTED_TYPES = ("image/", "application/json", "application/octet-stream", "multipart/form-data")
+JSON = "application/json"
 
 
 class BaseHandler:
     """Reads the TorchServe context once, builds a pipeline, and adapts batches to it.
 
-    Subclasses implement :meth:`build` (return the pipeline) and :meth:`run` (items -> results).
+    A subclass implements :meth:`build` (return the :class:`Pipeline`) and names its options
+    class (``options_class``: :class:`HandlerOptions` plus what the handler declares).
     """
+
+    options_class: type[HandlerOptions] = HandlerOptions
 
     def __init__(self) -> None:
         self.initialized = False
-        self.ready = False
-        self.pipeline: Any = None
+        self.pipeline: Pipeline | None = None
         self.config: ModelConfig | None = None
-        self.device = torch.device("cpu")
         self.version = "unknown"
         self.model_name = "model"
+        self.model_dir = Path(".")
 
     # -- load ---------------------------------------------------------------------------
-    def initialize(self, context) -> None:
+    def initialize(self, context: Any) -> None:
         """Load the artifact onto the assigned device, set threads, warm up, mark ready."""
         t0 = time.perf_counter()
         props = context.system_properties
         self.model_dir = Path(props.get("model_dir", "."))
         self.model_name = context.manifest.get("model", {}).get("modelName", self.model_name)
-        self.config = ModelConfig.from_dict(getattr(context, "model_yaml_config", None) or {})
+        self.config = ModelConfig.from_dict(getattr(context, "model_yaml_config", None) or {}, self.options_class)
         opts = self.config.handler
         self.version = opts.version
-        self.device = select_device(props.get("gpu_id"))
+        device = select_device(props.get("gpu_id"))
         torch.set_num_threads(opts.threads(self.config.max_workers))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
             # Autotuning picks faster kernels per shape, at a start-up cost paid in the warm-up.
             torch.backends.cudnn.benchmark = opts.cudnn_benchmark
         serialized = context.manifest.get("model", {}).get("serializedFile")
         if not serialized:
             raise ConfigError("the archive's manifest names no serialized model file")
-        self.pipeline = self.build(self.model_dir / serialized, self.config)
-        self.warmup()
-        self.initialized = self.ready = True
+        self.pipeline = self.build(self.model_dir / serialized, self.config, device)
+        self.pipeline.warmup()
+        self.initialized = True
         log.info(
             "%s v%s ready on %s (%d threads) in %.1f s",
             self.model_name,
             self.version,
-            self.device,
+            device,
             torch.get_num_threads(),
             time.perf_counter() - t0,
         )
 
-    def build(self, artifact: Path, config: ModelConfig) -> Any:
+    def build(self, artifact: Path, config: ModelConfig, device: torch.device) -> Pipeline:
         """Return the pipeline for this model (override)."""
         raise NotImplementedError
 
-    def warmup(self) -> None:
-        """Run the configured warm-up batches (override when the pipeline has none)."""
-        self.pipeline.warmup()
-
     # -- serve --------------------------------------------------------------------------
-    def handle(self, data: list[dict], context) -> list[str]:
-        """One TorchServe batch: items in, one JSON answer per item, order kept."""
+    def handle(self, data: list[Any], context: Any) -> list[str]:
+        """One TorchServe batch: rows in, one JSON answer per row, order kept."""
         t0 = time.perf_counter()
-        items = [self._item(row, context, i) for i, row in enumerate(data)]
+        bodies = Batch([self._body(row, context, i) for i, row in enumerate(data)])
         try:
-            results = self.run(items)
+            assert self.pipeline is not None, "handle() before initialize()"
+            answers = self.pipeline.predict(bodies)
         except Exception as exc:  # a bug or resource failure: answer every item, keep the worker
-            log.exception("handler failed on a batch of %d", len(items))
-            results = [_batch_error(exc)] * len(items)
+            log.exception("handler failed on a batch of %d", len(bodies))
+            answers = Answers(bodies.fail_all(_batch_error(exc)).slots)  # type: ignore[arg-type]
         out = []
-        for i, res in enumerate(results):
+        for i, res in enumerate(answers.results):
             context.set_response_header(i, "X-Model-Version", self.version)
             context.set_response_header(i, "X-Model-Name", self.model_name)
+            context.set_response_header(i, "Content-Type", JSON)
             if isinstance(res, RequestError):
                 context.set_response_status(res.status, _reason(res.message), idx=i)
                 out.append(json.dumps({"code": res.status, "type": type(res).__name__, "message": res.message}))
             else:
                 out.append(json.dumps(res, separators=(",", ":")))
-        self._metrics(context, len(data), sum(isinstance(r, RequestError) for r in results), t0)
+        self._metrics(context, answers, time.perf_counter() - t0)
         return out
 
-    def _item(self, row: Any, context, idx: int) -> Any:
-        """Pull the payload out of a request row; refuse content types we do not take."""
-        ctype = ""
+    @staticmethod
+    def _body(row: Any, context: Any, idx: int) -> bytes | RequestError:
+        """The body of one request row, or why it cannot be used (a RequestError: 400/415)."""
         try:
-            ctype = (context.get_request_header(idx, "Content-Type") or "").lower()
+            ctype = context.get_request_header(idx, "Content-Type") or ""
         except Exception:  # headers are optional in TorchServe's context
-            pass
-        if ctype and not ctype.startswith(ACCEPTED_TYPES):
-            return UnsupportedMediaType(
-                f"content type {ctype!r} is not supported: send image/jpeg, image/png, "
-                "multipart/form-data or application/json"
-            )
-        if isinstance(row, dict):
-            for key in ("body", "data"):
-                if key in row and row[key] is not None:
-                    return row[key] if key == "body" else {"data": row[key]}
-            return {k: v for k, v in row.items()}
-        return row
+            ctype = ""
+        try:
+            return body_bytes(row, ctype)
+        except RequestError as err:
+            return err
 
-    def run(self, items: list[Any]) -> list[Any]:
-        """Turn items into results or :class:`RequestError` instances (override)."""
-        raise NotImplementedError
-
-    def stage_times(self) -> dict[str, float]:
-        """Per-stage milliseconds of the last batch (override to report them)."""
-        return {}
-
-    def _metrics(self, context, batch: int, errors: int, t0: float) -> None:
+    def _metrics(self, context: Any, answers: Answers, seconds: float) -> None:
+        """Per batch: each stage's and the handler's seconds (histograms), items and failed items (counters)."""
         metrics = getattr(context, "metrics", None)
         if metrics is None:
             return
-        from ts.metrics.dimension import Dimension
+        from ts.metrics.dimension import Dimension  # only inside TorchServe
+        from ts.metrics.metric_type_enum import MetricTypes
 
-        def dims():
+        def emit(name: str, value: float, unit: str, kind: MetricTypes) -> None:
             # A fresh list each time: TorchServe's metric API appends to the list it is given.
-            return [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+            dims = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+            metrics.add_metric(name, value, unit=unit, dimensions=dims, metric_type=kind)
 
         try:
-            for stage, ms in self.stage_times().items():
-                metrics.add_time(f"Stage{stage.capitalize()}Time", ms, None, "ms", dims())
-            metrics.add_time("HandlerBatchTime", (time.perf_counter() - t0) * 1000, None, "ms", dims())
-            metrics.add_counter("HandlerItems", batch, None, dims())
-            if errors:
-                metrics.add_counter("HandlerItemErrors", errors, None, dims())
+            for stage, value in answers.stage_seconds.items():
+                emit(f"servekit_{stage}_seconds", value, "seconds", MetricTypes.HISTOGRAM)
+            emit("servekit_handler_seconds", seconds, "seconds", MetricTypes.HISTOGRAM)
+            emit("servekit_items", len(answers.results), "count", MetricTypes.COUNTER)
+            if answers.failed:
+                emit("servekit_item_errors", answers.failed, "count", MetricTypes.COUNTER)
         except Exception:  # metrics must never fail a request
             log.debug("metrics emission failed", exc_info=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
+from .config import ClassifierOptions, HandlerOptions, ModelConfig
 from .errors import ConfigError
-from .hooks import HANDLERS_DIR, ROOT, BuildHook
+from .formats import FORMATS, NAMES, side_files
+from .hooks import DEFAULT_HANDLER, HANDLERS_DIR, ROOT, BuildHook
 from .store import FINGERPRINT, WARMUP_META, mar_name, publish
 
 BUILD_DIR = ROOT / "build"
@@ -55,6 +57,24 @@ class ArchiveRequest:
     force: bool = False
 
 
+def options_class_of(handler: Path) -> type[HandlerOptions]:
+    """The options a handler file declares: its handler class's ``options_class`` (the classifier's if none)."""
+    spec = importlib.util.spec_from_file_location(f"servekit_handler_{handler.stem}", handler)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import the handler {handler}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the handler's own import error, named
+        raise ConfigError(f"cannot import the handler {handler}: {type(exc).__name__}: {exc}") from None
+    own = [
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and v.__module__ == module.__name__ and hasattr(v, "options_class")
+    ]
+    return own[-1].options_class if own else ClassifierOptions
+
+
 def _hook(req: ArchiveRequest) -> BuildHook | None:
     """The model folder's build hook (None when an artifact is given and the folder has none)."""
     if req.artifact and not (req.model_dir / "build.py").is_file():
@@ -64,17 +84,17 @@ def _hook(req: ArchiveRequest) -> BuildHook | None:
 
 def build_artifact(req: ArchiveRequest, cfg: ModelConfig, hook: BuildHook, log: Callable[[str], None] = print) -> Path:
     """Export the model from its build hook into build/<name>/, reusing an up-to-date one."""
-    from .export import FORMATS, SUFFIX, export  # torch is imported only when something is built
+    from .export import export  # torch is imported only when something is built
 
     fmt = req.fmt or hook.export_method
     if fmt not in FORMATS:
-        raise ConfigError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {NAMES}")
     out_dir = (
         BUILD_DIR
         / req.name
         / (f"{fmt}-{req.device}" if req.quantize == "off" else f"{fmt}-{req.quantize}-{req.device}")
     )
-    out = out_dir / f"model{SUFFIX[fmt]}"
+    out = out_dir / f"model{FORMATS[fmt].suffix}"
     weights_arg = hook.weights(req.weights)
     weights = Path(weights_arg) if weights_arg else None
     if weights is not None and not weights.is_file():
@@ -128,27 +148,27 @@ def _warmup_files(hook: BuildHook | None, tmp: Path) -> list[Path]:
 def _extras(req: ArchiveRequest, cfg: ModelConfig, artifact: Path, handler: Path) -> list[Path]:
     """Files packed beside the model: the adapter modules a handler builds on, labels, the artifact's side files."""
     extras = sorted(p for p in HANDLERS_DIR.glob("*.py") if p.name not in (handler.name, "__init__.py"))
-    if cfg.handler.labels:
-        label_file = next(
-            (p for p in (req.model_dir / cfg.handler.labels, artifact.parent / cfg.handler.labels) if p.is_file()), None
-        )
+    labels = getattr(cfg.handler, "labels", None)  # a classifier's option
+    if labels:
+        label_file = next((p for p in (req.model_dir / labels, artifact.parent / labels) if p.is_file()), None)
         if label_file is None:
-            raise ConfigError(f"labels file {cfg.handler.labels!r} not found in {req.model_dir} or {artifact.parent}")
+            raise ConfigError(f"labels file {labels!r} not found in {req.model_dir} or {artifact.parent}")
         extras.append(label_file)
-    sidecar = Path(str(artifact) + ".dtype")
-    if sidecar.is_file():
-        extras.append(sidecar)
-    return extras
+    return extras + side_files(artifact)
 
 
 def archive(req: ArchiveRequest, log: Callable[[str], None] = print) -> Path:
     """Build (if needed) and package one model; returns the path of the .mar in the store."""
     config_path = req.model_dir / "model-config.yaml"
     log(f"[1/3] {req.name}: reading {config_path}")
-    cfg = ModelConfig.load(config_path)
+    hook = _hook(req)
+    handler = Path(req.handler) if req.handler else hook.handler() if hook else HANDLERS_DIR / DEFAULT_HANDLER
+    if not handler.is_file():
+        raise ConfigError(f"handler not found: {handler}")
+    # Checked with the options the handler declares: a typo fails here, not in a worker.
+    cfg = ModelConfig.load(config_path, options_class_of(handler))
     version = str(req.version or cfg.handler.version)
     cfg = cfg.with_version(version)
-    hook = _hook(req)
     log(f"[2/3] {req.name}: artifact")
     if req.artifact:
         artifact = Path(req.artifact)
@@ -158,9 +178,6 @@ def archive(req: ArchiveRequest, log: Callable[[str], None] = print) -> Path:
         raise ConfigError(f"{req.model_dir} has no build.py; pass --artifact with an exported model instead")
     if not artifact.is_file():
         raise ConfigError(f"artifact not found: {artifact}")
-    handler = Path(req.handler) if req.handler else hook.handler() if hook else HANDLERS_DIR / "image_classifier.py"
-    if not handler.is_file():
-        raise ConfigError(f"handler not found: {handler}")
     extras = _extras(req, cfg, artifact, handler)
 
     target = req.store / mar_name(req.name, version)

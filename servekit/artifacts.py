@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError, first_line
+from .formats import AOTI, EXPORTED, FORMATS, ONNX, TORCHSCRIPT, loaders_for
 
 log = logging.getLogger(__name__)
 
-TORCHSCRIPT, AOTI, EXPORTED, ONNX = "torchscript", "aoti", "exported_program", "onnx"
-TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Keys this project writes into an AOTInductor package's metadata at export.
 META_DTYPE, META_MEMORY_FORMAT = "servekit_input_dtype", "servekit_memory_format"
@@ -63,24 +62,20 @@ def _zip_names(path: Path) -> list[str]:
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
-    """Which loader a file needs, from its suffix and (for ``.pt2``) its contents."""
+    """Which loader a file needs: its format's (servekit.formats, by suffix), told apart by contents for ``.pt2``."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in TORCHSCRIPT_SUFFIXES:
-        return TORCHSCRIPT
-    if suffix == ".onnx":
-        return ONNX
-    if suffix == ".pt2":
+    kinds = loaders_for(path)
+    if len(kinds) == 1:
+        return kinds[0]
+    if {AOTI, EXPORTED} == set(kinds):
         names = _zip_names(path)
         if any("/data/aotinductor/" in n for n in names):
             return AOTI
         if any(n.endswith(("/models/model.json", "serialized_exported_program.json")) for n in names):
             return EXPORTED
         raise ConfigError(f"{path} is a zip file but neither an AOTInductor package nor a torch.export program")
-    raise ConfigError(
-        f"unknown artifact type {suffix!r} for {path}: expected .pt (TorchScript), "
-        ".pt2 (torch.export / AOTInductor) or .onnx"
-    )
+    known = ", ".join(f"{f.suffix} ({f.name})" for f in FORMATS.values())
+    raise ConfigError(f"unknown artifact type {path.suffix!r} for {path}: expected one of {known}")
 
 
 def is_quantized_torchscript(path: str | os.PathLike) -> bool:

@@ -6,19 +6,19 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .artifacts import load_artifact
-from .config import HandlerOptions
+from .batch import Answers, Batch
+from .config import ClassifierOptions
 from .errors import RequestError
 from .inference import Engine
-from .vision import Preprocessor, check_image
+from .vision import Preprocessor
 
 
-def load_labels(path: str | os.PathLike | None, num_classes: int | None = None) -> list[str] | None:
+def load_labels(path: str | os.PathLike | None) -> list[str] | None:
     """Labels from a JSON list, a JSON {index: label} map, or a text file with one label a line."""
     if path is None or not Path(path).is_file():
         return None
@@ -34,26 +34,20 @@ def load_labels(path: str | os.PathLike | None, num_classes: int | None = None) 
     return labels
 
 
-@dataclass
-class StageTimes:
-    """Milliseconds spent in each stage of one batch."""
-
-    decode: float = 0.0
-    infer: float = 0.0
-    postprocess: float = 0.0
-
-
 class ImageClassifier:
-    """Decode a batch, run one forward pass, return top-k per item; order is kept."""
+    """Decode a batch, run one forward pass, return top-k per item; order is kept (a :class:`Pipeline`)."""
 
     def __init__(
-        self, artifact: str | os.PathLike, opts: HandlerOptions, device: torch.device, labels: list[str] | None = None
+        self,
+        artifact: str | os.PathLike,
+        opts: ClassifierOptions,
+        device: torch.device,
+        labels: list[str] | None = None,
     ):
         self.opts = opts
         self.engine = Engine(load_artifact(artifact, device), opts)
         self.pre = Preprocessor(opts, device, dtype=self.engine.input_dtype)
         self.labels = labels
-        self.last_times = StageTimes()
 
     @property
     def device(self) -> torch.device:
@@ -61,54 +55,32 @@ class ImageClassifier:
         return self.engine.device
 
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
-        """Run the configured batch sizes once at load."""
+        """Run the configured batch sizes (forward and top-k) once at load."""
         shape = (self.opts.channels, self.opts.crop, self.opts.crop)
-        self.engine.warmup(batch_sizes or self.opts.warmup_batch_sizes, shape, self.pre.memory_format)
+        self.engine.warmup(
+            batch_sizes or self.opts.warmup_batch_sizes,
+            shape,
+            self.pre.memory_format,
+            then=lambda logits: self.engine.topk(logits, self.opts.topk),
+        )
 
-    def predict(self, raws: Sequence[bytes | RequestError]) -> list[dict | RequestError]:
+    def predict(self, bodies: Batch[bytes]) -> Answers:
         """Top-k for every item; an item that is already an error, or fails to decode, fails alone."""
-        times = StageTimes()
         t0 = time.perf_counter()
-        results: list[dict | RequestError | None] = [None] * len(raws)
-        good_idx, good_raw, headers = [], [], []
-        for i, raw in enumerate(raws):
-            if isinstance(raw, RequestError):
-                results[i] = raw
-                continue
-            try:
-                headers.append(check_image(raw, self.opts))
-                good_idx.append(i)
-                good_raw.append(raw)
-            except RequestError as err:
-                results[i] = err
-        decoded = self.pre.decode_many(good_raw, headers) if good_raw else []
-        ok_idx, images = [], []
-        for i, img in zip(good_idx, decoded):
-            if isinstance(img, RequestError):
-                results[i] = img
-            else:
-                ok_idx.append(i)
-                images.append(img)
-        if images:
-            batch = self.pre.to_batch(images)
-            t1 = time.perf_counter()
-            times.decode = (t1 - t0) * 1000
-            try:
-                logits = self.engine.forward(batch)
-                top = self.engine.topk(logits, self.opts.topk)
-            except RequestError as err:
-                for i in ok_idx:
-                    results[i] = err
-            else:
-                t3 = time.perf_counter()
-                times.infer = (t3 - t1) * 1000  # forward + the one sync that top-k forces
-                for i, idx, probs in zip(ok_idx, top.indices, top.probs):
-                    results[i] = self.format(idx, probs)
-                times.postprocess = (time.perf_counter() - t3) * 1000
-        else:
-            times.decode = (time.perf_counter() - t0) * 1000
-        self.last_times = times
-        return results  # type: ignore[return-value]
+        images, x = self.pre.prepare(bodies)
+        t1 = time.perf_counter()
+        seconds = {"decode": t1 - t0}
+        if x is None:
+            return Answers(images.slots, seconds)  # type: ignore[arg-type]
+        try:
+            top = self.engine.topk(self.engine.forward(x), self.opts.topk)
+        except RequestError as err:
+            return Answers(images.fail_all(err).slots, seconds)  # type: ignore[arg-type]
+        t2 = time.perf_counter()
+        answers = images.map_all(lambda _: [self.format(i, p) for i, p in zip(top.indices, top.probs)])
+        # infer: the forward and the one sync that top-k forces
+        seconds.update(infer=t2 - t1, postprocess=time.perf_counter() - t2)
+        return Answers(answers.slots, seconds)
 
     def format(self, indices: list[int], probs: list[float]) -> dict:
         """One item's answer: ``{"predictions": [{"label", "index", "probability"}, ...]}``."""

@@ -17,6 +17,7 @@ import requests
 
 from . import __version__, server
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, ConfigError, ServeKitError
+from .formats import NAMES
 from .reload import watch_command
 from .reload.pins import VersionsFile, choose_version, default_versions_file
 from .store import Found, by_model, inspect_archive, publish, read_store
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-store", type=Path, default=default_store, help="where the .mar files go")
     p.add_argument("--model-dir", help="a model folder outside models/ (one model)")
     p.add_argument("--version", help="archive version (default: handler.version in model-config.yaml)")
-    p.add_argument("--format", choices=["trace", "script", "pt2", "onnx"], help="export format")
+    p.add_argument("--format", choices=NAMES, help="export format (default: the build hook's EXPORT_METHOD)")
     p.add_argument("--weights", help="state dict to load (default: the variable the build hook's WEIGHTS_ENV names)")
     p.add_argument("--artifact", type=Path, help="package this exported file instead of building one")
     p.add_argument("--handler", type=Path, help="handler file (default: the build hook's HANDLER)")
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export one model to a file, checked against eager")
     p.add_argument("model", help="model folder under models/")
     p.add_argument("output", type=Path, help="file to write (its suffix must fit the format)")
-    p.add_argument("--format", choices=["trace", "script", "pt2", "onnx"], default="trace", help="export format")
+    p.add_argument("--format", choices=NAMES, default="trace", help="export format")
     p.add_argument("--device", default="cpu", help="device to export for")
     p.add_argument("--amp", choices=["off", "fp16", "bf16"], help="precision checked besides fp32")
     p.add_argument("--weights", help="state dict to load")
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except requests.ConnectionError as exc:
-        url = exc.request.url if exc.request is not None else "the server"
+        url = str(exc.request.url) if exc.request is not None else "the server"
         print(f"error: cannot reach {url}: is TorchServe running? (make serve)", file=sys.stderr)
         return EXIT_UNREACHABLE
     except FileNotFoundError as exc:

@@ -5,61 +5,49 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from .errors import ConfigError
 
+# Autocast dtypes by name; the one list every module takes them from.
 AMP_CHOICES = ("off", "fp16", "bf16")
 DECODE_CHOICES = ("auto", "cpu", "cuda")
 # TorchServe's own keys at the top level of model-config.yaml that we check.
 TS_INT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+_TUPLES = ("mean", "std", "warmup_batch_sizes")
+OptionsT = TypeVar("OptionsT", bound="HandlerOptions")
 
 
 @dataclass(frozen=True)
 class HandlerOptions:
-    """The ``handler:`` section of model-config.yaml: what our handlers read at load."""
+    """The ``handler:`` options every handler takes; a handler declares its own in a subclass.
+
+    A subclass adds fields and extends :meth:`problems`; unknown keys and bad values fail at load
+    with the list of valid keys of the handler's own class.
+    """
 
     version: str = "1.0"
     amp: str = "off"
     channels_last: bool = True
-    topk: int = 5
-    decode_device: str = "auto"
-    channels: int = 3
-    resize: int = 256
-    crop: int = 224
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    labels: str | None = "labels.json"
     warmup_batch_sizes: tuple[int, ...] = (1,)
     cpu_threads: int | str = "auto"
-    max_image_pixels: int = 40_000_000
-    max_image_bytes: int = 8 * 1024 * 1024
     cudnn_benchmark: bool = True
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty: nothing)."""
         problems = []
         if self.amp not in AMP_CHOICES:
             problems.append(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
-        if self.decode_device not in DECODE_CHOICES:
-            problems.append(f"decode_device must be one of {DECODE_CHOICES}, got {self.decode_device!r}")
-        if self.channels not in (1, 3):
-            problems.append(f"channels must be 1 or 3, got {self.channels!r}")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            problems.append(f"mean and std need {self.channels} values each")
-        if any(s <= 0 for s in self.std):
-            problems.append("std values must be > 0")
-        if not (0 < self.crop <= self.resize):
-            problems.append(f"need 0 < crop <= resize, got crop={self.crop}, resize={self.resize}")
-        if self.topk < 1:
-            problems.append(f"topk must be >= 1, got {self.topk}")
         if not self.warmup_batch_sizes or any(b < 1 for b in self.warmup_batch_sizes):
             problems.append("warmup_batch_sizes must list batch sizes >= 1")
         if self.cpu_threads != "auto" and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             problems.append(f"cpu_threads must be 'auto' or an integer >= 1, got {self.cpu_threads!r}")
-        if self.max_image_pixels < 1 or self.max_image_bytes < 1:
-            problems.append("max_image_pixels and max_image_bytes must be >= 1")
+        return problems
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
         if problems:
             raise ConfigError("invalid handler options: " + "; ".join(problems))
 
@@ -71,7 +59,7 @@ class HandlerOptions:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown handler option(s) {unknown}; known options: {sorted(known)}")
-        for key in ("mean", "std", "warmup_batch_sizes"):
+        for key in _TUPLES:
             if key in data:
                 data[key] = tuple(data[key])
         if "amp" in data and data["amp"] in (False, None):
@@ -89,11 +77,57 @@ class HandlerOptions:
 
 
 @dataclass(frozen=True)
+class ImageOptions(HandlerOptions):
+    """Options of handlers that take JPEG/PNG images: decoding limits and preprocessing."""
+
+    decode_device: str = "auto"
+    channels: int = 3
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 8 * 1024 * 1024
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty: nothing)."""
+        problems = super().problems()
+        if self.decode_device not in DECODE_CHOICES:
+            problems.append(f"decode_device must be one of {DECODE_CHOICES}, got {self.decode_device!r}")
+        if self.channels not in (1, 3):
+            problems.append(f"channels must be 1 or 3, got {self.channels!r}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            problems.append(f"mean and std need {self.channels} values each")
+        if any(s <= 0 for s in self.std):
+            problems.append("std values must be > 0")
+        if not (0 < self.crop <= self.resize):
+            problems.append(f"need 0 < crop <= resize, got crop={self.crop}, resize={self.resize}")
+        if self.max_image_pixels < 1 or self.max_image_bytes < 1:
+            problems.append("max_image_pixels and max_image_bytes must be >= 1")
+        return problems
+
+
+@dataclass(frozen=True)
+class ClassifierOptions(ImageOptions):
+    """Options of the image classifier: how many classes to return, and their names."""
+
+    topk: int = 5
+    labels: str | None = "labels.json"
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty: nothing)."""
+        problems = super().problems()
+        if self.topk < 1:
+            problems.append(f"topk must be >= 1, got {self.topk}")
+        return problems
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole model-config.yaml: TorchServe's keys plus our handler options."""
 
     raw: dict[str, Any] = field(default_factory=dict)
-    handler: HandlerOptions = field(default_factory=HandlerOptions)
+    handler: HandlerOptions = field(default_factory=ClassifierOptions)
 
     @property
     def batch_size(self) -> int:
@@ -106,19 +140,19 @@ class ModelConfig:
         return int(self.raw.get("maxWorkers", self.raw.get("minWorkers", 1)))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> ModelConfig:
-        """Check TorchServe's integer keys and parse the handler section."""
+    def from_dict(cls, data: dict[str, Any] | None, options: type[HandlerOptions] = ClassifierOptions) -> ModelConfig:
+        """Check TorchServe's integer keys and parse the handler section with the handler's ``options`` class."""
         data = dict(data or {})
         bad = [k for k in TS_INT_KEYS if k in data and not isinstance(data[k], int)]
         if bad:
             raise ConfigError(f"model-config keys {bad} must be integers")
         if data.get("minWorkers", 1) > data.get("maxWorkers", data.get("minWorkers", 1)):
             raise ConfigError("minWorkers must not exceed maxWorkers")
-        return cls(raw=data, handler=HandlerOptions.from_dict(data.get("handler")))
+        return cls(raw=data, handler=options.from_dict(data.get("handler")))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ModelConfig:
-        """Read and check a model-config.yaml file."""
+    def load(cls, path: str | os.PathLike, options: type[HandlerOptions] = ClassifierOptions) -> ModelConfig:
+        """Read and check a model-config.yaml file (the handler section with ``options``)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"model config not found: {path}")
@@ -129,15 +163,21 @@ class ModelConfig:
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, options)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc.message}") from exc
+
+    def options(self, cls: type[OptionsT]) -> OptionsT:
+        """The handler options as ``cls`` (what a caller that needs a handler's own options asks for)."""
+        if not isinstance(self.handler, cls):
+            raise ConfigError(f"these are {type(self.handler).__name__} options, not {cls.__name__}")
+        return self.handler
 
     def with_version(self, version: str) -> ModelConfig:
         """A copy whose handler section carries ``version``."""
         raw = dict(self.raw)
         raw["handler"] = {**(raw.get("handler") or {}), "version": str(version)}
-        return ModelConfig.from_dict(raw)
+        return ModelConfig.from_dict(raw, type(self.handler))
 
     def dump(self) -> str:
         """YAML text for the archive."""

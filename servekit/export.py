@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -11,171 +10,30 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .artifacts import META_DTYPE, META_MEMORY_FORMAT, TORCHSCRIPT_SUFFIXES, dtype_sidecar, load_artifact
-from .errors import ConfigError, ExportMismatch, first_line
-from .quantize import INT8_MIN_AGREEMENT, INT8_TOLERANCE, check_quantize, quantize_int8, split_calibration
+from .artifacts import META_DTYPE, META_MEMORY_FORMAT, dtype_sidecar, load_artifact
+from .errors import ConfigError, first_line
+from .formats import FORMATS, NAMES, Format
+from .inference import amp_dtype as serving_amp
+from .parity import (
+    ParityReport,
+    calibration_batches,
+    check_int8,
+    check_parity,
+    parity_inputs,
+    precision_name,
+    precisions,
+)
+from .quantize import check_quantize, quantize_int8, split_calibration
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("trace", "script", "pt2", "onnx")
-SUFFIX = {"trace": ".pt", "script": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
-# The suffixes the loader recognises for each format's artifact.
-SUFFIXES = {"trace": TORCHSCRIPT_SUFFIXES, "script": TORCHSCRIPT_SUFFIXES, "pt2": (".pt2",), "onnx": (".onnx",)}
-# Stated tolerances on the relative error ||artifact - eager|| / ||eager||, per precision.
-TOLERANCE = {None: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
-AMP = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The opsets torch's TorchScript-based ONNX exporter (dynamo=False) can write.
 ONNX_OPSETS = range(7, 21)
-
-
-@dataclass
-class ParityReport:
-    """How close an artifact came to eager, per precision checked (worst batch), and where time went."""
-
-    errors: dict[str, float]
-    top1_agreement: dict[str, float]
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    if out.shape != ref.shape or not torch.isfinite(out).all():
-        return float("inf")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """fp32 for None, else the dtype's short name (float16, bfloat16)."""
-    return "fp32" if dtype is None else str(dtype).replace("torch.", "")
-
-
-def amp_for(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype serving will use on ``device`` (fp16 is a GPU setting: off on a CPU, as in the Engine)."""
-    if amp not in AMP:
-        raise ConfigError(f"unknown amp {amp!r}; choose one of {tuple(AMP)}")
-    dtype = AMP[amp]
-    return None if dtype is torch.float16 and device.type == "cpu" else dtype
-
-
-def _random_like(example: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
-    """A random batch of ``batch`` items shaped like ``example``'s, with its mean and spread."""
-    x = torch.randn((batch, *example.shape[1:]), generator=gen)
-    return (x * example.float().std().cpu() + example.float().mean().cpu()).to(example)
-
-
-def calibration_batches(example: torch.Tensor, batches: int = 6, size: int = 4) -> list[torch.Tensor]:
-    """Random batches shaped and scaled like ``example``: int8 calibration when the model has no data of its own."""
-    gen = torch.Generator().manual_seed(2)
-    return [_random_like(example, size, gen) for _ in range(batches)]
-
-
-def parity_inputs(example: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """Named check batches: the example, its negation, one item alone and a fresh batch of another size.
-
-    The negation sends a model that branches on the sign of its input down the other path; the other
-    batch sizes show whether the batch dimension really is dynamic.
-    """
-    size = example.shape[0] + 1
-    return [
-        ("example", example),
-        ("negated example", -example),
-        ("single item", example[:1]),
-        (f"fresh batch of {size}", _random_like(example, size, torch.Generator().manual_seed(0))),
-    ]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _precisions(loaded, amp_dtype: torch.dtype | None) -> list[torch.dtype | None]:
-    """What an artifact is checked in: its baked half type, or fp32 and (if autocast applies) the AMP dtype."""
-    if loaded.input_dtype is not None:  # a half-precision AOTInductor graph
-        return [loaded.input_dtype]
-    if loaded.autocast and amp_dtype is not None:
-        return [None, amp_dtype]
-    return [None]
-
-
-def check_parity(
-    eager: Callable,
-    artifact: Callable,
-    inputs: torch.Tensor | Sequence[torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
-    amp: torch.dtype | None = None,
-    artifact_autocast: bool = True,
-    artifact_dtype: torch.dtype | None = None,
-    hint: str = "",
-    precision: str | None = None,
-    tolerance: float | None = None,
-) -> tuple[float, float]:
-    """Worst relative error and lowest top-1 agreement of ``artifact`` vs ``eager`` over the batches.
-
-    Raises :class:`ExportMismatch` at the first batch past the tolerance (by default the one for ``amp``).
-    """
-    batches = [("inputs", inputs)] if isinstance(inputs, torch.Tensor) else list(inputs)
-    batches = [b if isinstance(b, tuple) else (f"batch {i + 1}", b) for i, b in enumerate(batches)]
-    tol = TOLERANCE[amp] if tolerance is None else tolerance
-    precision = precision or precision_name(amp)
-    worst, lowest = 0.0, 1.0
-    for label, x in batches:
-        device = x.device
-        with torch.inference_mode():
-            with _autocast(device, amp):
-                ref = eager(x)
-            xa = x if artifact_dtype is None else x.to(artifact_dtype)
-            with _autocast(device, amp if artifact_autocast else None):
-                out = artifact(xa)
-        err = relative_error(out, ref)
-        agree = (
-            float((out.float().argmax(-1) == ref.float().argmax(-1)).float().mean()) if out.shape == ref.shape else 0.0
-        )
-        if not err <= tol:
-            raise ExportMismatch(
-                f"exported artifact disagrees with the eager model under {precision} on the "
-                f"{label} (shape {tuple(x.shape)}): relative error {err:.3g} (tolerance {tol:g}), "
-                f"top-1 agreement {agree:.1%}; nothing was written.{hint}"
-            )
-        worst, lowest = max(worst, err), min(lowest, agree)
-    return worst, lowest
-
-
-def top1_agreement(eager: Callable, artifact: Callable, batches: Sequence[torch.Tensor]) -> float:
-    """Share of all items in ``batches`` whose top-1 class is the same for both (fp32, no autocast)."""
-    same = total = 0
-    with torch.inference_mode():
-        for x in batches:
-            same += int((artifact(x).float().argmax(-1) == eager(x).float().argmax(-1)).sum())
-            total += x.shape[0]
-    return same / total if total else 1.0
-
-
-def _check_int8(
-    model: Callable,
-    loaded: Callable,
-    batches: Sequence[tuple[str, torch.Tensor]],
-    held: Sequence[torch.Tensor],
-    hint: str,
-) -> tuple[float, float]:
-    """int8 vs fp32 eager: the relative error on each check batch, the top-1 agreement over all held-out items."""
-    err, _ = check_parity(
-        model, loaded, batches, artifact_autocast=False, hint=hint, precision="int8", tolerance=INT8_TOLERANCE
-    )
-    agreement = top1_agreement(model, loaded, held)
-    if agreement < INT8_MIN_AGREEMENT:
-        raise ExportMismatch(
-            f"the int8 model's top-1 answer agrees with fp32 on only {agreement:.1%} of the held-out calibration "
-            f"items (at least {INT8_MIN_AGREEMENT:.0%} needed); nothing was written. Calibrate on more "
-            "representative inputs, or serve the fp32 export."
-        )
-    return err, agreement
 
 
 # -- TorchScript ---------------------------------------------------------------------------------
@@ -252,6 +110,36 @@ def _check_compiler(device: torch.device) -> None:
         raise ConfigError("exporting a .pt2 for cuda needs a CUDA GPU on the exporting machine")
 
 
+def capture(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    max_batch: int = 1024,
+) -> torch.export.ExportedProgram:
+    """torch.export of the model on ``device`` (in ``dtype``, ``channels_last`` input), its batch dimension dynamic."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # A copy: converting dtype or layout must not touch the caller's (eager reference) model.
+    model = copy.deepcopy(model).eval().to(device=device, dtype=dtype or torch.float32)
+    model = model.to(memory_format=memory_format)
+    example = example.to(device=device, dtype=dtype or torch.float32).contiguous(memory_format=memory_format)
+    if example.shape[0] == 1:
+        example = torch.cat([example, example])  # a batch of 1 would be specialised as a constant
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # export raises many error types; all mean "cannot capture"
+        raise _export_failure(exc) from None
+
+
+def export_program(model: torch.nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
+    """A torch.export program, saved as is (fp32, not compiled): it runs on any device, and autocast applies."""
+    torch.export.save(capture(model, example, torch.device("cpu")), str(path))
+    return Path(path)
+
+
 def export_pt2(
     model: torch.nn.Module,
     example: torch.Tensor,
@@ -268,19 +156,7 @@ def export_pt2(
     """
     device = torch.device(device)
     _check_compiler(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    # A copy: converting dtype or layout must not touch the caller's (eager reference) model.
-    model = copy.deepcopy(model).eval().to(device=device, dtype=dtype or torch.float32)
-    model = model.to(memory_format=memory_format)
-    example = example.to(device=device, dtype=dtype or torch.float32).contiguous(memory_format=memory_format)
-    if example.shape[0] == 1:
-        example = torch.cat([example, example])  # a batch of 1 would be specialised as a constant
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    try:
-        with torch.no_grad():
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    except Exception as exc:  # export raises many error types; all mean "cannot capture"
-        raise _export_failure(exc) from None
+    program = capture(model, example, device, dtype, channels_last, max_batch)
     name = precision_name(dtype).replace("fp32", "float32")
     metadata = {META_DTYPE: name, META_MEMORY_FORMAT: "channels_last" if channels_last else "contiguous"}
     try:
@@ -353,28 +229,49 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | os.Pa
     return Path(path)
 
 
-# -- the one entry point ---------------------------------------------------------------------------
-def _write(
-    fmt: str,
-    model: torch.nn.Module,
-    example: torch.Tensor,
-    path: Path,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    freeze: bool,
-    opset: int,
-    channels_last: bool,
-) -> list[str]:
-    if fmt in ("trace", "script"):
-        return export_torchscript(model, example, path, fmt, freeze)
-    if fmt == "pt2":
-        # AOTInductor bakes the dtype in: a half-precision graph for GPU AMP, fp32 otherwise.
-        export_pt2(
-            model, example, path, device, amp_dtype if device.type == "cuda" else None, channels_last=channels_last
-        )
-    else:
-        export_onnx(model, example, path, opset)
+# -- the exporters, by the name a format's record gives (servekit.formats) ---------------------------
+@dataclass(frozen=True)
+class ExportJob:
+    """What an exporter is asked to write."""
+
+    fmt: Format
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    freeze: bool
+    opset: int
+    channels_last: bool
+
+
+def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, job: ExportJob) -> list[str]:
+    return export_torchscript(model, example, path, job.fmt.name, job.freeze)
+
+
+def _pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, job: ExportJob) -> list[str]:
+    # AOTInductor bakes the dtype in: a half-precision graph for GPU AMP, fp32 otherwise.
+    dtype = job.amp_dtype if job.device.type == "cuda" else None
+    export_pt2(model, example, path, job.device, dtype, channels_last=job.channels_last)
     return []
+
+
+def _program(model: torch.nn.Module, example: torch.Tensor, path: Path, job: ExportJob) -> list[str]:
+    export_program(model, example, path)
+    return []
+
+
+def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, job: ExportJob) -> list[str]:
+    export_onnx(model, example, path, job.opset)
+    return []
+
+
+EXPORTERS: dict[str, Callable[[torch.nn.Module, torch.Tensor, Path, ExportJob], list[str]]] = {
+    "torchscript": _torchscript,
+    "pt2": _pt2,
+    "program": _program,
+    "onnx": _onnx,
+}
+
+
+# -- the one entry point ---------------------------------------------------------------------------
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -409,15 +306,16 @@ def export(
     frozen int8 graph calibrated on part of ``calibration`` and checked on the rest.
     """
     if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {NAMES}")
+    record = FORMATS[fmt]
     path = Path(path)
-    if path.suffix.lower() not in SUFFIXES[fmt]:
-        raise ConfigError(f"a {fmt} artifact is loaded by its suffix: name it *{SUFFIX[fmt]}, not {path.name}")
+    if path.suffix.lower() not in record.suffixes:
+        raise ConfigError(f"a {fmt} artifact is loaded by its suffix: name it *{record.suffix}, not {path.name}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but torch sees no CUDA GPU here")
     check_quantize(quantize, fmt, device)
-    amp_dtype = amp_for(amp, device)
+    amp_dtype = serving_amp(amp, device)
     model = model.eval().to(device)
     example = example.to(device)
     if quantize == "int8":
@@ -437,7 +335,8 @@ def export(
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_path = Path(tmp) / path.name
         t0 = time.perf_counter()
-        notes = _write(fmt, written, example, tmp_path, device, amp_dtype, freeze, opset, channels_last)
+        job = ExportJob(record, device, amp_dtype, freeze, opset, channels_last)
+        notes = EXPORTERS[record.exporter](written, example, tmp_path, job)
         seconds["export"] = time.perf_counter() - t0
         for note in notes:
             log_fn(f"export {fmt}: tracer warning: {note}")
@@ -446,7 +345,7 @@ def export(
             if notes
             else ""
         )
-        if fmt in ("trace", "onnx"):
+        if record.traced:
             hint += " If the model has data-dependent control flow, export with --format script."
         t0 = time.perf_counter()
         loaded = load_artifact(tmp_path, device)
@@ -454,13 +353,13 @@ def export(
         errors, agree = {}, {}
         t0 = time.perf_counter()
         if quantize == "int8":
-            errors["int8"], agree["int8"] = _check_int8(model, loaded, batches, held, hint)
+            errors["int8"], agree["int8"] = check_int8(model, loaded, batches, held, hint)
             log_fn(
                 f"export {fmt}: parity int8 vs fp32 on {len(batches)} held-out batches: "
                 f"worst relative error {errors['int8']:.2e}, top-1 agreement {agree['int8']:.0%}"
             )
         else:
-            for dt in _precisions(loaded, amp_dtype):
+            for dt in precisions(loaded, amp_dtype):
                 err, ag = check_parity(
                     model,
                     loaded,

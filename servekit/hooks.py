@@ -29,12 +29,12 @@ from types import ModuleType
 from typing import Any
 
 from .errors import ConfigError
+from .formats import FORMATS, NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
 HANDLERS_DIR = ROOT / "handlers"
 DEFAULT_HANDLER = "image_classifier.py"
-EXPORT_METHODS = ("trace", "script", "pt2", "onnx")
 
 
 def load_build_module(model_dir: Path) -> ModuleType:
@@ -73,8 +73,8 @@ class BuildHook:
         if missing:
             raise ConfigError(f"{where} must define {' and '.join(f'{n}()' for n in missing)} (see servekit/hooks.py)")
         method = getattr(self.module, "EXPORT_METHOD", "trace")
-        if method not in EXPORT_METHODS:
-            raise ConfigError(f"{where}: EXPORT_METHOD must be one of {EXPORT_METHODS}, got {method!r}")
+        if method not in FORMATS:
+            raise ConfigError(f"{where}: EXPORT_METHOD must be one of {NAMES}, got {method!r}")
         self.export_method: str = method
         labels = getattr(self.module, "LABELS", None)
         if labels is not None and not (isinstance(labels, (list, tuple)) and all(isinstance(x, str) for x in labels)):

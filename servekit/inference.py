@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .artifacts import LoadedModel
-from .config import HandlerOptions
-from .errors import ModelError, OutOfMemory, first_line
+from .config import AMP_CHOICES, HandlerOptions
+from .errors import ConfigError, ModelError, OutOfMemory, first_line
 
 log = logging.getLogger(__name__)
 
-AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+AMP_DTYPES: dict[str, torch.dtype | None] = dict(zip(AMP_CHOICES, (None, torch.float16, torch.bfloat16)))
 
 
 def select_device(gpu_id: int | str | None) -> torch.device:
@@ -25,13 +25,15 @@ def select_device(gpu_id: int | str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def amp_dtype(opts: HandlerOptions, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this device; fp16 is a GPU setting, so it is off on a CPU (bf16 is kept)."""
-    dtype = AMP_DTYPES[opts.amp]
-    if dtype is torch.float16 and device.type == "cpu":
-        log.info("amp fp16 applies on GPUs only; running fp32 on the CPU")
-        return None
-    return dtype
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``amp`` means on this device; fp16 is a GPU setting, so it is off on a CPU (bf16 is kept).
+
+    The one rule for serving and for the export's parity check.
+    """
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"unknown amp {amp!r}; choose one of {AMP_CHOICES}")
+    dtype = AMP_DTYPES[amp]
+    return None if dtype is torch.float16 and device.type == "cpu" else dtype
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -57,7 +59,9 @@ class Engine:
         self.model = model
         self.opts = opts
         self.device = model.device
-        self.amp = amp_dtype(opts, self.device) if model.autocast else None
+        self.amp = amp_dtype(opts.amp, self.device) if model.autocast else None
+        if opts.amp == "fp16" and self.device.type == "cpu":
+            log.info("amp fp16 applies on GPUs only; running fp32 on the CPU")
         # The dtype the preprocessor should produce for the model's input.
         self.input_dtype = model.input_dtype or torch.float32
 
@@ -89,11 +93,18 @@ class Engine:
             both = torch.stack([probs, idx.to(probs.dtype)], 0).cpu()
         return TopK(indices=both[1].long().tolist(), probs=both[0].tolist())
 
-    def warmup(self, batch_sizes: Sequence[int], sample_shape: tuple[int, ...], memory_format) -> None:
-        """Run each batch size once so the first request pays no compile or allocation cost."""
+    def warmup(
+        self,
+        batch_sizes: Sequence[int],
+        sample_shape: tuple[int, ...],
+        memory_format: torch.memory_format,
+        then: Callable[[torch.Tensor], object] | None = None,
+    ) -> None:
+        """Run each batch size once (and ``then`` on its output) so the first request pays no compile or allocation."""
         for bs in batch_sizes:
             x = torch.zeros((bs, *sample_shape), device=self.device, dtype=self.input_dtype)
-            x = x.contiguous(memory_format=memory_format)
-            self.topk(self.forward(x), self.opts.topk)
+            out = self.forward(x.contiguous(memory_format=memory_format))
+            if then is not None:
+                then(out)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

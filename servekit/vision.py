@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from .config import HandlerOptions
+from .batch import Batch
+from .config import ImageOptions
 from .errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
@@ -24,7 +22,6 @@ log = logging.getLogger(__name__)
 JPEG, PNG = "JPEG", "PNG"
 SUPPORTED = (JPEG, PNG)
 _MAGIC = {b"\xff\xd8\xff": JPEG, b"\x89PNG\r\n\x1a\n": PNG}
-_B64_KEYS = ("data", "image", "b64", "body")
 
 
 def sniff_format(raw: bytes) -> str | None:
@@ -33,42 +30,6 @@ def sniff_format(raw: bytes) -> str | None:
         if raw.startswith(magic):
             return fmt
     return None
-
-
-def extract_bytes(item: Any) -> bytes:
-    """Image bytes from one TorchServe request item: raw body, multipart field or base64 JSON."""
-    if isinstance(item, dict):
-        for key in ("data", "body", "image", "file", "b64"):
-            if key in item and item[key] is not None:
-                return extract_bytes(item[key])
-        if "instances" in item and isinstance(item["instances"], list) and len(item["instances"]) == 1:
-            return extract_bytes(item["instances"][0])
-        raise InvalidInput(
-            "no image found: send the image as the raw body, a multipart field named "
-            '\'data\', or JSON {"data": "<base64>"}'
-        )
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        raw = bytes(item)
-        if not raw:
-            raise InvalidInput("empty body: send a JPEG or PNG image")
-        if sniff_format(raw) is None and raw.lstrip()[:1] in (b"{", b"["):
-            raise InvalidInput("malformed JSON body")
-        return raw
-    if isinstance(item, str):
-        return _b64decode(item)
-    raise InvalidInput(f"unsupported request item of type {type(item).__name__}")
-
-
-def _b64decode(text: str) -> bytes:
-    text = text.strip()
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    if not text:
-        raise InvalidInput("empty base64 image")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput("the JSON image field is not valid base64") from None
 
 
 @dataclass(frozen=True)
@@ -80,7 +41,7 @@ class ImageHeader:
     height: int
 
 
-def check_image(raw: bytes, opts: HandlerOptions) -> ImageHeader:
+def check_image(raw: bytes, opts: ImageOptions) -> ImageHeader:
     """Validate size, format and declared dimensions before any pixel is decoded."""
     if len(raw) > opts.max_image_bytes:
         raise PayloadTooLarge(f"image is {len(raw)} bytes; the limit is {opts.max_image_bytes} (max_image_bytes)")
@@ -107,7 +68,7 @@ def check_image(raw: bytes, opts: HandlerOptions) -> ImageHeader:
 class Preprocessor:
     """Decode + resize + centre-crop + normalise, built once per model at load."""
 
-    def __init__(self, opts: HandlerOptions, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, opts: ImageOptions, device: torch.device, dtype: torch.dtype = torch.float32):
         self.opts = opts
         self.device = device
         self.dtype = dtype
@@ -166,6 +127,17 @@ class Preprocessor:
             except RequestError as err:
                 return err
 
+    def prepare(self, bodies: Batch[bytes]) -> tuple[Batch[torch.Tensor], torch.Tensor | None]:
+        """Check each header, decode the batch, and stack the good images into one normalised NCHW tensor.
+
+        Returns the batch (bad items failed, each with its own error) and the tensor of its live
+        items in order (None when none is left).
+        """
+        checked = bodies.map(lambda raw: (raw, check_image(raw, self.opts)))
+        images = checked.map_all(lambda items: self.decode_many([r for r, _ in items], [h for _, h in items]))
+        live = images.live()
+        return images, (self.to_batch(live) if live else None)
+
     # -- geometry and normalisation ----------------------------------------------------
     def resize_crop(self, imgs: torch.Tensor) -> torch.Tensor:
         """Resize the short side of same-sized NCHW images to ``resize`` (antialiased) and centre-crop."""
@@ -187,7 +159,7 @@ class Preprocessor:
         """One normalised NCHW batch on the model's device; same-sized images are resized together."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
-            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+            groups.setdefault((int(img.shape[-2]), int(img.shape[-1])), []).append(i)
         c = self.opts.crop
         x = torch.empty((len(images), self.opts.channels, c, c), device=self.device)
         for idx in groups.values():
@@ -200,7 +172,7 @@ class Preprocessor:
         return x.to(dtype=self.dtype, memory_format=self.memory_format).contiguous(memory_format=self.memory_format)
 
 
-def reference_transform(opts: HandlerOptions):
+def reference_transform(opts: ImageOptions):
     """torchvision's PIL-based transform with the same settings, for parity tests."""
     from torchvision import transforms as T
 

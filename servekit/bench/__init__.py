@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .configs import CONFIGS
+
 PROFILES: dict[str, dict[str, Any]] = {
     # A 2-core CPU machine: about 8 minutes for ours (TorchScript), ours int8, stock and stock tuned.
     "quick": dict(
@@ -65,8 +67,6 @@ def _ints(text: str) -> list[int]:
 
 
 def _configs(text: str) -> list[str]:
-    from .report import CONFIGS
-
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in CONFIGS]
     if bad or not names:
@@ -94,10 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--configs",
         type=_configs,
-        help="comma-separated: ours (TorchScript), ours-pt2 (AOTInductor package, compiled here), "
-        "ours-int8 (int8 artifact, CPU only), stock (default threads), "
-        "stock-tuned (cores/workers threads); default: the profile's (CPU: all but "
-        "ours-pt2; GPU: ours, stock, stock-tuned)",
+        help="comma-separated: "
+        + "; ".join(f"{n} ({c.help})" for n, c in CONFIGS.items())
+        + "; default: the profile's",
     )
     p.add_argument("--workers", type=_ints, help="workers per device, e.g. 1,2")
     p.add_argument("--batch", type=_ints, help="TorchServe batchSize values, e.g. 8,32")
@@ -145,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
     """Fill unset flags from the profile and turn them into a Plan."""
-    from .runner import Plan, Point
+    from .plan import Plan, Point
 
     prof = PROFILES[args.profile or "quick"]
 
@@ -154,10 +153,11 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         return prof[name] if value is None else value
 
     configs, on_gpu = pick("configs"), pick("device") == "cuda"
+    cpu_only = [c for c in configs if CONFIGS[c].cpu_only]
     if args.configs is None and on_gpu:
-        configs = [c for c in configs if c != "ours-int8"]  # a profile default, not asked for
-    if "ours-int8" in configs and on_gpu:
-        raise SystemExit("servekit bench: ours-int8 is a CPU configuration (int8 kernels run on the CPU only)")
+        configs = [c for c in configs if c not in cpu_only]  # a profile default, not asked for
+    elif cpu_only and on_gpu:
+        raise SystemExit(f"servekit bench: {', '.join(cpu_only)} run on the CPU only (int8 kernels)")
     workers, batch, delay = pick("workers"), pick("batch"), pick("delay")
     stock_workers = pick("stock_workers") or workers
     stock_batch = pick("stock_batch") or batch

@@ -18,7 +18,8 @@ def _octaves(rng: np.random.Generator, h: int, w: int, channels: int) -> np.ndar
     for step in (1, 2, 4, 8, 16, 32):
         small = rng.normal(0, 1, (h // step + 2, w // step + 2, channels)).astype(np.float32)
         size = ((w // step + 2) * step, (h // step + 2) * step)
-        up = [np.asarray(Image.fromarray(small[..., c]).resize(size, Image.BICUBIC))[:h, :w] for c in range(channels)]
+        bicubic = Image.Resampling.BICUBIC
+        up = [np.asarray(Image.fromarray(small[..., c]).resize(size, bicubic))[:h, :w] for c in range(channels)]
         tex += np.stack(up, -1) * step**-0.2
     return tex / tex.std()
 

@@ -86,7 +86,7 @@ def _client_loop(target: Target, start_at: float, stop_at: float, out: list[Reco
     time.sleep(max(0.0, start_at - time.time()))
     while (t0 := time.time()) < stop_at:
         if conn is None:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=target.timeout)
+            conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=target.timeout)
         try:
             status, err, keep = _post(conn, path, target)
         except (OSError, http.client.HTTPException) as exc:

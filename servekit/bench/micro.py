@@ -6,35 +6,18 @@ import io
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..artifacts import load_artifact
-from ..config import HandlerOptions
+from ..batch import Batch
+from ..config import ImageOptions
 from ..inference import Engine
 from ..vision import Preprocessor, check_image, reference_transform
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One way of running the model: precision, input memory format, frozen TorchScript or not."""
-
-    amp: bool
-    channels_last: bool
-    frozen: bool
-    int8: bool = False  # the int8 export (CPU): amp does not apply
-    pt2: bool = False  # the AOTInductor package: precision and layout baked in at export
-
-    def name(self, device: torch.device) -> str:
-        """E.g. ``bf16+channels_last+frozen``."""
-        if self.pt2:
-            return "pt2 (" + ("fp16" if device.type == "cuda" and self.amp else "fp32") + ")"
-        parts = ["int8" if self.int8 else ("fp16" if device.type == "cuda" else "bf16") if self.amp else "fp32"]
-        parts += ["channels_last"] * self.channels_last + ["frozen"] * self.frozen
-        return "+".join(parts)
-
+from .configs import CONFIGS, Variant
 
 CPU_VARIANTS = tuple(Variant(a, c, f) for a in (False, True) for c in (False, True) for f in (False, True))
 GPU_VARIANTS = tuple(Variant(a, c, False) for a in (False, True) for c in (False, True)) + (Variant(True, True, True),)
@@ -81,18 +64,11 @@ def derived_artifact(artifact: Path, out: Path, channels_last: bool = False, fre
     return out
 
 
-# The other artifacts' variants, by bench configuration; the pt2 package's dtype comes from its export.
-ALTERNATE_VARIANTS = {
-    "ours-int8": Variant(amp=False, channels_last=False, frozen=True, int8=True),
-    "ours-pt2": Variant(amp=True, channels_last=True, frozen=True, pt2=True),
-}
-
-
 def model_ceiling(
     artifact: Path,
     frozen_artifact: Path | None,
     device: torch.device,
-    opts: HandlerOptions,
+    opts: ImageOptions,
     batch_sizes: Sequence[int],
     variants: Sequence[Variant],
     seconds: float,
@@ -104,14 +80,18 @@ def model_ceiling(
     ``alternates`` maps bench configurations (ours-int8, ours-pt2) to their artifacts, measured too.
     """
     results = []
-    paths = {ALTERNATE_VARIANTS[c]: p for c, p in (alternates or {}).items()}
+    paths: dict[Variant, Path] = {}
+    for name, alt in (alternates or {}).items():
+        own = CONFIGS[name].variant
+        if own is not None:
+            paths[own] = alt
     variants = [*variants, *paths]
     for variant in variants:
-        path = paths.get(variant) or (frozen_artifact if variant.frozen else artifact)
-        if path is None:
+        chosen = paths.get(variant) or (frozen_artifact if variant.frozen else artifact)
+        if chosen is None:
             continue
         try:
-            results += _ceiling_variant(path, variant, device, opts, batch_sizes, seconds, log)
+            results += _ceiling_variant(chosen, variant, device, opts, batch_sizes, seconds, log)
         except Exception as exc:  # one variant failing (e.g. out of memory) must not lose the others
             log(f"  model-only {variant.name(device)}: failed: {exc}")
             results.append(
@@ -131,7 +111,7 @@ def _ceiling_variant(
     path: Path,
     variant: Variant,
     device: torch.device,
-    opts: HandlerOptions,
+    opts: ImageOptions,
     batch_sizes: Sequence[int],
     seconds: float,
     log: Callable[[str], None],
@@ -141,16 +121,14 @@ def _ceiling_variant(
         warnings.simplefilter("ignore")
         engine = Engine(
             load_artifact(path, device),
-            HandlerOptions(
-                amp=amp, channels=opts.channels, resize=opts.resize, crop=opts.crop, mean=opts.mean, std=opts.std
-            ),
+            replace(opts, amp=amp),
         )
     fmt = torch.channels_last if variant.channels_last else torch.contiguous_format
     shape = (opts.channels, opts.crop, opts.crop)
     rows = []
     for bs in batch_sizes:
         x = torch.randn((bs, *shape), device=device, dtype=engine.input_dtype).contiguous(memory_format=fmt)
-        ips = rate(lambda x=x: engine.forward(x), bs, seconds, _sync(device))
+        ips = rate(partial(engine.forward, x), bs, seconds, _sync(device))
         rows.append(
             {
                 "variant": variant.name(device),
@@ -167,7 +145,7 @@ def _ceiling_variant(
 
 def decode_rates(
     raw: bytes,
-    opts: HandlerOptions,
+    opts: ImageOptions,
     device: torch.device,
     batch_sizes: Sequence[int],
     seconds: float,
@@ -192,7 +170,7 @@ def decode_rates(
             "servekit preprocess: decode_image + resize/crop/normalise",
             "cpu",
             1,
-            lambda: pre.to_batch(pre.decode_many([raw], [header])),
+            lambda: pre.prepare(Batch([raw])),
             lambda: None,
         ),
         (
@@ -212,7 +190,7 @@ def decode_rates(
                     "nvjpeg batched decode_jpeg",
                     str(device),
                     bs,
-                    lambda r=raws, h=headers: gpu_pre.decode_many(r, h),
+                    partial(gpu_pre.decode_many, raws, headers),
                     _sync(device),
                 )
             )
@@ -221,7 +199,7 @@ def decode_rates(
                     "servekit preprocess on GPU: nvjpeg + resize/crop/normalise",
                     str(device),
                     bs,
-                    lambda r=raws, h=headers: gpu_pre.to_batch(gpu_pre.decode_many(r, h)),
+                    partial(gpu_pre.prepare, Batch(raws)),
                     _sync(device),
                 )
             )

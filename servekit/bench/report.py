@@ -10,10 +10,8 @@ from typing import Any
 
 import numpy as np
 
-CONFIGS = ("ours", "ours-pt2", "ours-int8", "stock", "stock-tuned")
-# Our handler's families: the TorchScript export, the AOTInductor .pt2 package, the int8 export (CPU only).
-OURS = ("ours", "ours-pt2", "ours-int8")
-ALTERNATES = {"ours-pt2": "pt2", "ours-int8": "int8"}  # column prefix of each in the comparison
+from .configs import ALTERNATES, CONFIGS, OURS
+
 QUANTILES = (50, 90, 99)
 
 
@@ -73,10 +71,7 @@ def comparison_rows(runs: Sequence[dict]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"concurrency": level}
         for cfg in CONFIGS:
             fam = best.get(cfg, {})
-            if level == "peak":
-                pick = max(fam.values(), default=None)
-            else:
-                pick = fam.get(level)
+            pick = max(fam.values(), default=None) if level == "peak" else fam.get(level)  # type: ignore[call-overload]
             row[cfg] = pick[0] if pick else None
             row[f"{cfg}_run"] = pick[1] if pick else None
         for ours in OURS:
@@ -251,13 +246,7 @@ def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-COLORS = {
-    "ours": "tab:blue",
-    "ours-pt2": "tab:purple",
-    "ours-int8": "tab:green",
-    "stock": "tab:red",
-    "stock-tuned": "tab:orange",
-}
+COLORS = {name: c.color for name, c in CONFIGS.items()}
 
 
 def plot(runs: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path | None:

@@ -4,90 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
-import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 from .. import server
-from ..archive import ArchiveRequest, archive, build_artifact
 from ..client import model_states, wait_until
-from ..config import ModelConfig
-from ..hooks import MODELS_DIR, BuildHook
+from ..config import ClassifierOptions, ModelConfig
 from ..tslogs import tail_lines
 from . import report, stock
-from .gpu import GpuSampler, gpu_names
+from .configs import CONFIGS
+from .gpu import GpuSampler
 from .images import synthetic_jpeg
 from .loadgen import Target, run_load
+from .packaging import package, prepare_artifacts
+from .plan import Artifacts, Plan, Point, machine_meta
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Point:
-    """TorchServe's batching settings for one run."""
-
-    workers: int
-    batch: int
-    delay: int
-
-
-@dataclass
-class Plan:
-    """Everything one benchmark invocation does."""
-
-    model: str
-    device: str
-    configs: Sequence[str]
-    points: Sequence[Point]
-    stock_points: Sequence[Point]
-    concurrency: Sequence[int]
-    duration: float
-    warmup: float
-    out: Path
-    loadgen_procs: int | None = None
-    handler_overrides: dict[str, Any] = field(default_factory=dict)
-    amp: str | None = None  # our handler's amp: None keeps model-config's; "auto" picks from the ceiling
-    freeze: bool | str = False  # True, False or "auto" (picked from the ceiling)
-    channels_last_weights: bool = True
-    weights: str | None = None
-    micro: bool = True
-    micro_seconds: float = 2.0
-    ceiling_batches: Sequence[int] = (1, 8)
-    ceiling_threads: int = 1  # CPU only: torch threads for the model-only ceiling
-    decode_batches: Sequence[int] = (32, 64)
-    image_bytes: int = 170_000
-    keep: bool = False
-    command: str = ""
-
-
-@dataclass
-class Artifacts:
-    """The exported model and the copies derived from it, reused by every archive."""
-
-    traced: Path
-    served: Path  # what both handlers serve (the traced file, or its channels_last-weights copy)
-    frozen: Path | None  # ``served``, frozen: ours only, with --freeze
-    plain_frozen: Path | None  # ``traced``, frozen: for the model-only ceiling
-    labels: list[str]
-    base_config: dict[str, Any]
-    alternates: dict[str, Path] = field(default_factory=dict)  # ours-int8 / ours-pt2: their own exports
-
-    def for_ours(self, config: str, frozen: bool) -> Path:
-        """The artifact our handler serves in ``config``."""
-        if config in self.alternates:
-            return self.alternates[config]
-        return self.frozen if frozen and self.frozen else self.served
 
 
 @contextlib.contextmanager
@@ -103,133 +42,6 @@ def env_vars(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform's guess)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The bf16/AMX-related CPU flags present (they decide whether bf16 autocast can pay off)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"))
-
-
-def machine_meta(plan: Plan) -> dict[str, Any]:
-    """Where and how the numbers were taken."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-    import torchvision
-
-    try:
-        torchserve = version("torchserve")
-    except PackageNotFoundError:  # importable from a path without its metadata
-        torchserve = "unknown"
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": plan.command,
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cores": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpus": gpu_names(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "torchserve": torchserve,
-        "model": plan.model,
-        "device": plan.device,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
-    """Export the model once (reusing an up-to-date build), then derive the copies the plan needs."""
-    from .micro import derived_artifact
-
-    model_dir = MODELS_DIR / plan.model
-    cfg = ModelConfig.load(model_dir / "model-config.yaml")
-    req = ArchiveRequest(plan.model, model_dir, workdir / "store-base", weights=plan.weights)
-    hook = BuildHook(model_dir)
-    traced = build_artifact(req, cfg, hook, log=log)
-    labels_file = traced.parent / "labels.json"
-
-    def derive(name: str, **kw: bool) -> Path:
-        folder = workdir / "artifacts" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        if labels_file.is_file():
-            shutil.copy2(labels_file, folder / "labels.json")
-        return derived_artifact(traced, folder / "model.pt", **kw)
-
-    cl = plan.channels_last_weights
-    served = derive("channels-last", channels_last=True) if cl else traced
-    frozen = derive("frozen", channels_last=cl, freeze=True) if plan.freeze else None  # True or "auto"
-    plain_frozen = derive("plain-frozen", freeze=True) if plan.micro else None
-    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else []
-    alternates = {}
-    if "ours-int8" in plan.configs:
-        log(f"{plan.model}: int8 export (calibrated, checked against fp32)")
-        alternates["ours-int8"] = build_artifact(replace(req, quantize="int8"), cfg, hook, log=log)
-    if "ours-pt2" in plan.configs:
-        log(f"{plan.model}: AOTInductor .pt2 export for {plan.device} (compiles; checked against eager)")
-        alternates["ours-pt2"] = build_artifact(replace(req, fmt="pt2", device=plan.device), cfg, hook, log=log)
-    return Artifacts(traced, served, frozen, plain_frozen, [str(x) for x in labels], cfg.raw, alternates)
-
-
-def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The model-config for one point: workers, batch and delay set, warm-up at 1 and the batch size."""
-    raw = copy.deepcopy(base)
-    raw.update(minWorkers=point.workers, maxWorkers=point.workers, batchSize=point.batch, maxBatchDelay=point.delay)
-    handler = raw.setdefault("handler", {}) or {}
-    handler["warmup_batch_sizes"] = sorted({1, point.batch})
-    handler.update(overrides)
-    raw["handler"] = handler
-    ModelConfig.from_dict(raw)  # refuse a bad override before anything is packaged
-    return raw
-
-
-def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
-    """Package our handler with this point's model-config into a store of its own."""
-    overrides = dict(plan.handler_overrides)
-    if config == "ours-int8":
-        overrides["amp"] = "off"  # int8 kernels take fp32 input; the loader turns autocast off anyway
-    elif config == "ours-pt2":
-        overrides.pop("amp", None)  # baked into the package at export (model-config's amp on a GPU)
-    raw = ours_config(art.base_config, point, overrides)
-    model_dir = workdir / "configs" / label
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "model-config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    store = workdir / "stores" / label
-    mar = archive(
-        ArchiveRequest(plan.model, model_dir, store, artifact=art.for_ours(config, plan.freeze), force=True),
-        log=lambda *_: None,
-    )
-    return mar, raw
-
-
-def archive_stock(plan: Plan, art: Artifacts, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
-    """Package the stock handler with this point's batching settings."""
-    raw = {
-        "minWorkers": point.workers,
-        "maxWorkers": point.workers,
-        "batchSize": point.batch,
-        "maxBatchDelay": point.delay,
-        "responseTimeout": int(art.base_config.get("responseTimeout", 120)),
-    }
-    mar = stock.archive_stock(plan.model, art.served, art.labels, workdir / "stores" / label, raw)
-    return mar, raw
 
 
 def worker_processes(pgid: int) -> list[psutil.Process]:
@@ -291,7 +103,7 @@ def measure(
     plan: Plan, cfg: server.ServerConfig, proc: Any, workers: int, body: bytes, topk: int, log: Log
 ) -> list[dict]:
     """Warm the server up, then one measured window per concurrency level."""
-    key = cfg.tokens.keys().inference
+    key = cfg.tokens.keys().inference if cfg.tokens else ""
     target = Target(
         url=f"{cfg.address('inference_address')}/predictions/{plan.model}",
         body=body,
@@ -338,32 +150,6 @@ def worker_env_threads(pgid: int) -> list[str | None]:
         except psutil.Error:
             out.append(None)
     return out
-
-
-def package(
-    plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, slug: str, default_threads: int
-) -> tuple[Path, int, dict[str, str], int, dict[str, Any]]:
-    """Archive one configuration: (archive, threads per worker, server env, top-k, facts for the record)."""
-    if config in report.OURS:
-        mar, raw = archive_ours(plan, art, config, point, workdir, slug)
-        opts = ModelConfig.from_dict(raw).handler
-        baked = "fp16" if plan.device == "cuda" and opts.amp == "fp16" else "fp32"
-        precision = {"ours-int8": "int8", "ours-pt2": f"pt2 ({baked})"}
-        facts = {
-            "handler": "servekit handlers/image_classifier.py",
-            "amp": precision.get(config, opts.amp),
-            "frozen": True if config != "ours" else plan.freeze,
-            "handler_options": raw["handler"],
-        }
-        threads, env, topk = opts.threads(point.workers), {}, opts.topk
-    else:
-        mar, raw = archive_stock(plan, art, point, workdir, slug)
-        facts = {"handler": "TorchServe image_classifier (stock)", "amp": "off", "frozen": False}
-        cores = os.cpu_count() or 1
-        threads = default_threads if config == "stock" else max(1, cores // point.workers)
-        env, topk = {"OMP_NUM_THREADS": str(threads)}, 5
-    facts["model_config"] = {k: v for k, v in raw.items() if k != "handler"}
-    return mar, threads, env, topk, facts
 
 
 def run_one(
@@ -416,10 +202,10 @@ def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | N
     points = list(dict.fromkeys([*plan.points, *plan.stock_points]))
     for point in points:
         for config in plan.configs:
-            if (point in plan.points) if config in report.OURS else (point in plan.stock_points):
+            if (point in plan.points) if CONFIGS[config].ours else (point in plan.stock_points):
                 same = None
                 if (
-                    config == "stock-tuned"
+                    CONFIGS[config].tuned_threads
                     and "stock" in plan.configs
                     and max(1, cores // point.workers) == default_threads
                 ):
@@ -435,7 +221,7 @@ def run_micro(plan: Plan, art: Artifacts, body: bytes, log: Log) -> dict[str, li
     from .micro import CPU_VARIANTS, GPU_VARIANTS, decode_rates, model_ceiling
 
     device = torch.device("cuda" if plan.device == "cuda" else "cpu")
-    opts = ModelConfig.from_dict(art.base_config).handler
+    opts = ModelConfig.from_dict(art.base_config).options(ClassifierOptions)
     if device.type == "cpu":
         # One thread by default: a per-core rate that other load on the machine disturbs least.
         torch.set_num_threads(plan.ceiling_threads)
@@ -514,7 +300,7 @@ def resolve_levers(plan: Plan, results: dict[str, Any], log: Log) -> None:
 def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
     """Run the whole plan and write results.json, bench.png and report.md into ``plan.out``."""
     plan.out.mkdir(parents=True, exist_ok=True)
-    runs_stock = any(c not in report.OURS for c in plan.configs)
+    runs_stock = any(not CONFIGS[c].ours for c in plan.configs)
     if runs_stock:
         stock.check_stock_available()
     results: dict[str, Any] = {"meta": machine_meta(plan), "plan": _plan_dict(plan), "runs": []}

@@ -60,10 +60,10 @@ def warmup_problem(resp: requests.Response, version: str, strict: bool) -> str |
         return f"warm-up was answered by version {answered}, not {version}"
     if resp.status_code == 200:
         try:
-            predictions = resp.json().get("predictions")
-        except (ValueError, AttributeError):
-            predictions = None
-        return None if predictions else f"warm-up answered 200 without predictions: {resp.text[:200]}"
+            answer = resp.json()
+        except ValueError:
+            answer = None
+        return None if answer else f"warm-up answered 200 without a JSON answer: {resp.text[:200]}"
     from_handler = answered is not None and 400 <= resp.status_code < 500
     if from_handler and not strict:
         try:

@@ -12,8 +12,10 @@ from servekit.archive import ArchiveRequest, build_artifact
 from servekit.bench import PROFILES, build_parser, main, plan_from_args
 from servekit.bench.images import synthetic_jpeg
 from servekit.bench.loadgen import LoadResult, split, summarize, valid_answer
+from servekit.bench.packaging import ours_config
+from servekit.bench.plan import Point
 from servekit.bench.report import comparison_rows, comparison_table, merge, percentiles, point_summary, runs_table
-from servekit.bench.runner import Point, choose_levers, ours_config, schedule
+from servekit.bench.runner import choose_levers, schedule
 from servekit.bench.stock import archive_stock, index_to_name
 from servekit.config import ModelConfig
 from servekit.errors import ConfigError

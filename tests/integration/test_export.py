@@ -20,7 +20,9 @@ from models.controlflow.build import example_inputs as controlflow_inputs
 from models.digits.model import DigitsNet
 from servekit.artifacts import AOTI, EXPORTED, ONNX, TORCHSCRIPT, aoti_metadata, dtype_sidecar, load_artifact
 from servekit.errors import ConfigError, ExportMismatch
-from servekit.export import SUFFIX, TOLERANCE, export, relative_error
+from servekit.export import export
+from servekit.formats import FORMATS
+from servekit.parity import TOLERANCE, relative_error
 
 CPU = torch.device("cpu")
 quiet = lambda *_: None  # noqa: E731
@@ -47,12 +49,15 @@ def leftovers(folder: Path) -> list[str]:
 
 
 # -- the four formats -------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["trace", "script", "onnx"])
+KIND = {"trace": TORCHSCRIPT, "script": TORCHSCRIPT, "onnx": ONNX, "program": EXPORTED}
+
+
+@pytest.mark.parametrize("fmt", ["trace", "script", "onnx", "program"])
 def test_digits_exports_match_eager(fmt, digits_net, tmp_path):
-    out = tmp_path / f"model{SUFFIX[fmt]}"
+    out = tmp_path / f"model{FORMATS[fmt].suffix}"
     report = export(digits_net, digits_batch(4), out, fmt, amp="bf16", log_fn=quiet)
     loaded = load_artifact(out, CPU)
-    assert loaded.kind == (ONNX if fmt == "onnx" else TORCHSCRIPT)
+    assert loaded.kind == KIND[fmt]
     # TorchScript runs under autocast at serving time, so bf16 is checked too; ONNX is an fp32 graph.
     assert set(report.errors) == ({"fp32"} if fmt == "onnx" else {"fp32", "bfloat16"})
     assert report.errors["fp32"] <= TOLERANCE[None] and report.top1_agreement["fp32"] == 1.0
@@ -108,7 +113,7 @@ def test_controlflow_model_takes_both_branches(controlflow):
 
 @pytest.mark.parametrize("fmt", ["trace", "onnx"])
 def test_tracing_control_flow_is_refused_and_nothing_is_written(fmt, controlflow, tmp_path):
-    out = tmp_path / f"model{SUFFIX[fmt]}"
+    out = tmp_path / f"model{FORMATS[fmt].suffix}"
     with pytest.raises(ExportMismatch, match="on the negated example") as err:
         export(controlflow, controlflow_inputs(4), out, fmt, log_fn=quiet)
     assert "--format script" in err.value.message
@@ -152,6 +157,7 @@ def test_controlflow_archives_as_script_and_classifies(tmp_path):
     """Opting in (config copied to model-config.yaml) archives the scripted model; the handler path runs it."""
     from models.digits.model import encode, held_out
     from servekit.archive import ArchiveRequest, archive
+    from servekit.batch import Batch
     from servekit.classify import ImageClassifier
     from servekit.config import ModelConfig
     from servekit.store import read_manifest
@@ -165,7 +171,7 @@ def test_controlflow_archives_as_script_and_classifies(tmp_path):
         zf.extract("model.pt", tmp_path / "unpacked")
     opts = ModelConfig.load(model_dir / "model-config.yaml").handler
     clf = ImageClassifier(tmp_path / "unpacked" / "model.pt", opts, CPU, [str(i) for i in range(10)])
-    results = clf.predict([encode(img) for img, _ in held_out(8)])
+    results = clf.predict(Batch([encode(img) for img, _ in held_out(8)])).results
     assert all(len(r["predictions"]) == opts.topk for r in results)
 
 
@@ -345,7 +351,7 @@ def test_resnet50_every_format_matches_eager(tmp_path):
     with torch.inference_mode():
         ref = model(x)
     for fmt in ("trace", "script", "onnx", "pt2"):
-        out = tmp_path / f"{fmt}{SUFFIX[fmt]}"
+        out = tmp_path / f"{fmt}{FORMATS[fmt].suffix}"
         report = export(model, example_inputs(), out, fmt, amp="fp16", log_fn=quiet, channels_last=fmt == "pt2")
         assert report.errors == {"fp32": pytest.approx(0.0, abs=TOLERANCE[None])}, fmt
         with torch.inference_mode():

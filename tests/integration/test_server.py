@@ -125,13 +125,20 @@ def test_metrics_report_handler_stage_timings(digits_server, digits_images):
     text = ""
     for _ in range(20):  # metrics reach the frontend through the worker log; allow a moment
         text = requests.get(digits_server.cfg.address("metrics_address") + "/metrics", timeout=30).text
-        if "StageInferTime" in text:
+        if "servekit_infer_seconds_count" in text:
             break
         time.sleep(0.5)
-    for name in ("StageDecodeTime", "StageInferTime", "StagePostprocessTime", "HandlerItems"):
-        lines = [line for line in text.splitlines() if line.startswith(name) and 'ModelName="digits"' in line]
-        assert lines, f"{name} missing from /metrics"
-        assert float(lines[0].rsplit(" ", 1)[1]) >= 0
+    # Histograms in seconds, per model: a p99 can be derived from the buckets.
+    for stage in ("decode", "infer", "postprocess", "handler"):
+        name = f"servekit_{stage}_seconds"
+        count = [
+            line for line in text.splitlines() if line.startswith(name + "_count") and 'ModelName="digits"' in line
+        ]
+        buckets = [line for line in text.splitlines() if line.startswith(name + "_bucket") and 'le="+Inf"' in line]
+        assert count and float(count[0].rsplit(" ", 1)[1]) >= 3, f"{name} missing from /metrics"
+        assert buckets and buckets[0].rsplit(" ", 1)[1] == count[0].rsplit(" ", 1)[1]
+    items = [line for line in text.splitlines() if line.startswith("servekit_items") and 'ModelName="digits"' in line]
+    assert items and float(items[0].rsplit(" ", 1)[1]) >= 3, items
 
 
 def test_effective_config_is_secure_by_default(digits_server):

@@ -13,14 +13,16 @@ import torch
 from PIL import Image
 
 from models.digits.model import encode, held_out
-from servekit.config import ConfigError, HandlerOptions, ModelConfig
+from servekit.batch import Batch
+from servekit.config import ClassifierOptions, ConfigError, HandlerOptions, ImageOptions, ModelConfig
 from servekit.errors import ExportMismatch, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from servekit.export import check_parity
 from servekit.inference import Engine, amp_dtype
 from servekit.java import find_java, parse_java_version
+from servekit.parity import check_parity
+from servekit.payload import body_bytes
 from servekit.store import version_key
 from servekit.tokens import TokenFile
-from servekit.vision import Preprocessor, check_image, extract_bytes, reference_transform
+from servekit.vision import Preprocessor, check_image, reference_transform
 
 CPU = torch.device("cpu")
 
@@ -40,9 +42,13 @@ def test_handler_options_reject_bad_values_with_actionable_message():
     with pytest.raises(ConfigError, match="amp must be one of"):
         HandlerOptions.from_dict({"amp": "fp8"})
     with pytest.raises(ConfigError, match=r"unknown handler option\(s\) \['colour'\]; known options"):
-        HandlerOptions.from_dict({"colour": 1})
+        ClassifierOptions.from_dict({"colour": 1})
     with pytest.raises(ConfigError, match="crop <= resize"):
-        HandlerOptions.from_dict({"crop": 300, "resize": 256})
+        ImageOptions.from_dict({"crop": 300, "resize": 256})
+    # A handler's own options are known only to its own class.
+    with pytest.raises(ConfigError, match=r"unknown handler option\(s\) \['topk'\]"):
+        ImageOptions.from_dict({"topk": 3})
+    assert ClassifierOptions.from_dict({"topk": 3}).topk == 3
 
 
 def test_model_config_reads_yaml_off_as_amp_off(tmp_path):
@@ -60,7 +66,7 @@ def test_model_config_reads_yaml_off_as_amp_off(tmp_path):
 # -- decoding and preprocessing ----------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_preprocess_matches_torchvision_reference(fmt):
-    opts = HandlerOptions()
+    opts = ImageOptions()
     img = natural_image()
     raw = encode(img, fmt)
     pre = Preprocessor(opts, CPU)
@@ -73,7 +79,7 @@ def test_preprocess_matches_torchvision_reference(fmt):
 
 
 def test_grayscale_preprocess_matches_reference():
-    opts = HandlerOptions(channels=1, resize=28, crop=28, mean=(0.5,), std=(0.5,))
+    opts = ImageOptions(channels=1, resize=28, crop=28, mean=(0.5,), std=(0.5,))
     img, _ = held_out(1)[0]
     raw = encode(img, "PNG")
     pre = Preprocessor(opts, CPU)
@@ -82,24 +88,28 @@ def test_grayscale_preprocess_matches_reference():
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-def test_extract_bytes_accepts_raw_multipart_and_base64():
+def test_body_bytes_takes_raw_multipart_and_base64_and_names_the_header_to_send():
     raw = encode(natural_image(64, 48), "JPEG")
-    assert extract_bytes(raw) == raw
-    assert extract_bytes({"data": raw}) == raw
-    assert extract_bytes({"data": base64.b64encode(raw).decode()}) == raw
-    assert extract_bytes({"instances": [{"b64": base64.b64encode(raw).decode()}]}) == raw
+    assert body_bytes({"body": raw}, "image/jpeg") == raw
+    assert body_bytes({"data": raw}, "multipart/form-data; boundary=x") == raw
+    assert body_bytes({"data": base64.b64encode(raw).decode()}, "application/json") == raw
+    assert body_bytes({"instances": [{"b64": base64.b64encode(raw).decode()}]}) == raw
     with pytest.raises(InvalidInput, match="not valid base64"):
-        extract_bytes({"data": "***not base64***"})
+        body_bytes({"data": "***not base64***"})
     with pytest.raises(InvalidInput, match="empty body"):
-        extract_bytes(b"")
+        body_bytes({"body": b""})
     with pytest.raises(InvalidInput, match="no image found"):
-        extract_bytes({"text": "hello"})
+        body_bytes({"text": "hello"})
     with pytest.raises(InvalidInput, match="malformed JSON"):
-        extract_bytes(b'{"data": ')
+        body_bytes({"body": b'{"data": '})
+    with pytest.raises(UnsupportedMediaType, match="Content-Type: image/jpeg"):
+        body_bytes({"x": "y"}, "application/x-www-form-urlencoded")
+    with pytest.raises(UnsupportedMediaType, match="'text/plain' is not supported"):
+        body_bytes({"body": raw}, "text/plain")
 
 
 def test_check_image_refuses_bombs_non_images_and_oversize():
-    opts = HandlerOptions(max_image_pixels=1000 * 1000, max_image_bytes=50_000)
+    opts = ImageOptions(max_image_pixels=1000 * 1000, max_image_bytes=50_000)
     bomb = encode(Image.new("L", (2000, 2000)), "PNG")  # tiny file, 4 megapixels declared
     with pytest.raises(PayloadTooLarge, match="max_image_pixels"):
         check_image(bomb, opts)
@@ -109,7 +119,7 @@ def test_check_image_refuses_bombs_non_images_and_oversize():
         check_image(b"\xff\xd8\xff" + b"\0" * 60_000, opts)
     truncated = encode(natural_image(), "JPEG")[:20]
     with pytest.raises(InvalidInput):
-        check_image(truncated, HandlerOptions())
+        check_image(truncated, ImageOptions())
 
 
 # -- inference and postprocessing --------------------------------------------------------
@@ -122,7 +132,7 @@ class _Fixed(torch.nn.Module):
 def test_topk_orders_classes_and_probabilities():
     from servekit.artifacts import LoadedModel
 
-    engine = Engine(LoadedModel(_Fixed(), "torchscript", CPU, autocast=True), HandlerOptions(topk=3))
+    engine = Engine(LoadedModel(_Fixed(), "torchscript", CPU, autocast=True), HandlerOptions())
     top = engine.topk(engine.forward(torch.zeros(2, 3, 4, 4)), 3)
     expected = torch.softmax(torch.tensor([0.0, 3.0, 1.0, 2.0]), 0)
     assert top.indices == [[1, 3, 2], [1, 3, 2]]
@@ -130,8 +140,8 @@ def test_topk_orders_classes_and_probabilities():
 
 
 def test_fp16_amp_is_a_gpu_setting():
-    assert amp_dtype(HandlerOptions(amp="fp16"), CPU) is None
-    assert amp_dtype(HandlerOptions(amp="bf16"), CPU) is torch.bfloat16
+    assert amp_dtype("fp16", CPU) is None
+    assert amp_dtype("bf16", CPU) is torch.bfloat16
 
 
 def test_export_parity_check_refuses_a_disagreeing_artifact():
@@ -154,7 +164,7 @@ def test_classifier_keeps_order_and_fails_bad_items_alone(tmp_path):
     opts = ModelConfig.load("models/digits/model-config.yaml").handler
     clf = ImageClassifier(path, opts, CPU, [str(i) for i in range(10)])
     good = encode(held_out(1)[0][0], "PNG")
-    results = clf.predict([good, b"not an image", good, InvalidInput("pre-failed")])
+    results = clf.predict(Batch([good, b"not an image", good, InvalidInput("pre-failed")])).results
     assert isinstance(results[1], UnsupportedMediaType)
     assert isinstance(results[3], InvalidInput) and results[3].message == "pre-failed"
     assert results[0] == results[2] and len(results[0]["predictions"]) == opts.topk
@@ -197,7 +207,7 @@ def test_versions_sort_numerically():
 
 def test_batch_of_mixed_sizes_keeps_order():
     """Same-sized images are resized together; the batch order is the input order."""
-    pre = Preprocessor(HandlerOptions(), CPU)
+    pre = Preprocessor(ImageOptions(), CPU)
     sizes = [(500, 375), (320, 480), (500, 375), (256, 256)]
     imgs = [pre.decode_cpu(encode(natural_image(w, h, seed=i), "PNG")) for i, (w, h) in enumerate(sizes)]
     batch = pre.to_batch(imgs)

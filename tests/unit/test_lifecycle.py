@@ -202,3 +202,37 @@ def test_rendered_config_passes_nginx_t(tmp_path):
         ["nginx", "-t", "-e", "stderr", "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# -- registries ------------------------------------------------------------------------------------
+def test_every_format_record_has_its_exporter_and_loaders():
+    from servekit.artifacts import LOADERS
+    from servekit.export import EXPORTERS
+    from servekit.formats import FORMATS
+
+    for fmt in FORMATS.values():
+        assert fmt.exporter in EXPORTERS, fmt
+        assert set(fmt.loaders) <= set(LOADERS), fmt
+        assert fmt.suffix in fmt.suffixes
+    assert FORMATS["trace"].traced and not FORMATS["script"].traced and FORMATS["pt2"].device_specific
+
+
+def test_side_files_travel_with_their_artifact(tmp_path):
+    from servekit.formats import side_files
+
+    pt2 = tmp_path / "model.pt2"
+    pt2.write_bytes(b"")
+    assert side_files(pt2) == []
+    (tmp_path / "model.pt2.dtype").write_text("float16\n")
+    assert side_files(pt2) == [tmp_path / "model.pt2.dtype"]
+    assert side_files(tmp_path / "model.pt") == []
+
+
+def test_every_bench_configuration_is_complete():
+    from servekit.bench.configs import ALTERNATES, CONFIGS, OURS
+
+    for name, c in CONFIGS.items():
+        assert c.name == name and c.help and c.color.startswith("tab:")
+        assert bool(c.export) == bool(c.variant) == bool(c.column), f"{name}: an own artifact needs all three"
+        assert not c.export or c.ours, f"{name}: only our handler serves an artifact of its own"
+    assert "ours" in OURS and "stock" not in OURS and set(ALTERNATES) <= set(OURS)

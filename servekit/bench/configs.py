@@ -1,0 +1,99 @@
+"""The configurations `make bench` can run, one record each: adding one is adding a row here.
+
+A record says who serves (our handler or TorchServe's stock one), which artifact (the
+TorchScript export, or one of its own), what changes in the model-config, where it may run, and
+how the report shows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the model: precision, input memory format, frozen TorchScript or not."""
+
+    amp: bool
+    channels_last: bool
+    frozen: bool
+    int8: bool = False  # the int8 export (CPU): amp does not apply
+    pt2: bool = False  # the AOTInductor package: precision and layout baked in at export
+
+    def name(self, device: torch.device) -> str:
+        """E.g. ``bf16+channels_last+frozen``."""
+        if self.pt2:
+            return "pt2 (" + ("fp16" if device.type == "cuda" and self.amp else "fp32") + ")"
+        parts = ["int8" if self.int8 else ("fp16" if device.type == "cuda" else "bf16") if self.amp else "fp32"]
+        parts += ["channels_last"] * self.channels_last + ["frozen"] * self.frozen
+        return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One configuration of the benchmark."""
+
+    name: str
+    help: str
+    ours: bool  # our handler (else TorchServe's stock image_classifier)
+    color: str  # in the plot
+    # An artifact of its own: the ArchiveRequest fields that make it (e.g. {"quantize": "int8"}); the
+    # device is the bench's. Empty: the TorchScript export every "ours" configuration starts from.
+    export: dict[str, Any] = field(default_factory=dict)
+    variant: Variant | None = None  # its own model-only row, when it has its own artifact
+    column: str | None = None  # its short name in the comparison table, when it has its own artifact
+    amp: str | None = None  # "off": autocast does not apply; "baked": fixed in the artifact at export
+    cpu_only: bool = False
+    tuned_threads: bool = False  # stock tuned: cores / workers threads per worker, not TorchServe's default
+
+    def precision(self, amp: str, device_type: str) -> str:
+        """What the record says it ran in, given the model-config's amp."""
+        if self.amp == "off":
+            return "int8" if self.export.get("quantize") == "int8" else "off"
+        if self.amp == "baked":
+            return f"pt2 ({'fp16' if device_type == 'cuda' and amp == 'fp16' else 'fp32'})"
+        return amp
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    c.name: c
+    for c in (
+        BenchConfig("ours", "TorchScript export, our handler", ours=True, color="tab:blue"),
+        BenchConfig(
+            "ours-pt2",
+            "AOTInductor .pt2 package compiled here, our handler",
+            ours=True,
+            color="tab:purple",
+            export={"fmt": "pt2"},
+            variant=Variant(amp=True, channels_last=True, frozen=True, pt2=True),
+            column="pt2",
+            amp="baked",
+        ),
+        BenchConfig(
+            "ours-int8",
+            "calibrated int8 export, our handler (CPU only)",
+            ours=True,
+            color="tab:green",
+            export={"quantize": "int8"},
+            variant=Variant(amp=False, channels_last=False, frozen=True, int8=True),
+            column="int8",
+            amp="off",
+            cpu_only=True,
+        ),
+        BenchConfig("stock", "TorchServe's image_classifier, its default threads", ours=False, color="tab:red"),
+        BenchConfig(
+            "stock-tuned",
+            "TorchServe's image_classifier, cores/workers threads",
+            ours=False,
+            color="tab:orange",
+            tuned_threads=True,
+        ),
+    )
+}
+OURS = tuple(n for n, c in CONFIGS.items() if c.ours)
+# The configurations with an artifact of their own, by their column name in the comparison.
+ALTERNATES = {n: c.column for n, c in CONFIGS.items() if c.column}

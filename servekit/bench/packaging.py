@@ -1,0 +1,124 @@
+"""Package each configuration: export its artifact once, archive it with the point's model-config."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..archive import ArchiveRequest, archive, build_artifact
+from ..config import ClassifierOptions, ModelConfig
+from ..hooks import MODELS_DIR, BuildHook
+from . import stock
+from .configs import CONFIGS
+from .plan import Artifacts, Plan, Point
+
+Log = Callable[[str], None]
+
+
+def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
+    """Export the model once (reusing an up-to-date build), then derive the copies the plan needs."""
+    from .micro import derived_artifact
+
+    model_dir = MODELS_DIR / plan.model
+    cfg = ModelConfig.load(model_dir / "model-config.yaml")
+    req = ArchiveRequest(plan.model, model_dir, workdir / "store-base", weights=plan.weights)
+    hook = BuildHook(model_dir)
+    traced = build_artifact(req, cfg, hook, log=log)
+    labels_file = traced.parent / "labels.json"
+
+    def derive(name: str, **kw: bool) -> Path:
+        folder = workdir / "artifacts" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if labels_file.is_file():
+            shutil.copy2(labels_file, folder / "labels.json")
+        return derived_artifact(traced, folder / "model.pt", **kw)
+
+    cl = plan.channels_last_weights
+    served = derive("channels-last", channels_last=True) if cl else traced
+    frozen = derive("frozen", channels_last=cl, freeze=True) if plan.freeze else None  # True or "auto"
+    plain_frozen = derive("plain-frozen", freeze=True) if plan.micro else None
+    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else []
+    alternates = {}
+    for name in plan.configs:
+        config = CONFIGS[name]
+        if config.export:
+            log(f"{plan.model}: the artifact of {name} ({config.help}); checked against eager")
+            export = replace(req, device=plan.device, **config.export)
+            alternates[name] = build_artifact(export, cfg, hook, log=log)
+    return Artifacts(traced, served, frozen, plain_frozen, [str(x) for x in labels], cfg.raw, alternates)
+
+
+def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The model-config for one point: workers, batch and delay set, warm-up at 1 and the batch size."""
+    raw = copy.deepcopy(base)
+    raw.update(minWorkers=point.workers, maxWorkers=point.workers, batchSize=point.batch, maxBatchDelay=point.delay)
+    handler = raw.setdefault("handler", {}) or {}
+    handler["warmup_batch_sizes"] = sorted({1, point.batch})
+    handler.update(overrides)
+    raw["handler"] = handler
+    ModelConfig.from_dict(raw)  # refuse a bad override before anything is packaged
+    return raw
+
+
+def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
+    """Package our handler with this point's model-config into a store of its own."""
+    overrides = dict(plan.handler_overrides)
+    if CONFIGS[config].amp == "off":
+        overrides["amp"] = "off"  # int8 kernels take fp32 input; the loader turns autocast off anyway
+    elif CONFIGS[config].amp == "baked":
+        overrides.pop("amp", None)  # baked into the package at export (model-config's amp on a GPU)
+    raw = ours_config(art.base_config, point, overrides)
+    model_dir = workdir / "configs" / label
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "model-config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    store = workdir / "stores" / label
+    mar = archive(
+        ArchiveRequest(plan.model, model_dir, store, artifact=art.for_ours(config, bool(plan.freeze)), force=True),
+        log=lambda *_: None,
+    )
+    return mar, raw
+
+
+def archive_stock(plan: Plan, art: Artifacts, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
+    """Package the stock handler with this point's batching settings."""
+    raw = {
+        "minWorkers": point.workers,
+        "maxWorkers": point.workers,
+        "batchSize": point.batch,
+        "maxBatchDelay": point.delay,
+        "responseTimeout": int(art.base_config.get("responseTimeout", 120)),
+    }
+    mar = stock.archive_stock(plan.model, art.served, art.labels, workdir / "stores" / label, raw)
+    return mar, raw
+
+
+def package(
+    plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, slug: str, default_threads: int
+) -> tuple[Path, int, dict[str, str], int, dict[str, Any]]:
+    """Archive one configuration: (archive, threads per worker, server env, top-k, facts for the record)."""
+    if CONFIGS[config].ours:
+        mar, raw = archive_ours(plan, art, config, point, workdir, slug)
+        opts = ModelConfig.from_dict(raw).options(ClassifierOptions)
+        facts = {
+            "handler": "servekit handlers/image_classifier.py",
+            "amp": CONFIGS[config].precision(opts.amp, plan.device),
+            "frozen": True if config != "ours" else plan.freeze,
+            "handler_options": raw["handler"],
+        }
+        threads, env, topk = opts.threads(point.workers), {}, opts.topk
+    else:
+        mar, raw = archive_stock(plan, art, point, workdir, slug)
+        facts = {"handler": "TorchServe image_classifier (stock)", "amp": "off", "frozen": False}
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // point.workers) if CONFIGS[config].tuned_threads else default_threads
+        env, topk = {"OMP_NUM_THREADS": str(threads)}, 5
+    facts["model_config"] = {k: v for k, v in raw.items() if k != "handler"}
+    return mar, threads, env, topk, facts
