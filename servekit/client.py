@@ -151,6 +151,7 @@ class ModelState:
     ready_workers: int
     workers: int
     url: str
+    pending: int = 0  # requests waiting in its queue (TorchServe's jobQueueStatus)
 
 
 def model_states(mgmt: ManagementClient) -> list[ModelState]:
@@ -170,6 +171,7 @@ def model_states(mgmt: ManagementClient) -> list[ModelState]:
                     ready_workers=sum(w.get("status") == "READY" for w in workers),
                     workers=len(workers),
                     url=d.get("modelUrl", ""),
+                    pending=int((d.get("jobQueueStatus") or {}).get("pendingRequests") or 0),
                 )
             )
     return states

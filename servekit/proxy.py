@@ -19,7 +19,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
 from .errors import EXIT_OK, ConfigError
+from .proxy_stats import RequestStats
 
 log = logging.getLogger("servekit.proxy")
 
@@ -43,6 +46,8 @@ class ProxySettings:
     access_log: bool = True
     workers: int = 2
     run_dir: Path = Path("/tmp/servekit-proxy")
+    stats_port: int = 9103  # UDP, loopback: nginx's one line per prediction (servekit.proxy_stats)
+    metrics_port: int = 9102  # loopback: the request metrics made of those lines
 
 
 def read_keys(keys_dir: Path | None, env_keys: str = "") -> dict[str, str]:
@@ -101,6 +106,8 @@ def render(settings: ProxySettings) -> str:
         "read_timeout": settings.read_timeout,
         "max_body_text": _size_text(settings.max_body),
         "access_log": "/dev/stdout servekit" if settings.access_log else "off",
+        "stats_port": str(settings.stats_port),
+        "proxy_metrics": str(settings.metrics_port),
     }
     text = TEMPLATE.read_text()
     for name, value in values.items():
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics-listen",
         type=int,
         default=int(env.get("SERVEKIT_PROXY_METRICS_PORT", 8082)),
-        help="port for /metrics (TorchServe's) and /metrics/servekit (the watcher's)",
+        help="port for /metrics (TorchServe's), /metrics/servekit (the watcher's) and /metrics/proxy (requests)",
     )
     p.add_argument(
         "--inference",
@@ -238,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         help="no access log (default: one line per request on stdout)",
     )
     p.add_argument("--workers", type=int, default=int(env.get("SERVEKIT_PROXY_WORKERS", 2)), help="nginx workers")
+    p.add_argument("--stats-port", type=int, default=9103, help="loopback UDP port of nginx's per-request lines")
+    p.add_argument("--metrics-port", type=int, default=9102, help="loopback port of the request metrics")
     p.add_argument(
         "--run-dir",
         type=Path,
@@ -257,15 +266,22 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_access_log,
         args.workers,
         args.run_dir,
+        args.stats_port,
+        args.metrics_port,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    stats = RequestStats()
+    stats.listen(settings.stats_port, stop)
+    httpd, _ = start_http_server(settings.metrics_port, addr="127.0.0.1", registry=stats.registry)
     try:
         return Proxy(settings, args.keys_dir, env.get("SERVEKIT_API_KEYS", "")).run(stop)
     except ConfigError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        httpd.shutdown()
 
 
 if __name__ == "__main__":

@@ -78,6 +78,15 @@ class Metrics:
         self.heartbeat = Gauge(
             "servekit_watcher_last_poll_timestamp_seconds", "When the last poll finished", registry=r
         )
+        self.ready_workers = Gauge(
+            "servekit_ready_workers", "READY workers of each registered version", ["model", "version"], registry=r
+        )
+        self.queued = Gauge(
+            "servekit_queue_pending_requests",
+            "Requests waiting in each registered version's queue",
+            ["model", "version"],
+            registry=r,
+        )
         self._versions: dict[str, str] = {}
 
     def set_versions(self, defaults: dict[str, str]) -> None:
@@ -89,6 +98,15 @@ class Metrics:
         for model, version in defaults.items():
             self.version.labels(model, version).set(1)
             self._versions[model] = version
+
+    def set_states(self, states: dict[str, list[ModelState]]) -> None:
+        """Ready workers and queued requests of every registered version, as the last poll saw them."""
+        for gauge in (self.ready_workers, self.queued):
+            gauge.clear()
+        for versions in states.values():
+            for s in versions:
+                self.ready_workers.labels(s.name, s.version).set(s.ready_workers)
+                self.queued.labels(s.name, s.version).set(s.pending)
 
     def set_version(self, model: str, version: str) -> None:
         """One model's default changed (at set-default, before the old version is drained)."""
@@ -181,3 +199,4 @@ class Status:
                 entry.update(default=None, versions={})
             entry["pinned"] = asdict(pins[model]) if model in pins else None
         self.metrics.set_versions(defaults)
+        self.metrics.set_states(states)

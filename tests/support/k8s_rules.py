@@ -218,6 +218,8 @@ def check_rules(docs: list[dict], variant: str) -> list[str]:
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceAccount",
+        "PodMonitor",
+        "PrometheusRule",
     ):
         if not by_kind.get(kind):
             problems.append(f"missing {kind}")
@@ -228,6 +230,9 @@ def check_rules(docs: list[dict], variant: str) -> list[str]:
     for hpa in by_kind.get("HorizontalPodAutoscaler", []):
         if hpa.get("apiVersion") != "autoscaling/v2":
             problems.append("HorizontalPodAutoscaler must be autoscaling/v2")
+        kinds = {m.get("type") for m in (hpa.get("spec") or {}).get("metrics") or []}
+        if not kinds & {"Pods", "Object", "External"}:
+            problems.append("HorizontalPodAutoscaler must scale on a serving signal (a Pods metric), not CPU alone")
     for sa in by_kind.get("ServiceAccount", []):
         if sa.get("automountServiceAccountToken") is not False:
             problems.append(f"ServiceAccount {sa['metadata']['name']}: automountServiceAccountToken must be false")
@@ -257,6 +262,13 @@ def check_rules(docs: list[dict], variant: str) -> list[str]:
             problems.append(f"Deployment {name}: pods need the prometheus.io scrape annotations for {METRICS_PORT}")
         problems += check_pod(name, variant, template.get("spec", {}), configmaps, named_ports)
     problems += check_network(by_kind, pod_labels, named_ports)
+    for monitor in by_kind.get("PodMonitor", []):
+        spec = monitor.get("spec") or {}
+        if not any(_matches(spec.get("selector"), lab) for lab in pod_labels):
+            problems.append("PodMonitor: selector does not select the pods")
+        for endpoint in spec.get("podMetricsEndpoints") or []:
+            if _port_number(endpoint.get("port"), named_ports) != METRICS_PORT:
+                problems.append(f"PodMonitor: scrapes only the metrics port {METRICS_PORT} ({endpoint})")
     return problems
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.crd_schemas import validate as validate_crds
 from support.k8s_rules import PVC_NAME, check_rules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +27,7 @@ KUBECTL_VERSION = "v1.37.1"
 # The oldest Kubernetes the manifests are meant for, and the newest the schemas know.
 KUBE_VERSIONS = ("1.31.0", "1.37.0")
 
+CRD_API_VERSIONS = ("monitoring.coreos.com/v1",)
 INSTALL_HINT = "run scripts/k8s_tools.sh to install the pinned kubectl and kubernetes-validate"
 
 
@@ -93,7 +95,9 @@ def test_kubernetes_validate_strict(
 ) -> None:
     files = []
     for name, text in rendered.items():
-        (tmp_path / f"{name}.yaml").write_text(text)
+        # The Prometheus Operator's kinds are checked against their CRD schemas (test_monitoring).
+        builtin = [d for d in docs_of(text) if d["apiVersion"] not in CRD_API_VERSIONS]
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(builtin))
         files.append(str(tmp_path / f"{name}.yaml"))
     store = tmp_path / "store.yaml"
     store.write_text(render(kubectl, K8S / "store"))
@@ -110,6 +114,14 @@ def test_kubernetes_validate_strict(
         # An unknown kind only warns (and exits 0): treat that as a failure too.
         assert proc.returncode == 0 and "ERROR" not in out and "WARN" not in out, out
         assert out.count(" passed for resource ") == sum(len(docs_of(Path(f).read_text())) for f in files), out
+
+
+def test_operator_objects_of_the_overlays_match_their_schemas(rendered: dict[str, str], tmp_path: Path) -> None:
+    for name, text in rendered.items():
+        custom = [d for d in docs_of(text) if d["apiVersion"] in CRD_API_VERSIONS]
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(custom))
+        proc = validate_crds([tmp_path / f"{name}.yaml"])
+        assert proc.returncode == 0 and proc.stdout.count("VALID") == len(custom) == 2, proc.stdout
 
 
 def test_kubernetes_validate_rejects_unknown_field(
@@ -249,6 +261,21 @@ MUTATIONS = {
     "no HPA": (
         lambda d: d.remove(next(x for x in d if x["kind"] == "HorizontalPodAutoscaler")),
         "missing HorizontalPodAutoscaler",
+    ),
+    "HPA on CPU alone": (
+        lambda d: next(x for x in d if x["kind"] == "HorizontalPodAutoscaler")["spec"].update(
+            metrics=[
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+                }
+            ]
+        ),
+        "must scale on a serving signal",
+    ),
+    "no PodMonitor": (
+        lambda d: d.remove(next(x for x in d if x["kind"] == "PodMonitor")),
+        "missing PodMonitor",
     ),
     "no PDB": (
         lambda d: d.remove(next(x for x in d if x["kind"] == "PodDisruptionBudget")),
