@@ -16,6 +16,7 @@ import psutil
 import requests
 
 from . import __version__, server
+from .client import Client, PredictionError
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, ConfigError, ServeKitError
 from .formats import NAMES
 from .reload import watch_command
@@ -248,14 +249,17 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     cfg = server.config_from_args(args)
-    resp = cfg.inference().predict_file(args.model, args.image, args.version)
-    if resp.status_code != 200:
-        print(f"error {resp.status_code}: {resp.text}", file=sys.stderr)
+    client = Client(cfg.address("inference_address"), key_file=cfg.key_file if cfg.token_auth else None)
+    try:
+        pred = client.predict(args.model, args.image, args.version)
+    except PredictionError as exc:
+        print(f"error {exc}", file=sys.stderr)
         return EXIT_FAILED
-    version = resp.headers.get("X-Model-Version", "?")
-    print(f"{args.model} v{version}: {args.image}")
-    for p in resp.json()["predictions"]:
-        print(f"  {p['probability']:7.2%}  {p['label']}")
+    print(f"{pred.model} v{pred.version}: {args.image}")
+    for label in pred.labels:
+        print(f"  {label.probability:7.2%}  {label.label}")
+    if not pred.labels:
+        print(json.dumps(pred.answer)[:2000])
     return EXIT_OK
 
 

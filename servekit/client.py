@@ -1,4 +1,5 @@
-"""HTTP clients for TorchServe's inference and management APIs that read (and refresh) the token."""
+"""HTTP clients: ``Client`` for users (a URL, a key, parsed answers, retries), and the inference and
+management API clients servekit's own tools use (they read, and re-read, TorchServe's key file)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from .tokens import TokenFile
 
@@ -190,3 +193,130 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "co
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" ({last_exc})" if last_exc else ""))
+
+
+# -- the client users import ------------------------------------------------------------------------
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+@dataclass(frozen=True)
+class Label:
+    """One class of a classification answer."""
+
+    label: str
+    index: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """An answer: the model and version that gave it, the parsed labels (classifiers), the JSON as sent."""
+
+    model: str
+    version: str
+    labels: list[Label]
+    answer: dict
+
+    @property
+    def top(self) -> Label | None:
+        """The most likely class (None for an answer that is not a classification)."""
+        return self.labels[0] if self.labels else None
+
+
+class PredictionError(Exception):
+    """The server answered with an error: its HTTP status, the error's type and message."""
+
+    def __init__(self, status: int, type_: str, message: str):
+        super().__init__(f"{status} {type_}: {message}")
+        self.status, self.type, self.message = status, type_, message
+
+
+def retrying_session(retries: int = 5, backoff: float = 0.25) -> requests.Session:
+    """A session that retries connection errors and 503s with exponential backoff (urllib3's Retry).
+
+    503 means TorchServe had no worker for the request (loading, restarting, scaled down): it was
+    not run, so even a POST may be sent again; an answer cut off midway is not retried.
+    """
+    retry = Retry(
+        total=retries,
+        connect=retries,
+        read=0,
+        status=retries,
+        other=0,
+        backoff_factor=backoff,
+        status_forcelist=(503,),
+        allowed_methods=None,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class Client:
+    """Predictions from a servekit server, local or behind the pod's proxy.
+
+    ``url``: argument, else ``$SERVEKIT_URL``, else the local default. The key: ``key`` or
+    ``$SERVEKIT_KEY`` (a fixed key, e.g. one of the Kubernetes Secret's), else ``key_file`` or
+    ``$SERVEKIT_KEY_FILE`` (TorchServe's ``key_file.json``, read again when a key is refused), else
+    none. Connection errors and 503s are retried with backoff.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        key: str | None = None,
+        key_file: str | os.PathLike | None = None,
+        timeout: float = 60.0,
+        retries: int = 5,
+        backoff: float = 0.25,
+    ):
+        self.url = (url or os.environ.get("SERVEKIT_URL") or DEFAULT_URL).rstrip("/")
+        key = key or os.environ.get("SERVEKIT_KEY")
+        key_file = key_file or os.environ.get("SERVEKIT_KEY_FILE")
+        tokens = TokenFile(key_file) if key_file and not key else None
+        self.api = InferenceClient(self.url, tokens, timeout=timeout, api_key=key)
+        self.api.session = retrying_session(retries, backoff)
+        if key:
+            self.api.session.headers["Authorization"] = f"Bearer {key}"
+        self.retries = 0  # retries the last request needed
+
+    def predict(
+        self, model: str, image: bytes | str | os.PathLike, version: str | None = None, content_type: str | None = None
+    ) -> Prediction:
+        """Send one image (bytes, or a file path) and return the parsed answer; raises PredictionError."""
+        if isinstance(image, (bytes, bytearray)):
+            body, ctype = bytes(image), content_type or _sniff(bytes(image))
+        else:
+            path = Path(image)
+            body, ctype = path.read_bytes(), content_type or CONTENT_TYPES.get(path.suffix.lower(), "")
+        resp = self.api.predict(model, body, ctype or "application/octet-stream", version)
+        self.retries = len(resp.raw.retries.history) if resp.raw is not None and resp.raw.retries else 0
+        try:
+            answer = resp.json()
+        except ValueError:
+            answer = {}
+        if resp.status_code != 200:
+            raise PredictionError(
+                resp.status_code,
+                str(answer.get("type", resp.reason)),
+                str(answer.get("message", resp.text.strip()[:300])),
+            )
+        labels = [
+            Label(str(p["label"]), int(p["index"]), float(p["probability"]))
+            for p in answer.get("predictions", [])
+            if isinstance(p, dict) and "label" in p
+        ]
+        return Prediction(
+            resp.headers.get("X-Model-Name", model), resp.headers.get("X-Model-Version", ""), labels, answer
+        )
+
+
+def _sniff(body: bytes) -> str:
+    """The content type of image bytes (JPEG or PNG), from their first bytes."""
+    if body.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    return "image/png" if body.startswith(b"\x89PNG\r\n\x1a\n") else "application/octet-stream"

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from PIL import ImageOps
 
 from conftest import ROOT, port_overrides
 from models.digits.model import encode, held_out
@@ -48,6 +49,24 @@ def test_held_out_digits_are_classified_over_http(digits_server, digits_images, 
     accuracy = sum(hits) / len(hits)
     print(f"{fmt}: {accuracy:.3%} of {len(hits)} held-out digits")
     assert len(hits) >= 400 and accuracy >= 0.95
+
+
+def test_inverted_digits_dark_on_light_are_read_too(digits_server, digits_images):
+    """Digits drawn dark on light, as in any paint program."""
+    inverted = [(ImageOps.invert(img), label) for img, label in digits_images]
+    hits = _classify_all(digits_server, inverted, "PNG")
+    accuracy = sum(hits) / len(hits)
+    print(f"inverted: {accuracy:.3%} of {len(hits)} held-out digits")
+    assert len(hits) >= 400 and accuracy >= 0.95
+
+
+def test_answers_say_they_are_json(digits_server, digits_images):
+    img, _ = digits_images[0]
+    good = digits_server.inference.predict("digits", encode(img, "PNG"), "image/png")
+    bad = digits_server.inference.predict("digits", b"not an image", "image/png")
+    for resp in (good, bad):
+        assert resp.headers["Content-Type"].startswith("application/json"), resp.headers
+        resp.json()
 
 
 def test_answer_shape_and_version_header(digits_server, digits_images):
