@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,10 +17,11 @@ from pathlib import Path
 from .config import ClassifierOptions, HandlerOptions, ModelConfig
 from .errors import ConfigError
 from .formats import FORMATS, NAMES, side_files
-from .hooks import DEFAULT_HANDLER, HANDLERS_DIR, ROOT, BuildHook
+from .hooks import DEFAULT_HANDLER, HANDLERS_DIR, BuildHook
 from .store import FINGERPRINT, WARMUP_META, mar_name, publish
 
-BUILD_DIR = ROOT / "build"
+# Exported artifacts are kept (and reused while their inputs are unchanged) here.
+BUILD_DIR = Path(os.environ.get("SERVEKIT_BUILD_DIR") or "build").resolve()
 WARMUP_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "application/json": ".json"}
 
 
@@ -63,10 +65,13 @@ def options_class_of(handler: Path) -> type[HandlerOptions]:
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import the handler {handler}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # the handler's own import error, named
         raise ConfigError(f"cannot import the handler {handler}: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.modules.pop(spec.name, None)
     own = [
         v
         for v in vars(module).values()
@@ -108,7 +113,7 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, hook: BuildHook, log: 
     )
     stamp_file = out_dir / "stamp"
     if out.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp and not req.force:
-        log(f"{req.name}: artifact up to date ({out.relative_to(ROOT) if out.is_relative_to(ROOT) else out})")
+        log(f"{req.name}: artifact up to date ({out})")
         return out
     log(f"{req.name}: building the model")
     model = hook.build_model(str(weights) if weights else None, log=log)

@@ -114,7 +114,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 # -- serve / stop / health ----------------------------------------------------------------------
 def _print_banner(cfg: server.ServerConfig, models: list[str]) -> None:
     inf = cfg.address("inference_address")
-    sample = "tests/data/digit-7.png" if (server.ROOT / "tests/data/digit-7.png").exists() else "<image.png>"
+    sample = "tests/data/digit-7.png" if Path("tests/data/digit-7.png").exists() else "<image.png>"
     model = models[0] if models else "digits"
     print(f"\nTorchServe is serving {', '.join(models) or 'no models'}")
     print(f"  inference:  {inf}/predictions/<model>")

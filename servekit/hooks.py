@@ -9,7 +9,7 @@ Optional::
 
     LABELS: list[str]                     # class names, packed as labels.json
     EXPORT_METHOD = "trace"               # trace | script | pt2 | onnx
-    HANDLER = "image_classifier.py"       # a file in handlers/, or a path relative to the model folder
+    HANDLER = "image_classifier.py"       # a file in servekit/handlers/, or a path relative to the model folder
     WEIGHTS_ENV = "WEIGHTS"               # environment variable naming a weights file
     def calibration_inputs() -> list[torch.Tensor]   # int8 calibration (default: random batches)
     def warmup_sample() -> tuple[bytes, str]         # (body, content type) a new version must answer
@@ -31,9 +31,9 @@ from typing import Any
 from .errors import ConfigError
 from .formats import FORMATS, NAMES
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = ROOT / "models"
-HANDLERS_DIR = ROOT / "handlers"
+# The model folders: $SERVEKIT_MODELS, else models/ in the working directory (a checkout's root).
+MODELS_DIR = Path(os.environ.get("SERVEKIT_MODELS") or "models").resolve()
+HANDLERS_DIR = Path(__file__).resolve().parent / "handlers"
 DEFAULT_HANDLER = "image_classifier.py"
 
 
@@ -42,10 +42,11 @@ def load_build_module(model_dir: Path) -> ModuleType:
     build = model_dir / "build.py"
     if not build.is_file():
         raise ConfigError(f"{model_dir} has no build.py; pass --artifact with an exported model instead")
-    if model_dir.resolve().parent == MODELS_DIR:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        return importlib.import_module(f"models.{model_dir.name}.build")
+    if model_dir.resolve().parent == MODELS_DIR and (MODELS_DIR / "__init__.py").is_file():
+        # As a package, so a build hook can import its folder's modules (and other models') relatively.
+        if str(MODELS_DIR.parent) not in sys.path:
+            sys.path.insert(0, str(MODELS_DIR.parent))
+        return importlib.import_module(f"{MODELS_DIR.name}.{model_dir.name}.build")
     spec = importlib.util.spec_from_file_location(f"servekit_build_{model_dir.name}", build)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import {build}")
@@ -106,7 +107,7 @@ class BuildHook:
         return WarmupSample(bytes(body), content_type)
 
     def handler(self) -> Path:
-        """The handler file: the hook's HANDLER (in handlers/ or the model folder), else the image classifier."""
+        """The handler file: the hook's HANDLER (model folder, then servekit/handlers/), else the classifier."""
         name = getattr(self.module, "HANDLER", DEFAULT_HANDLER)
         for candidate in (self.model_dir / name, HANDLERS_DIR / name):
             if candidate.is_file():

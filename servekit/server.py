@@ -23,11 +23,12 @@ from .errors import ConfigError
 from .java import find_java
 from .tokens import TokenFile
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "config.properties"
-DEFAULT_STORE = ROOT / "model_store"
-DEFAULT_RUN = ROOT / ".run"
+# The template ships in the package; the store and the run dir are the working directory's, so an
+# installed servekit (not only a checkout) finds them.
+DEFAULT_CONFIG = PACKAGE / "config.properties"
+DEFAULT_STORE = Path("model_store")
+DEFAULT_RUN = Path(".run")
 METRICS_YAML = PACKAGE / "metrics.yaml"
 # TorchServe's log4j2 configuration: size-capped rolling files, console output switched by env.
 LOG_CONFIG = PACKAGE / "log4j2.xml"

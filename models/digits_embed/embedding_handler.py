@@ -22,7 +22,7 @@ from servekit.inference import Engine
 from servekit.vision import Preprocessor
 
 try:  # inside the archive the adapters are top-level modules
-    from handlers.base_handler import BaseHandler
+    from servekit.handlers.base_handler import BaseHandler
 except ImportError:  # pragma: no cover
     from base_handler import BaseHandler  # type: ignore[no-redef]
 

@@ -157,7 +157,8 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
     if args.configs is None and on_gpu:
         configs = [c for c in configs if c not in cpu_only]  # a profile default, not asked for
     elif cpu_only and on_gpu:
-        raise SystemExit(f"servekit bench: {', '.join(cpu_only)} run on the CPU only (int8 kernels)")
+        what = "is a CPU configuration" if len(cpu_only) == 1 else "are CPU configurations"
+        raise SystemExit(f"servekit bench: {', '.join(cpu_only)} {what} (int8 kernels run on the CPU only)")
     workers, batch, delay = pick("workers"), pick("batch"), pick("delay")
     stock_workers = pick("stock_workers") or workers
     stock_batch = pick("stock_batch") or batch

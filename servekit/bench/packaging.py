@@ -108,7 +108,7 @@ def package(
         mar, raw = archive_ours(plan, art, config, point, workdir, slug)
         opts = ModelConfig.from_dict(raw).options(ClassifierOptions)
         facts = {
-            "handler": "servekit handlers/image_classifier.py",
+            "handler": "servekit servekit/handlers/image_classifier.py",
             "amp": CONFIGS[config].precision(opts.amp, plan.device),
             "frozen": True if config != "ours" else plan.freeze,
             "handler_options": raw["handler"],

@@ -13,6 +13,7 @@ from models.digits.build import build_model, calibration_inputs, example_inputs
 from models.digits.model import encode, held_out
 from servekit import cli, server
 from servekit.artifacts import is_quantized_torchscript, load_artifact
+from servekit.batch import Batch
 from servekit.classify import ImageClassifier
 from servekit.config import ModelConfig
 from servekit.errors import ConfigError, ExportMismatch
@@ -60,7 +61,7 @@ def test_int8_artifact_classifies_held_out_digits_without_torchserve(int8_artifa
     raws = [encode(img, "PNG" if i % 2 else "JPEG") for i, (img, _) in enumerate(pairs)]
     answers = []
     for start in range(0, len(raws), 16):
-        answers += clf.predict(raws[start : start + 16])
+        answers += clf.predict(Batch(raws[start : start + 16])).results
     top1 = [a["predictions"][0]["label"] for a in answers]
     accuracy = sum(p == str(t) for p, (_, t) in zip(top1, pairs)) / len(pairs)
     assert accuracy >= 0.95, accuracy
@@ -107,7 +108,7 @@ def test_int8_export_refuses_calibration_that_misses_the_data(fp32_model, tmp_pa
 
 def test_int8_export_refuses_a_model_whose_answers_drift(fp32_model, tmp_path, monkeypatch):
     """The top-1 agreement gate over all held-out items (raised past 100 % here, so nothing can pass)."""
-    monkeypatch.setattr("servekit.export.INT8_MIN_AGREEMENT", 1.01)
+    monkeypatch.setattr("servekit.parity.INT8_MIN_AGREEMENT", 1.01)
     with pytest.raises(ExportMismatch, match=r"agrees with fp32 on only 100\.0% of the held-out"):
         export(
             fp32_model,

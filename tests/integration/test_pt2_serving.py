@@ -13,6 +13,7 @@ from conftest import ROOT, start_server
 from models.digits.model import encode, held_out
 from servekit import cli, server
 from servekit.artifacts import AOTI, TORCHSCRIPT
+from servekit.batch import Batch
 from servekit.classify import ImageClassifier, load_labels
 from servekit.config import ModelConfig
 
@@ -129,7 +130,7 @@ def test_pt2_classifies_held_out_digits_without_torchserve(unpacked, digits_imag
     answers = {v: [] for v in classifiers}
     for start in range(0, len(raws), 8):
         for version, clf in classifiers.items():
-            answers[version] += clf.predict(raws[start : start + 8])
+            answers[version] += clf.predict(Batch(raws[start : start + 8])).results
     labels = [str(label) for _, label in digits_images]
     top1 = {v: [a["predictions"][0]["label"] for a in ans] for v, ans in answers.items()}
     accuracy = sum(p == t for p, t in zip(top1[PT2_VERSION], labels)) / len(labels)

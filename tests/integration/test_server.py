@@ -169,7 +169,7 @@ def test_effective_config_is_secure_by_default(digits_server):
     assert allowed.fullmatch(f"file://{store}/digits-v1.0.mar")
     for url in ("http://example.com/x.mar", "file:///etc/x.mar", f"file://{store}/../x.mar/y.mar"):
         assert not allowed.fullmatch(url), url
-    repo = server.read_properties(ROOT / "config.properties")
+    repo = server.read_properties(server.DEFAULT_CONFIG)
     for key in ("inference_address", "management_address", "metrics_address"):
         assert repo[key].startswith("http://127.0.0.1:")
 

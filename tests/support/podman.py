@@ -23,7 +23,7 @@ UID = 10001
 MODEL = "digits"
 TIMINGS = ROOT / "build" / "container-test-timings.json"
 # Sources whose change makes an existing image stale.
-SOURCES = ("pyproject.toml", "README.md", "servekit", "handlers", "models", "docker")
+SOURCES = ("pyproject.toml", "README.md", "servekit", "models", "docker")
 
 _timings: dict[str, float] = {}
 

@@ -10,7 +10,7 @@ from servekit.classify import ImageClassifier, load_labels
 from servekit.config import ClassifierOptions, ModelConfig
 
 try:  # inside the archive the handler is loaded as a top-level module
-    from handlers.base_handler import BaseHandler
+    from servekit.handlers.base_handler import BaseHandler
 except ImportError:  # pragma: no cover
     from base_handler import BaseHandler  # type: ignore[no-redef]
 
