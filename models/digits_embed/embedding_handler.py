@@ -22,9 +22,9 @@ from servekit.inference import Engine
 from servekit.vision import Preprocessor
 
 try:  # inside the archive the adapters are top-level modules
-    from servekit.handlers.base_handler import BaseHandler
+    from servekit.handlers.base_handler import BaseHandler, entry_point
 except ImportError:  # pragma: no cover
-    from base_handler import BaseHandler  # type: ignore[no-redef]
+    from base_handler import BaseHandler, entry_point  # type: ignore[no-redef]
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,7 @@ class EmbeddingHandler(BaseHandler):
 
     def build(self, artifact: Path, config: ModelConfig, device: torch.device) -> ImageEmbedder:
         return ImageEmbedder(artifact, config.options(EmbeddingOptions), device)
+
+
+# This module defines three classes: TorchServe calls this function instead of looking for one.
+handle = entry_point(EmbeddingHandler)

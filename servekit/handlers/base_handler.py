@@ -132,6 +132,21 @@ class BaseHandler:
             log.debug("metrics emission failed", exc_info=True)
 
 
+def entry_point(handler_class: type[BaseHandler]) -> Any:
+    """A module-level ``handle(data, context)`` for TorchServe, for a handler module that defines more than
+    one class (TorchServe loads a module's single class, or else its ``handle`` function):
+    ``handle = entry_point(MyHandler)``."""
+    service = handler_class()
+
+    def handle(data: list[Any] | None, context: Any) -> list[str] | None:
+        if data is None:  # TorchServe's load call
+            service.initialize(context)
+            return None
+        return service.handle(data, context)
+
+    return handle
+
+
 def _batch_error(exc: Exception) -> RequestError:
     """The per-item error for an exception that escaped the pipeline (507 for out-of-memory, else 500)."""
     if isinstance(exc, RequestError):
