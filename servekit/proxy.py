@@ -106,6 +106,7 @@ def render(settings: ProxySettings) -> str:
         "read_timeout": settings.read_timeout,
         "max_body_text": _size_text(settings.max_body),
         "access_log": "/dev/stdout servekit" if settings.access_log else "off",
+        "location_access_log": "access_log /dev/stdout servekit;" if settings.access_log else "",
         "stats_port": str(settings.stats_port),
         "proxy_metrics": str(settings.metrics_port),
     }

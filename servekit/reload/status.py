@@ -44,6 +44,9 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+RESULTS = ("success", "failure", "refused", "removed")  # the outcomes servekit_reload_total counts
+
+
 class Metrics:
     """The watcher's Prometheus metrics, in a registry of their own."""
 
@@ -103,6 +106,11 @@ class Metrics:
         """Ready workers and queued requests of every registered version, as the last poll saw them."""
         for gauge in (self.ready_workers, self.queued):
             gauge.clear()
+        for model in states:
+            # Every model's switch counters exist from the start at 0: Prometheus' increase() cannot
+            # see the first failure of a series that appears already at 1.
+            for result in RESULTS:
+                self.reloads.labels(model, result)
         for versions in states.values():
             for s in versions:
                 self.ready_workers.labels(s.name, s.version).set(s.ready_workers)

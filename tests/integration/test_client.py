@@ -52,7 +52,8 @@ def test_errors_are_typed(srv):
 def test_a_503_is_retried_with_backoff_until_a_worker_is_ready(srv):
     """v2.0 registered without workers answers 503; the client retries until a worker comes up."""
     mgmt = srv.cfg.management()
-    assert mgmt.register("digits-v2.0.mar", initial_workers=0).status_code == 200
+    assert mgmt.register("digits-v2.0.mar", initial_workers=1).status_code == 200
+    assert mgmt.scale("digits", 0, version="2.0").status_code == 200  # the model-config's minWorkers is 1
     body, label = digit_samples(1)[0]
     client = Client(srv.cfg.address("inference_address"), key_file=srv.cfg.key_file, retries=8, backoff=0.5)
     with pytest.raises(PredictionError) as no_worker:

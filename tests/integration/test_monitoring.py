@@ -54,7 +54,9 @@ def stack(tmp_path_factory, archives):
     try:
         shutil.copy2(archives / "digits-v2.0.mar", cfg.model_store)
         # v2.0 registered without workers: its requests get 503 (the error-ratio alert's input).
-        assert cfg.management().register("digits-v2.0.mar", initial_workers=0).status_code == 200
+        mgmt = cfg.management()
+        assert mgmt.register("digits-v2.0.mar", initial_workers=1).status_code == 200
+        assert mgmt.scale("digits", 0, version="2.0").status_code == 200
         versions = tmp / "versions.yaml"
         versions.write_text('digits: "1.0"\n')
         watcher_port, ports = server.free_port(), {k: server.free_port() for k in ("http", "metrics", "stats", "prom")}
@@ -192,6 +194,8 @@ def test_alerts_evaluate_and_the_right_ones_fire(stack):
         for group in g["spec"]["groups"]
         for r in group["rules"]
     ]
+    fire = [r["expr"] for r in rules if r["alert"] in SHOULD_FIRE]
+    wait_until(lambda: all(query(prom, expr) for expr in fire), 60, what=f"{SHOULD_FIRE} to have data")
     for rule in rules:
         result = query(prom, rule["expr"])
         assert bool(result) == (rule["alert"] in SHOULD_FIRE), (rule["alert"], result)
@@ -237,8 +241,11 @@ def test_plot_of_the_dashboard_queries(stack):
                 xs = [float(t) - end for t, _ in series["values"]]
                 ax.plot(xs, [float(v) for _, v in series["values"]], label=label)
         ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel("seconds before the last scrape", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_visible(False)
     fig.tight_layout()
     out = ROOT / "build" / "monitoring" / "dashboard-queries.png"
     out.parent.mkdir(parents=True, exist_ok=True)
