@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Debian packages the test suite uses on the host (as root; a no-op when they are there):
-#   nginx-light  the pod's proxy configuration is checked with the real `nginx -t`
-# Debian starts nginx on port 80 when it installs it; nothing here needs that server, so it is stopped.
+# What the test suite uses on the host, besides the project's venv (as root; a no-op when present):
+#   nginx-light  the pod's proxy: its configuration checked with the real `nginx -t`, and run in front
+#                of a test server
+#   prometheus   promtool (rule unit tests) and a real Prometheus scraping a test server
+#   node, npm    the CRD schema checks of the Prometheus Operator objects (tests/support/crd)
+# Debian starts nginx and Prometheus as services when it installs them; the tests start their own,
+# so those are stopped.
 set -euo pipefail
-PACKAGES=(nginx-light)
+PACKAGES=(nginx-light prometheus)
+command -v node >/dev/null && command -v npm >/dev/null || PACKAGES+=(nodejs npm)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -15,6 +20,10 @@ if ((${#missing[@]})); then
   fi
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-  service nginx stop >/dev/null 2>&1 || true
+  for service in nginx prometheus; do service "$service" stop >/dev/null 2>&1 || true; done
 fi
-echo "host_packages: ${PACKAGES[*]} installed"
+# The CRD validators, pinned by tests/support/crd/package-lock.json.
+if [[ ! -d tests/support/crd/node_modules ]]; then
+  (cd tests/support/crd && npm ci --no-audit --no-fund --loglevel=error)
+fi
+echo "host_packages: ${PACKAGES[*]} and the CRD validators installed"

@@ -95,7 +95,7 @@ def test_kubernetes_validate_strict(
 ) -> None:
     files = []
     for name, text in rendered.items():
-        # The Prometheus Operator's kinds are checked against their CRD schemas (test_monitoring).
+        # The Prometheus Operator's kinds are checked against their CRD schemas (test_alert_rules.py).
         builtin = [d for d in docs_of(text) if d["apiVersion"] not in CRD_API_VERSIONS]
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(builtin))
         files.append(str(tmp_path / f"{name}.yaml"))
