@@ -10,7 +10,7 @@ MODEL ?= digits
 IMG ?= tests/data/digit-7.png
 PYTEST_ARGS ?=
 
-.PHONY: help install dev archive serve stop status rollout rollback versions predict test test-unit test-fast lint typecheck bench docker container-base docker-lint container-image container-test k8s-tools k8s-check soak clean
+.PHONY: help install dev lock archive serve stop status rollout rollback versions predict test test-unit test-fast lint typecheck bench docker container-base docker-lint container-image container-test k8s-tools k8s-check soak clean
 
 help:
 	@echo "make serve      install, archive the default models if missing, start TorchServe + reload watcher"
@@ -23,17 +23,21 @@ help:
 	@echo "make status     health and model versions"
 	@echo "make rollout    MODEL=name VERSION=v: make a version the default (rollback: MODEL=name)"
 	@echo "make bench      benchmark our handler against stock TorchServe (JSON + PNG in bench-results/)"
-	@echo "make docker     build the container image (VARIANT=gpu|cpu, BASE_IMAGE=...)"
+	@echo "make docker     build the container image (VARIANT=gpu|cpu, TORCH_INDEX_URL=..., BASE_IMAGE=...)"
+	@echo "make lock       rewrite requirements/*.txt (hash-locked) after changing a pin in pyproject.toml"
 	@echo "make k8s-check  render and validate the Kubernetes overlays"
 
-$(VENV)/.installed: pyproject.toml
+# Every dependency comes from a hash-locked file (requirements/, written by `make lock`); the
+# project itself is installed on top without dependencies or an isolated build environment, so
+# nothing unpinned is ever fetched.
+$(VENV)/.installed: pyproject.toml requirements/local.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --require-hashes --requirement requirements/local.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --editable .
 	touch $@
 
-$(VENV)/.dev-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(VENV)/.dev-installed: $(VENV)/.installed requirements/dev.txt
+	$(PY) -m pip install --quiet --require-hashes --requirement requirements/dev.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -64,11 +68,15 @@ versions: install
 predict: install
 	$(SERVEKIT) predict $(IMG) --model $(MODEL) --model-store $(STORE) --run-dir $(RUN_DIR)
 
+lock: dev
+	bash scripts/lock.sh
+
 k8s-tools: dev
 	bash scripts/k8s_tools.sh
 
+# The fast unit layer runs first, so a broken core fails in seconds, not after the servers.
 test: dev k8s-tools
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 test-unit: dev k8s-tools
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -94,20 +102,21 @@ bench: install
 	$(SERVEKIT) bench $(BENCH_ARGS)
 
 docker:
-	VARIANT=$(or $(VARIANT),gpu) BASE_IMAGE=$(BASE_IMAGE) bash docker/build.sh
+	VARIANT=$(or $(VARIANT),gpu) bash docker/build.sh
 
 # Without an image registry: a Debian base made with debootstrap, imported into podman.
 container-base:
 	bash docker/podman-setup.sh
 
-docker-lint: install
+docker-lint: dev
 	bash docker/lint.sh
 
 container-image: container-base
-	BASE_IMAGE=localhost/debian-base:bookworm VARIANT=cpu bash docker/build.sh
+	BASE_IMAGE=localhost/debian-base:bookworm VARIANT=cpu TORCH_INDEX_URL=$(or $(TORCH_INDEX_URL),pypi) \
+		bash docker/build.sh
 
 container-test: dev container-image
-	$(PY) -m pytest -m container tests/test_container.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m container tests/integration/test_container.py $(PYTEST_ARGS)
 
 clean: stop
 	rm -rf build bench-results $(RUN_DIR) $(STORE)/*.mar

@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
 # Build the servekit image, tagged servekit:$VARIANT (or $IMAGE).
-#   1. wheelhouse: `pip download` the project's pinned dependencies (plus its build backend)
-#      into build/wheels/ on the host; skipped when build/wheels/.stamp matches;
+#   1. wheelhouse: `pip download` what requirements/*.txt lock (hashes checked) into build/wheels/
+#      on the host; docker/requirements.py writes the two files the image installs;
 #   2. `podman build` (or `docker build` when podman is not installed) of docker/Dockerfile
 #      with the repository root as context; the Dockerfile installs from build/wheels/ only.
 # Environment:
-#   BASE_IMAGE  base of both stages (default: the CUDA runtime image; CI passes
-#               localhost/debian-base:bookworm, made by docker/podman-setup.sh)
-#   VARIANT     gpu | cpu (default gpu)
-#   IMAGE       tag (default servekit:$VARIANT)
-#   PY_VERSION  python of BASE_IMAGE (X.Y) the wheels are for; default: asked from the base
-#               image when it is present locally, else guessed from its name, else the host's
-#   ENGINE      podman | docker (default: podman when installed)
-#   PRUNE       0 keeps superseded (dangling) build images; default: podman prunes them
+#   VARIANT          gpu | cpu (default gpu)
+#   TORCH_INDEX_URL  where the torch + torchvision pair comes from. Default: PyTorch's CPU index
+#                    for cpu (no CUDA libraries: a far smaller image), its CUDA 13 index for gpu.
+#                    `pypi` (or PyPI's URL): PyPI's CUDA 13 build, hash-checked against
+#                    requirements/torch.txt; what CI uses, as PyPI is what it can reach. From any
+#                    other index the versions are the lock's and the hashes are those of the files
+#                    downloaded (written into the image's /opt/servekit/torch-requirements.txt).
+#   BASE_IMAGE       base of both stages (default: debian:bookworm-slim; CI passes
+#                    localhost/debian-base:bookworm, made by docker/podman-setup.sh). Its python
+#                    must be 3.11, the python the locks are written for.
+#   IMAGE            tag (default servekit:$VARIANT)
+#   ENGINE           podman | docker (default: podman when installed)
+#   PRUNE            0 keeps superseded (dangling) build images; default: podman prunes them
 # Extra arguments are passed to the build command (e.g. --no-cache).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-BASE_IMAGE=${BASE_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04}
+BASE_IMAGE=${BASE_IMAGE:-docker.io/library/debian:bookworm-slim}
 VARIANT=${VARIANT:-gpu}
 IMAGE=${IMAGE:-servekit:$VARIANT}
 WHEELS=build/wheels
+LOCK_PYTHON=3.11
 if [[ -z ${ENGINE:-} ]]; then
   if command -v podman >/dev/null; then ENGINE=podman; else ENGINE=docker; fi
 fi
@@ -31,83 +37,65 @@ if [[ -x .venv/bin/python ]]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTH
 log() { printf '[build] %s\n' "$*" >&2; }
 
 case $VARIANT in
-  gpu | cpu) ;;
+  cpu) TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu} ;;
+  gpu) TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu130} ;;
   *) log "VARIANT must be gpu or cpu, got '$VARIANT'"; exit 2 ;;
+esac
+case ${TORCH_INDEX_URL%/} in
+  pypi | https://pypi.org/simple) TORCH_SOURCE=pypi ;;
+  *) TORCH_SOURCE=index ;;
 esac
 
 # ---- python version of the base image -----------------------------------------------------------
-host_py=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-if [[ -z ${PY_VERSION:-} ]]; then
-  if "$ENGINE" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
-    PY_VERSION=$("$ENGINE" run --rm --network none --entrypoint python3 "$BASE_IMAGE" \
-      -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
-  fi
-  if [[ -z ${PY_VERSION:-} ]]; then
-    case $BASE_IMAGE in
-      *ubuntu24.04* | *ubuntu:24.04* | *noble*) PY_VERSION=3.12 ;;
-      *ubuntu22.04* | *ubuntu:22.04* | *jammy*) PY_VERSION=3.10 ;;
-      *bookworm*) PY_VERSION=3.11 ;;
-      *trixie*) PY_VERSION=3.13 ;;
-      *) PY_VERSION=$host_py ;;
-    esac
+if "$ENGINE" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+  base_py=$("$ENGINE" run --rm --network none --entrypoint python3 "$BASE_IMAGE" \
+    -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+  if [[ -n $base_py && $base_py != "$LOCK_PYTHON" ]]; then
+    log "$BASE_IMAGE has python $base_py; the locks in requirements/ are for python $LOCK_PYTHON."
+    log "use a Debian bookworm base, or change TARGET in scripts/lock.sh and run make lock"
+    exit 2
   fi
 fi
-log "engine $ENGINE, base $BASE_IMAGE (python $PY_VERSION), variant $VARIANT -> $IMAGE"
+log "engine $ENGINE, base $BASE_IMAGE, variant $VARIANT, torch from $TORCH_INDEX_URL -> $IMAGE"
 
 # ---- 1. wheelhouse ------------------------------------------------------------------------------
-mkdir -p build
-# requirements.txt: the runtime dependencies (what the venv gets); build-requirements.txt: the
-# build backend that `pip install /src` needs (downloaded too, not installed into the venv).
-"$PYTHON" - "$PY_VERSION" <<'EOF'
-import sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))
-head = f"# generated by docker/build.sh from pyproject.toml for python {sys.argv[1]}\n"
-with open("build/requirements.txt", "w") as f:
-    f.write(head + "".join(r + "\n" for r in project["project"]["dependencies"]))
-with open("build/build-requirements.txt", "w") as f:
-    reqs = project.get("build-system", {}).get("requires", ["setuptools", "wheel"])
-    f.write(head + "".join(r + "\n" for r in reqs))
-EOF
-stamp=$(cat build/requirements.txt build/build-requirements.txt | sha256sum | cut -c1-64)
-if [[ -f $WHEELS/.stamp && $(cat "$WHEELS/.stamp") == "$stamp" ]]; then
-  log "wheelhouse $WHEELS is up to date ($(du -sh "$WHEELS" | cut -f1))"
-else
-  t0=$(date +%s)
-  rm -rf "$WHEELS"
-  mkdir -p "$WHEELS"
-  dl=(-m pip download --dest "$WHEELS" --requirement build/requirements.txt
-    --requirement build/build-requirements.txt)
-  if [[ $PY_VERSION != "$host_py" ]]; then
-    # Another python than the host's: binary wheels for that interpreter and manylinux.
-    plat=()
-    for minor in $(seq 17 39); do plat+=(--platform "manylinux_2_${minor}_x86_64"); done
-    dl+=(--only-binary=:all: --implementation cp --python-version "$PY_VERSION"
-      "${plat[@]}" --platform manylinux2014_x86_64 --platform manylinux2010_x86_64
-      --platform manylinux1_x86_64 --platform linux_x86_64)
-  fi
-  log "downloading wheels into $WHEELS (several GB: torch's CUDA libraries)"
-  "$PYTHON" "${dl[@]}" >build/wheels.log 2>&1 || {
+# build/wheels/common: the image lock and the build backend; build/wheels/torch-<source>: each
+# source's torch set, kept side by side; build/wheels/torch: links to this build's torch set
+# (one torch build only, so that pip can never pick another). Wheels are for the image's python
+# and platform, whatever the host runs; present files are reused (pip checks their hashes).
+t0=$(date +%s)
+plat=(--only-binary=:all: --implementation cp --python-version "$LOCK_PYTHON")
+for minor in $(seq 17 39); do plat+=(--platform "manylinux_2_${minor}_x86_64"); done
+plat+=(--platform manylinux2014_x86_64 --platform linux_x86_64)
+download() {
+  "$PYTHON" -m pip download "${plat[@]}" "$@" >>build/wheels.log 2>&1 || {
     tail -30 build/wheels.log >&2
+    log "download failed (build/wheels.log); TORCH_INDEX_URL=pypi takes torch from PyPI"
     exit 1
   }
-  # Anything that came as an sdist is built into a wheel here, so the image build needs no
-  # compiler (the runtime image has none).
-  shopt -s nullglob
-  sdists=("$WHEELS"/*.tar.gz "$WHEELS"/*.zip)
-  if ((${#sdists[@]})); then
-    if [[ $PY_VERSION != "$host_py" ]]; then
-      log "sdists need building for python $PY_VERSION: ${sdists[*]}"
-      exit 1
-    fi
-    "$PYTHON" -m pip wheel --no-deps --wheel-dir "$WHEELS" "${sdists[@]}" >>build/wheels.log 2>&1
-    rm -f "${sdists[@]}"
-  fi
-  echo "$stamp" >"$WHEELS/.stamp"
-  log "wheelhouse ready in $(($(date +%s) - t0))s ($(du -sh "$WHEELS" | cut -f1))"
+}
+mkdir -p "$WHEELS/common"
+: >build/wheels.log
+log "downloading the locked wheels into $WHEELS (GBs the first time: torch and its CUDA libraries)"
+if [[ $TORCH_SOURCE == pypi ]]; then
+  torch_dir=$WHEELS/torch-pypi
+  "$PYTHON" docker/requirements.py "$VARIANT" pypi "$WHEELS"
+  download --dest "$torch_dir" --no-deps --require-hashes --requirement "$WHEELS/torch-requirements.txt"
+else
+  # The lock's torch and torchvision versions: that index's build of them, with its dependencies.
+  torch_dir=$WHEELS/torch-$(basename "${TORCH_INDEX_URL%/}")
+  pair=$(grep -oE '^(torch|torchvision)==[^ ;]+' requirements/torch.txt)
+  # shellcheck disable=SC2086 # $pair is two requirement words
+  download --dest "$torch_dir" --index-url "$TORCH_INDEX_URL" $pair
+  "$PYTHON" docker/requirements.py "$VARIANT" "$torch_dir" "$WHEELS"
 fi
-
-# The Dockerfile installs exactly this list (its own layer, cached while it is unchanged).
-cp build/requirements.txt "$WHEELS/requirements.txt"
+rm -rf "$WHEELS/torch"
+mkdir -p "$WHEELS/torch"
+ln "$torch_dir"/*.whl "$WHEELS/torch/" 2>/dev/null || cp "$torch_dir"/*.whl "$WHEELS/torch/"
+download --dest "$WHEELS/common" --no-deps --require-hashes --requirement "$WHEELS/requirements.txt"
+download --dest "$WHEELS/common" --no-deps --require-hashes --requirement requirements/build.txt
+cp requirements/build.txt "$WHEELS/build-requirements.txt"
+log "wheelhouse ready in $(($(date +%s) - t0))s ($(du -sh "$WHEELS/torch" "$WHEELS/common" | cut -f1 | paste -sd+) torch+common)"
 
 # ---- 2. image -----------------------------------------------------------------------------------
 args=(-f docker/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "VARIANT=$VARIANT")
@@ -115,15 +103,15 @@ t0=$(date +%s)
 if [[ $ENGINE == podman ]]; then
   # docker format keeps HEALTHCHECK (the OCI image format has no field for it).
   args+=(--format docker --ignorefile docker/Dockerfile.dockerignore --layers)
-  # Tag the venv stage (the pinned dependencies, ~6 GB) so that pruning below keeps it as the
+  # Tag the venv stage (the locked dependencies, GBs) so that pruning below keeps it as the
   # layer cache of the next build; with everything cached this takes seconds.
-  base_id=$(printf '%s' "$BASE_IMAGE" | sha256sum | cut -c1-12)
+  base_id=$VARIANT-$(printf '%s' "$BASE_IMAGE" | sha256sum | cut -c1-12)
   # An uncached venv layer needs about twice the wheelhouse (the installed venv plus the layer
   # being committed); fail up front with a clear message instead of "no space left" mid-build.
   store=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
   mkdir -p "$store"
   free_mb=$(df -Pm "$store" | awk 'NR == 2 {print $4}')
-  need_mb=$((2 * $(du -sm "$WHEELS" | cut -f1) + 2048))
+  need_mb=$((2 * $(du -smL "$WHEELS/torch" "$WHEELS/common" | awk '{s += $1} END {print s}') + 2048))
   if ((free_mb < need_mb)); then
     if podman image exists "localhost/servekit-cache:venv-$base_id"; then
       log "warning: only ${free_mb} MB free in $store; fine if the venv layer is cached"

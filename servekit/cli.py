@@ -15,10 +15,9 @@ from pathlib import Path
 import psutil
 import requests
 
-from . import __version__, server
+from . import cli_args, gpu, server
 from .client import Client, PredictionError
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, ConfigError, ServeKitError
-from .formats import NAMES
 from .reload import watch_command
 from .reload.pins import VersionsFile, choose_version, default_versions_file
 from .store import Found, by_model, inspect_archive, publish, read_store
@@ -185,6 +184,8 @@ def startup_archives(store: Path, versions: VersionsFile) -> dict[str, Found]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if gpu.gpu_required():  # the GPU image: refuse to serve on the CPU by accident
+        gpu.require_gpu(log_fn=print)
     cfg = server.config_from_args(args)
     archives = startup_archives(cfg.model_store, VersionsFile(_versions_path(args)))
     wanted = args.models.split(",") if args.models else sorted(archives)
@@ -263,103 +264,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quantize_arg(p: argparse.ArgumentParser) -> None:
-    """``--quantize``, shared by archive and export."""
-    p.add_argument(
-        "--quantize",
-        choices=["off", "int8"],
-        default="off",
-        help="int8: a CPU-only int8 graph, calibrated and checked against fp32 (trace, --device cpu)",
-    )
+COMMANDS = {
+    "archive": cmd_archive,
+    "export": cmd_export,
+    "publish": cmd_publish,
+    "serve": cmd_serve,
+    "stop": cmd_stop,
+    "health": cmd_health,
+    "key": cmd_key,
+    "predict": cmd_predict,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="servekit", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"servekit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _, default_store, default_run = server.default_paths()
-
-    p = sub.add_parser("archive", help="build and package models into versioned .mar files")
-    p.add_argument("models", nargs="*", help="model folders under models/ (default: all)")
-    p.add_argument("--model-store", type=Path, default=default_store, help="where the .mar files go")
-    p.add_argument("--model-dir", help="a model folder outside models/ (one model)")
-    p.add_argument("--version", help="archive version (default: handler.version in model-config.yaml)")
-    p.add_argument("--format", choices=NAMES, help="export format (default: the build hook's EXPORT_METHOD)")
-    p.add_argument("--weights", help="state dict to load (default: the variable the build hook's WEIGHTS_ENV names)")
-    p.add_argument("--artifact", type=Path, help="package this exported file instead of building one")
-    p.add_argument("--handler", type=Path, help="handler file (default: the build hook's HANDLER)")
-    p.add_argument("--device", default="cpu", help="device to export for (.pt2 is device specific)")
-    p.add_argument("--freeze", action="store_true", help="freeze TorchScript")
-    _quantize_arg(p)
-    p.add_argument("--force", action="store_true", help="rebuild and overwrite an existing version")
-    p.set_defaults(func=cmd_archive)
-
-    p = sub.add_parser("export", help="export one model to a file, checked against eager")
-    p.add_argument("model", help="model folder under models/")
-    p.add_argument("output", type=Path, help="file to write (its suffix must fit the format)")
-    p.add_argument("--format", choices=NAMES, default="trace", help="export format")
-    p.add_argument("--device", default="cpu", help="device to export for")
-    p.add_argument("--amp", choices=["off", "fp16", "bf16"], help="precision checked besides fp32")
-    p.add_argument("--weights", help="state dict to load")
-    p.add_argument("--freeze", action="store_true", help="freeze TorchScript")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
-    p.add_argument("--channels-last", action="store_true", help="compile a .pt2 for channels_last input")
-    _quantize_arg(p)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("publish", help="copy an archive into the model store atomically")
-    p.add_argument("archive", type=Path, help="the .mar file")
-    p.add_argument("--model-store", type=Path, default=default_store, help="the store to publish into")
-    p.add_argument("--force", action="store_true", help="replace a published file with different contents")
-    p.set_defaults(func=cmd_publish)
-
-    p = sub.add_parser("serve", help="start TorchServe (and the reload watcher); wait until ready")
-    server.add_server_args(p)
-    p.add_argument("--models", help="comma-separated model names (default: every model in the store)")
-    p.add_argument(
-        "--versions",
-        type=Path,
-        help="desired versions file (default: $SERVEKIT_VERSIONS or model-versions.yaml in the run dir)",
-    )
-    p.add_argument(
-        "--foreground", action="store_true", help="stay attached, log to stdout (containers); SIGTERM stops everything"
-    )
-    p.add_argument("--no-watch", action="store_true", help="no hot reload (the keys are still renewed)")
-    p.add_argument(
-        "--watcher-port",
-        type=int,
-        default=int(os.environ.get("SERVEKIT_WATCHER_PORT") or 0) or None,
-        help="the watcher's /ready and /metrics on 127.0.0.1:PORT (default: $SERVEKIT_WATCHER_PORT)",
-    )
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for readiness")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to wait for a clean stop")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("stop", help="stop the server and watcher started from a run dir")
-    p.add_argument("--run-dir", type=Path, default=default_run, help="the run dir the server was started from")
-    p.set_defaults(func=cmd_stop)
-
-    p = sub.add_parser("health", help="exit 0 when every model's default version has a ready worker")
-    server.add_server_args(p)
-    p.add_argument("--live", action="store_true", help="only check that the server answers /ping")
-    p.set_defaults(func=cmd_health)
-
-    p = sub.add_parser("key", help="print the server's current inference (or management) key")
-    server.add_server_args(p)
-    p.add_argument("--kind", choices=["inference", "management"], default="inference", help="which key")
-    p.set_defaults(func=cmd_key)
-
-    p = sub.add_parser("predict", help="classify an image file")
-    server.add_server_args(p)
-    p.add_argument("image", type=Path, help="a JPEG or PNG file")
-    p.add_argument("--model", default="digits", help="model name")
-    p.add_argument("--version", help="a version other than the default")
-    p.set_defaults(func=cmd_predict)
-
-    for name in DELEGATED:
-        sub.add_parser(name, help=f"see `servekit {name} --help`", add_help=False)
-    return parser
+    """The argument parser for every subcommand (the arguments are in servekit/cli_args.py)."""
+    return cli_args.build_parser(__doc__ or "servekit", COMMANDS, DELEGATED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,11 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         url = str(exc.request.url) if exc.request is not None else "the server"
         print(f"error: cannot reach {url}: is TorchServe running? (make serve)", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
     except OSError as exc:  # a file the user named cannot be read or written: say which, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, FileNotFoundError) and exc.filename is None:  # tokens.py: no key file, no server
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        print(
+            f"error: {exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else f"error: {exc}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 

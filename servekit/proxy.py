@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,15 +204,14 @@ class Proxy:
         return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``servekit proxy``."""
-    env = os.environ
-    p = argparse.ArgumentParser(prog="servekit proxy", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", type=int, default=int(env.get("SERVEKIT_PROXY_PORT", 8080)), help="inference port")
+def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    """Arguments of ``servekit proxy`` (defaults from ``$SERVEKIT_PROXY_*`` and friends)."""
+    p = argparse.ArgumentParser(prog="servekit proxy", description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--listen", type=int, default=env.get("SERVEKIT_PROXY_PORT", "8080"), help="inference port")
     p.add_argument(
         "--metrics-listen",
         type=int,
-        default=int(env.get("SERVEKIT_PROXY_METRICS_PORT", 8082)),
+        default=env.get("SERVEKIT_PROXY_METRICS_PORT", "8082"),
         help="port for /metrics (TorchServe's), /metrics/servekit (the watcher's) and /metrics/proxy (requests)",
     )
     p.add_argument(
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         default=env.get("SERVEKIT_ACCESS_LOG") == "off",
         help="no access log (default: one line per request on stdout)",
     )
-    p.add_argument("--workers", type=int, default=int(env.get("SERVEKIT_PROXY_WORKERS", 2)), help="nginx workers")
+    p.add_argument("--workers", type=int, default=env.get("SERVEKIT_PROXY_WORKERS", "2"), help="nginx workers")
     p.add_argument("--stats-port", type=int, default=9103, help="loopback UDP port of nginx's per-request lines")
     p.add_argument("--metrics-port", type=int, default=9102, help="loopback port of the request metrics")
     p.add_argument(
@@ -254,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(env.get("SERVEKIT_PROXY_RUN_DIR", "/tmp/servekit-proxy")),
         help="where nginx.conf, the keys map and nginx's temp files go",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``servekit proxy``."""
+    env = os.environ
+    args = build_parser(env).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ProxySettings(
         args.listen,

@@ -192,15 +192,30 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
     )
 
 
+def build_report_parser() -> argparse.ArgumentParser:
+    """Arguments of ``servekit bench report``."""
+    p = argparse.ArgumentParser(prog="servekit bench report", description="merge and redraw bench results")
+    p.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        help="results.json files of earlier runs (e.g. one per GPU phase), merged into one report",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="folder for report.md and bench.png (default: %(default)s)",
+    )
+    return p
+
+
 def report_main(argv: list[str]) -> int:
     """``servekit bench report``: merge result files, rewrite report.md and bench.png, print the tables."""
     from .report import merge
     from .runner import write_outputs
 
-    p = argparse.ArgumentParser(prog="servekit bench report", description="merge and redraw bench results")
-    p.add_argument("files", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
-    args = p.parse_args(argv)
+    args = build_report_parser().parse_args(argv)
     merged = merge([json.loads(f.read_text()) for f in args.files])
     args.out.mkdir(parents=True, exist_ok=True)
     print(write_outputs(merged, args.out))

@@ -244,7 +244,7 @@ def test_plot_of_the_dashboard_queries(stack):
         ax.set_xlabel("seconds before the last scrape", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(shown):]:
+    for ax in list(axes.flat)[len(shown) :]:
         ax.set_visible(False)
     fig.tight_layout()
     out = ROOT / "build" / "monitoring" / "dashboard-queries.png"

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "servekit"
 MAX_LINES = 400
 # Command-line layers: nothing in the core may import them (nor the TorchServe adapters, servekit.handlers).
-CLI_MODULES = {"servekit.cli", "servekit.reload.__main__", "servekit.proxy"}
+CLI_MODULES = {"servekit.cli", "servekit.cli_args", "servekit.reload.__main__", "servekit.proxy"}
 
 
 def module_name(path: Path) -> str:
