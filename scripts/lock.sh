@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Write requirements/*.txt: every package of each install target pinned with its sha256 hashes.
-# uv (`uv pip compile`) rather than pip-tools: it resolves for a stated target (Python 3.11 on
-# manylinux x86_64, what the images and CI run) whatever the host runs, and it takes the hashes
+# uv (`uv pip compile`) rather than pip-tools: it resolves for stated targets whatever the host
+# runs (dev and local: every Python >= 3.11 on any OS, in one file with markers; the images: Python
+# 3.11 on manylinux x86_64, what their Debian base runs), and it takes the hashes
 # from the index's simple API, where pip-compile downloads every candidate file (every platform's
 # torch wheel) to hash it whenever PyPI's JSON API is not reachable, as behind a registry proxy.
 # The output is a plain requirements file: the installs (Makefile, CI, images) need only pip.
@@ -19,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 UV=${UV:-.venv/bin/uv}
 PY=${PY:-.venv/bin/python}
-TARGET=(--python-version 3.11 --python-platform x86_64-manylinux_2_28)
+IMAGE_TARGET=(--python-version 3.11 --python-platform x86_64-manylinux_2_28)
 mkdir -p requirements build/lock
 
 # The inputs come from pyproject.toml, so that a pin lives in one place.
@@ -44,13 +45,12 @@ compile() {
   local out=$1
   shift
   echo "lock: $out" >&2
-  "$UV" pip compile --quiet --generate-hashes --no-strip-markers "${TARGET[@]}" \
-    --custom-compile-command "make lock" --output-file "$out" "$@"
+  "$UV" pip compile --quiet --generate-hashes --custom-compile-command "make lock" --output-file "$out" "$@"
 }
 
-compile requirements/dev.txt --extra dev pyproject.toml
-compile requirements/local.txt --extra cpu --extra archive --extra bench --extra java pyproject.toml
-compile requirements/build.txt build/lock/build.in
-compile requirements/torch.txt --constraint build/lock/pins.txt build/lock/torch.in
-compile requirements/image-cpu.txt build/lock/image-cpu.in
-compile requirements/image-gpu.txt build/lock/image-gpu.in
+compile requirements/dev.txt --universal --extra dev pyproject.toml
+compile requirements/local.txt --universal --extra cpu --extra archive --extra bench --extra java pyproject.toml
+compile requirements/build.txt --universal build/lock/build.in
+compile requirements/torch.txt "${IMAGE_TARGET[@]}" --no-strip-markers --constraint build/lock/pins.txt build/lock/torch.in
+compile requirements/image-cpu.txt "${IMAGE_TARGET[@]}" --no-strip-markers build/lock/image-cpu.in
+compile requirements/image-gpu.txt "${IMAGE_TARGET[@]}" --no-strip-markers build/lock/image-gpu.in

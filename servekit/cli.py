@@ -249,8 +249,11 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    cfg = server.config_from_args(args)
-    client = Client(cfg.address("inference_address"), key_file=cfg.key_file if cfg.token_auth else None)
+    if args.url:  # any server: the key from --key-file or $SERVEKIT_KEY
+        client = Client(args.url, key_file=args.key_file)
+    else:
+        cfg = server.config_from_args(args)
+        client = Client(cfg.address("inference_address"), key_file=cfg.key_file if cfg.token_auth else None)
     try:
         pred = client.predict(args.model, args.image, args.version)
     except PredictionError as exc:

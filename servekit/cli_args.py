@@ -111,6 +111,17 @@ def build_parser(
     p.add_argument("image", type=Path, help="a JPEG or PNG file")
     p.add_argument("--model", default="digits", help="model name")
     p.add_argument("--version", help="a version other than the default")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("SERVEKIT_URL"),
+        help="a server's inference URL (default $SERVEKIT_URL, else the one started from --run-dir)",
+    )
+    p.add_argument(
+        "--key-file",
+        type=Path,
+        default=os.environ.get("SERVEKIT_KEY_FILE"),
+        help="the server's key_file.json, with --url (default $SERVEKIT_KEY_FILE; $SERVEKIT_KEY gives a key itself)",
+    )
 
     for name in delegated:
         add(name, f"see `servekit {name} --help`", add_help=False)
