@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import ClassifierOptions, HandlerOptions, ModelConfig
 from .errors import ConfigError
+from .extras import require
 from .formats import FORMATS, NAMES, side_files
 from .hooks import DEFAULT_HANDLER, HANDLERS_DIR, BuildHook
 from .store import FINGERPRINT, WARMUP_META, mar_name, publish
@@ -205,6 +206,7 @@ def archive(req: ArchiveRequest, log: Callable[[str], None] = print) -> Path:
         (staged_dir / FINGERPRINT).write_text(fingerprint)
         staged = [*extras, staged_dir / FINGERPRINT]
         log(f"[3/3] {req.name}: packaging {target.name}")
+        require("model_archiver", "archive", "building a .mar")
         cmd = [
             sys.executable,
             "-m",

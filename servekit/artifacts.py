@@ -256,7 +256,10 @@ def _load_onnx(path: Path, device: torch.device) -> LoadedModel:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ConfigError("serving .onnx needs onnxruntime: pip install onnxruntime") from None
+        raise ConfigError(
+            "serving .onnx needs onnxruntime, not installed here: pip install 'servekit[cpu]' ('servekit[gpu]' "
+            "for onnxruntime-gpu)"
+        ) from None
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if CUDA_EP in ort.get_available_providers():

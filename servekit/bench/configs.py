@@ -49,6 +49,7 @@ class BenchConfig:
     amp: str | None = None  # "off": autocast does not apply; "baked": fixed in the artifact at export
     cpu_only: bool = False
     tuned_threads: bool = False  # stock tuned: cores / workers threads per worker, not TorchServe's default
+    noop: bool = False  # TorchServe with a handler that does nothing: the floor of the server's CPU per request
 
     def precision(self, amp: str, device_type: str) -> str:
         """What the record says it ran in, given the model-config's amp."""
@@ -91,6 +92,13 @@ CONFIGS: dict[str, BenchConfig] = {
             ours=False,
             color="tab:orange",
             tuned_threads=True,
+        ),
+        BenchConfig(
+            "noop",
+            "TorchServe with a handler that answers without decoding or inference (the floor)",
+            ours=False,
+            color="tab:gray",
+            noop=True,
         ),
     )
 }

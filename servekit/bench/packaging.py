@@ -21,6 +21,7 @@ from .configs import CONFIGS
 from .plan import Artifacts, Plan, Point
 
 Log = Callable[[str], None]
+NOOP_HANDLER = str(Path(__file__).with_name("noop_handler.py"))
 
 
 def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
@@ -87,8 +88,10 @@ def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir:
     return mar, raw
 
 
-def archive_stock(plan: Plan, art: Artifacts, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
-    """Package the stock handler with this point's batching settings."""
+def archive_stock(
+    plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, label: str
+) -> tuple[Path, dict]:
+    """Package the stock (or the no-op) handler with this point's batching settings."""
     raw = {
         "minWorkers": point.workers,
         "maxWorkers": point.workers,
@@ -96,7 +99,8 @@ def archive_stock(plan: Plan, art: Artifacts, point: Point, workdir: Path, label
         "maxBatchDelay": point.delay,
         "responseTimeout": int(art.base_config.get("responseTimeout", 120)),
     }
-    mar = stock.archive_stock(plan.model, art.served, art.labels, workdir / "stores" / label, raw)
+    handler = NOOP_HANDLER if CONFIGS[config].noop else stock.STOCK_HANDLER
+    mar = stock.archive_stock(plan.model, art.served, art.labels, workdir / "stores" / label, raw, handler=handler)
     return mar, raw
 
 
@@ -115,8 +119,9 @@ def package(
         }
         threads, env, topk = opts.threads(point.workers), {}, opts.topk
     else:
-        mar, raw = archive_stock(plan, art, point, workdir, slug)
-        facts = {"handler": "TorchServe image_classifier (stock)", "amp": "off", "frozen": False}
+        mar, raw = archive_stock(plan, art, config, point, workdir, slug)
+        name = "servekit/bench/noop_handler.py (no decode, no inference)" if CONFIGS[config].noop else None
+        facts = {"handler": name or "TorchServe image_classifier (stock)", "amp": "off", "frozen": False}
         cores = os.cpu_count() or 1
         threads = max(1, cores // point.workers) if CONFIGS[config].tuned_threads else default_threads
         env, topk = {"OMP_NUM_THREADS": str(threads)}, 5

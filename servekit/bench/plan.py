@@ -50,6 +50,7 @@ class Plan:
     decode_batches: Sequence[int] = (32, 64)
     image_bytes: int = 170_000
     keep: bool = False
+    py_spy: bool = False  # sample a worker with py-spy during each run's peak window
     command: str = ""
 
 

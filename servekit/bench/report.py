@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..extras import require
 from .configs import ALTERNATES, CONFIGS, OURS
 
 QUANTILES = (50, 90, 99)
@@ -42,6 +43,22 @@ def point_summary(load: Any, **extra: Any) -> dict[str, Any]:
         "loadgen_processes": load.processes,
         "loadgen_cpu_cores": round(load.loadgen_cores, 3),
         **extra,
+    }
+
+
+def cpu_split(rps: float, server: float, frontend: float | None, workers: float | None) -> dict[str, Any]:
+    """Server CPU per request, split between TorchServe's frontend and the Python workers."""
+
+    def per_request_ms(cores: float | None) -> float | None:
+        return round(1000.0 * cores / rps, 3) if cores is not None and rps > 0 else None
+
+    return {
+        "frontend_cpu_cores": None if frontend is None else round(frontend, 2),
+        "workers_cpu_cores": None if workers is None else round(workers, 2),
+        "server_ms_per_request": per_request_ms(server),
+        "frontend_ms_per_request": per_request_ms(frontend),
+        "workers_ms_per_request": per_request_ms(workers),
+        "requests_per_server_cpu_s": round(rps / server, 1) if server > 0 else None,
     }
 
 
@@ -123,7 +140,7 @@ def runs_table(runs: Sequence[dict]) -> str:
     rows = []
     for run in runs:
         if run.get("error"):
-            rows.append([run["label"], "-", "-", "-", "-", "-", "-", f"failed: {run['error'][:60]}"] + ["-"] * 6)
+            rows.append([run["label"], "-", "-", "-", "-", "-", "-", f"failed: {run['error'][:60]}"] + ["-"] * 8)
             continue
         for p in run["points"]:
             lat = p["latency_ms"]
@@ -143,6 +160,8 @@ def runs_table(runs: Sequence[dict]) -> str:
                     p["errors"],
                     _num(p["loadgen_cpu_cores"], 2),
                     _num(p.get("server_cpu_cores"), 2),
+                    _num(p.get("frontend_ms_per_request"), 3),
+                    _num(p.get("workers_ms_per_request"), 3),
                     _num(p["rps"] / p["server_cpu_cores"] if p.get("server_cpu_cores") else None),
                     _num(other, 2),
                     _num(gpu.get("util_mean_pct")),
@@ -161,6 +180,8 @@ def runs_table(runs: Sequence[dict]) -> str:
             "errors",
             "loadgen cores",
             "server cores",
+            "frontend CPU ms/req",
+            "workers CPU ms/req",
             "req per server CPU-s",
             "other cores",
             "GPU util %",
@@ -254,6 +275,7 @@ def plot(runs: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path
     runs = [r for r in runs if r.get("points") and not r.get("same_as")]  # a copy would hide under its twin
     if not runs:
         return None
+    require("matplotlib", "bench", "the bench plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from .. import server
 from ..client import model_states, wait_until
 from ..config import ClassifierOptions, ModelConfig
@@ -25,6 +23,8 @@ from .images import synthetic_jpeg
 from .loadgen import Target, run_load
 from .packaging import package, prepare_artifacts
 from .plan import Artifacts, Plan, Point, machine_meta
+from .procs import busy_seconds, group_cpu_seconds, worker_env_threads, worker_processes
+from .pyspy import Profiler
 
 Log = Callable[[str], None]
 
@@ -42,37 +42,6 @@ def env_vars(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def worker_processes(pgid: int) -> list[psutil.Process]:
-    """TorchServe's Python workers in a server's process group."""
-    procs = []
-    for pid in server.group_members(pgid):
-        try:
-            p = psutil.Process(pid)
-            if any("model_service_worker" in part for part in p.cmdline()):
-                procs.append(p)
-        except psutil.Error:
-            continue
-    return procs
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in a group."""
-    total = 0.0
-    for pid in server.group_members(pgid):
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
-
-
-def busy_seconds() -> float:
-    """Machine-wide busy CPU seconds (everything but idle and iowait)."""
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 def start_server(
@@ -100,7 +69,7 @@ def start_server(
 
 
 def measure(
-    plan: Plan, cfg: server.ServerConfig, proc: Any, workers: int, body: bytes, topk: int, log: Log
+    plan: Plan, cfg: server.ServerConfig, proc: Any, workers: int, body: bytes, topk: int, log: Log, label: str = ""
 ) -> list[dict]:
     """Warm the server up, then one measured window per concurrency level."""
     key = cfg.tokens.keys().inference if cfg.tokens else ""
@@ -115,15 +84,25 @@ def measure(
     )  # untimed: first batches, JIT profiling, allocator growth
     worker_pids = [p.pid for p in worker_processes(proc.pid)]
     points = []
-    probes = {"server": lambda: group_cpu_seconds(proc.pid), "machine": busy_seconds}
+    probes = {
+        "server": lambda: group_cpu_seconds(proc.pid),
+        "frontend": lambda: group_cpu_seconds(proc.pid, "frontend"),
+        "workers": lambda: group_cpu_seconds(proc.pid, "workers"),
+        "machine": busy_seconds,
+    }
     for conc in plan.concurrency:
         loadavg = os.getloadavg()[0]
+        spy = Profiler(plan.out / "profiles", log) if plan.py_spy and conc == max(plan.concurrency) else None
+        if spy:
+            spy.start(worker_pids, plan.warmup + plan.duration, f"{label}-c{conc}")
         with GpuSampler() as gpu:
             load = run_load(target, conc, plan.duration, plan.warmup, plan.loadgen_procs, probes)
+        table = spy.finish() if spy else None
         server_cores = load.probes.get("server", 0.0)
         point = report.point_summary(
             load,
             server_cpu_cores=round(server_cores, 2),
+            **report.cpu_split(load.rps, server_cores, load.probes.get("frontend"), load.probes.get("workers")),
             machine_busy_cores=round(load.probes.get("machine", 0.0), 2),
             loadavg_1m=round(loadavg, 2),
             gpu=gpu.summary(worker_pids, workers),
@@ -131,25 +110,18 @@ def measure(
         lat = point["latency_ms"]
         log(
             f"    c={conc:4d}: {point['rps']:8.1f} req/s  p50 {lat['p50']} ms  p99 {lat['p99']} ms  "
-            f"errors {point['errors']}  loadgen {point['loadgen_cpu_cores']:.2f} cores  server {server_cores:.2f} cores"
+            f"errors {point['errors']}  loadgen {point['loadgen_cpu_cores']:.2f} cores  "
+            f"server {server_cores:.2f} cores "
+            f"(frontend {point['frontend_ms_per_request']} ms/req, workers {point['workers_ms_per_request']} ms/req)"
         )
+        if table:
+            log(f"      py-spy, one worker at c={conc}:\n{table}")
         if load.error_samples:
             log(f"      errors: {load.error_samples[:2]}")
         if load.loadgen_cores > 0.8 * load.processes:
             log("      the load generator was nearly saturated: raise --loadgen-procs")
         points.append(point)
     return points
-
-
-def worker_env_threads(pgid: int) -> list[str | None]:
-    """OMP_NUM_THREADS as each worker process sees it."""
-    out = []
-    for p in worker_processes(pgid):
-        try:
-            out.append(p.environ().get("OMP_NUM_THREADS"))
-        except psutil.Error:
-            out.append(None)
-    return out
 
 
 def run_one(
@@ -183,7 +155,7 @@ def run_one(
         run["workers_on_gpu"] = sum(bool(w.get("gpu")) for w in workers)
         if plan.device == "cuda" and not run["workers_on_gpu"]:
             raise RuntimeError("no worker is on a GPU: TorchServe found none (is nvidia-smi on PATH?)")
-        run["points"] = measure(plan, cfg, proc, point.workers, body, topk, log)
+        run["points"] = measure(plan, cfg, proc, point.workers, body, topk, log, slug)
     except Exception as exc:
         run["error"] = f"{type(exc).__name__}: {exc}"
         log(f"    failed: {run['error']}\n{tail_lines(run_dir / 'logs' / 'torchserve.out')}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..extras import require
 
 STOCK_HANDLER = "image_classifier"
 # TorchServe's keys the stock handler understands; our `handler:` section would be ignored anyway.
@@ -31,9 +31,7 @@ def index_to_name(labels: list[str]) -> dict[str, str]:
 
 def check_stock_available() -> None:
     """The stock vision handler imports captum at load; fail early with the fix if it is missing."""
-    missing = [m for m in ("captum", "ts") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"the stock TorchServe handler needs {missing}: pip install captum torchserve")
+    require("captum", "bench", "the stock TorchServe handler")
 
 
 def stock_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -42,10 +40,17 @@ def stock_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def archive_stock(
-    name: str, artifact: Path, labels: list[str], store: Path, config: dict[str, Any], version: str = "1.0"
+    name: str,
+    artifact: Path,
+    labels: list[str],
+    store: Path,
+    config: dict[str, Any],
+    version: str = "1.0",
+    handler: str = STOCK_HANDLER,
 ) -> Path:
-    """Package ``artifact`` with ``--handler image_classifier`` into ``store``; returns the .mar path."""
-    check_stock_available()
+    """Package ``artifact`` with ``handler`` (TorchServe's image_classifier) into ``store``; returns the .mar."""
+    if handler == STOCK_HANDLER:
+        check_stock_available()
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
@@ -64,7 +69,7 @@ def archive_stock(
             "--serialized-file",
             str(artifact),
             "--handler",
-            STOCK_HANDLER,
+            handler,
             "--extra-files",
             str(mapping),
             "--config-file",

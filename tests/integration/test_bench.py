@@ -282,6 +282,11 @@ def test_bench_end_to_end_smoke(tmp_path):
     assert set(point["latency_ms"]) == {"p50", "p90", "p99", "mean", "max"}
     assert 0 < point["latency_ms"]["p50"] <= point["latency_ms"]["p99"]
     assert point["loadgen_cpu_cores"] >= 0 and point["server_cpu_cores"] > 0
+    # The server's CPU per request, split: TorchServe's Java frontend and the Python workers.
+    assert point["frontend_cpu_cores"] > 0 and point["workers_cpu_cores"] > 0
+    assert point["frontend_cpu_cores"] + point["workers_cpu_cores"] <= point["server_cpu_cores"] + 0.05
+    assert point["workers_ms_per_request"] > 0 and point["requests_per_server_cpu_s"] > 0
+    assert "frontend CPU ms/req" in (out / "report.md").read_text()
     assert {c["variant"] for c in results["ceiling"]} >= {"fp32", "bf16", "fp32+frozen", "int8+frozen", "pt2 (fp32)"}
     assert all(c["images_per_s"] > 0 for c in results["ceiling"] + results["decode"])
     assert results["comparison"][-1]["concurrency"] == "peak" and results["comparison"][-1]["ours"] > 0

@@ -127,3 +127,16 @@ def test_image_requirements_from_downloaded_wheels_hash_the_files(tmp_path):
     assert hashlib.sha256(b"torch bytes").hexdigest() in torch_set["torch"]
     with pytest.raises(SystemExit, match="no torch wheel"):
         image_requirements.main("cpu", str(tmp_path / "out"), tmp_path / "none")
+
+
+def test_a_missing_extra_names_itself():
+    from servekit.errors import ConfigError
+    from servekit.extras import require
+
+    with pytest.raises(ConfigError, match=r"the plot needs no_such_module.*pip install 'servekit\[bench\]'"):
+        require("no_such_module", "bench", "the plot")
+    require("json", "bench", "never raised: the module is there")
+    named = re.findall(
+        r"""require\("[\w.]+", "(\w+)\"""", "".join(p.read_text() for p in (ROOT / "servekit").rglob("*.py"))
+    )
+    assert named and set(named) <= set(PROJECT["optional-dependencies"]), named

@@ -1,0 +1,68 @@
+"""The processes of a benchmarked server: which is the frontend, which are workers, their CPU time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+from .. import server
+
+
+def worker_processes(pgid: int) -> list[psutil.Process]:
+    """TorchServe's Python workers in a server's process group."""
+    procs = []
+    for pid in server.group_members(pgid):
+        try:
+            p = psutil.Process(pid)
+            if process_role(p.cmdline()) == "workers":
+                procs.append(p)
+        except psutil.Error:
+            continue
+    return procs
+
+
+def group_cpu_seconds(pgid: int, role: str | None = None) -> float:
+    """User + system CPU seconds of every live process in a group, or of one ``role`` in it.
+
+    Roles: ``frontend`` (TorchServe's Java process) and ``workers`` (its Python workers); the split
+    shows whether a request's CPU goes to TorchServe itself or to the handler.
+    """
+    total = 0.0
+    for pid in server.group_members(pgid):
+        try:
+            p = psutil.Process(pid)
+            if role is not None and process_role(p.cmdline()) != role:
+                continue
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def process_role(cmdline: Sequence[str]) -> str:
+    """``frontend``, ``workers`` or ``other`` (the launcher) for a server process's command line."""
+    if any("model_service_worker" in part for part in cmdline):
+        return "workers"
+    if cmdline and Path(cmdline[0]).name.startswith("java"):
+        return "frontend"
+    return "other"
+
+
+def busy_seconds() -> float:
+    """Machine-wide busy CPU seconds (everything but idle and iowait)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def worker_env_threads(pgid: int) -> list[str | None]:
+    """OMP_NUM_THREADS as each worker process sees it."""
+    out = []
+    for p in worker_processes(pgid):
+        try:
+            out.append(p.environ().get("OMP_NUM_THREADS"))
+        except psutil.Error:
+            out.append(None)
+    return out
