@@ -5,6 +5,8 @@
 #   bash scripts/gpu_bench.sh ours    # model-only + decode ceilings, our handler on the whole grid (estimated ~5 min)
 #   bash scripts/gpu_bench.sh stock   # stock handler, untuned and tuned threads (estimated ~4 min)
 #   bash scripts/gpu_bench.sh all     # both in one go (estimated ~9 min; may not fit a 10-minute command limit)
+#   bash scripts/gpu_bench.sh profile # ours, the no-op floor and tuned stock at w4 b32, c=1 and 128, with the
+#                                     # frontend/worker CPU split and py-spy profiles of the workers (~6 min)
 #   bash scripts/gpu_bench.sh pt2     # TorchScript fp16 vs the AOTInductor .pt2 (fp16 baked in), 4 workers,
 #                                     # batch 32, end to end + model-only (not yet run: estimated ~4 min)
 #
@@ -35,6 +37,8 @@ case "$phase" in
   stock) args=(--gpu --configs stock,stock-tuned --no-micro) ;;
   all)   args=(--gpu) ;;
   pt2)   args=(--gpu --configs ours,ours-pt2 --workers 4 --batch 32 --concurrency 1,128) ;;
-  *)     echo "usage: $0 [ours|stock|all|pt2]" >&2; exit 2 ;;
+  profile) args=(--gpu --configs ours,noop,stock-tuned --workers 4 --batch 32 --concurrency 1,128 --duration 12
+           --no-micro --py-spy) ;;
+  *)     echo "usage: $0 [ours|stock|all|pt2|profile]" >&2; exit 2 ;;
 esac
 python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,17 @@ def check_image(raw: bytes, opts: ImageOptions) -> ImageHeader:
     return ImageHeader(fmt, width, height)
 
 
+def as_uint8(raw: bytes) -> torch.Tensor:
+    """A uint8 view of ``raw`` without a copy (nvjpeg only reads it).
+
+    torch warns that a view of immutable bytes must not be written to; nothing writes to it, and
+    a bytearray copy of every request body would cost more than the decode's own CPU share.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=torch.uint8)
+
+
 class Preprocessor:
     """Decode + resize + centre-crop + normalise, built once per model at load."""
 
@@ -97,7 +109,7 @@ class Preprocessor:
         out: list[torch.Tensor | RequestError] = [None] * len(raws)  # type: ignore[list-item]
         jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG]
         if self.gpu_decode and not self._gpu_decode_failed and jpeg_idx:
-            datas = [torch.frombuffer(bytearray(raws[i]), dtype=torch.uint8) for i in jpeg_idx]
+            datas = [as_uint8(raws[i]) for i in jpeg_idx]
             try:
                 decoded = decode_jpeg(datas, mode=self.mode, device=self.device)
                 for i, img in zip(jpeg_idx, decoded):
