@@ -14,7 +14,15 @@ from servekit.bench.images import synthetic_jpeg
 from servekit.bench.loadgen import LoadResult, split, summarize, valid_answer
 from servekit.bench.packaging import ours_config
 from servekit.bench.plan import Point
-from servekit.bench.report import comparison_rows, comparison_table, merge, percentiles, point_summary, runs_table
+from servekit.bench.report import (
+    comparison_rows,
+    comparison_table,
+    cpu_split,
+    merge,
+    percentiles,
+    point_summary,
+    runs_table,
+)
 from servekit.bench.runner import choose_levers, schedule
 from servekit.bench.stock import archive_stock, index_to_name
 from servekit.config import ModelConfig
@@ -67,7 +75,8 @@ def _run(config: str, label: str, rps_by_conc: dict[int, float], errors: int = 0
     points = []
     for conc, rps in rps_by_conc.items():
         load = LoadResult(conc, 1, 10.0, int(rps * 10), [10.0, 20.0, 30.0], errors)
-        points.append(point_summary(load, server_cpu_cores=1.5, machine_busy_cores=2.0))
+        cpu = cpu_split(rps, server=1.5, frontend=0.5, workers=0.9)
+        points.append(point_summary(load, server_cpu_cores=1.5, machine_busy_cores=2.0, **cpu))
     return {"config": config, "label": label, "threads_per_worker": 1, "points": points}
 
 
@@ -114,7 +123,9 @@ def test_runs_table_shows_every_point_and_failures():
     ]
     table = runs_table(runs).splitlines()
     assert len(table) == 2 + 2 + 1
-    assert table[2].startswith("| ours w1 | 1 | 1 | 10.0 | 20.0 | 28.0 | 29.8 | 0 | 0.00 | 1.50 | 6.7 | 0.50 |")
+    # ... server cores, frontend and workers CPU ms per request, requests per server CPU-second, other cores
+    row = "| ours w1 | 1 | 1 | 10.0 | 20.0 | 28.0 | 29.8 | 0 | 0.00 | 1.50 | 50.000 | 90.000 | 6.7 | 0.50 |"
+    assert table[2].startswith(row)
     assert "failed: RuntimeError: TorchServe exited" in table[4]
 
 
