@@ -85,8 +85,11 @@ else
   # The lock's torch and torchvision versions: that index's build of them, with its dependencies.
   torch_dir=$WHEELS/torch-$(basename "${TORCH_INDEX_URL%/}")
   pair=$(grep -oE '^(torch|torchvision)==[^ ;]+' requirements/torch.txt)
+  # Only that index: no find-links or extra indexes from pip's configuration, which could hold
+  # another build of the same version (PyPI's CUDA torch is also "2.14.1").
   # shellcheck disable=SC2086 # $pair is two requirement words
-  download --dest "$torch_dir" --index-url "$TORCH_INDEX_URL" $pair
+  PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS="" PIP_EXTRA_INDEX_URL="" \
+    download --dest "$torch_dir" --index-url "$TORCH_INDEX_URL" $pair
   "$PYTHON" docker/requirements.py "$VARIANT" "$torch_dir" "$WHEELS"
 fi
 rm -rf "$WHEELS/torch"

@@ -104,7 +104,9 @@ def require_podman() -> None:
 
 def ensure_image() -> str:
     """The image under test, built (base image too) when missing or older than the sources."""
-    env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "VARIANT": VARIANT, "IMAGE": IMAGE}
+    # PyPI's torch, as in CI (`make container-image`): PyTorch's own indexes are not reachable there.
+    torch_index = os.environ.get("TORCH_INDEX_URL", "pypi")
+    env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "VARIANT": VARIANT, "IMAGE": IMAGE, "TORCH_INDEX_URL": torch_index}
     if podman("image", "exists", BASE_IMAGE, check=False).returncode != 0:
         if not BASE_IMAGE.startswith("localhost/debian-base:"):
             pytest.fail(f"base image {BASE_IMAGE} is missing and no registry is reachable")
