@@ -42,6 +42,9 @@ class LoadedModel:
     autocast: bool
     # The dtype the artifact expects for its input (None: float32, autocast may apply).
     input_dtype: torch.dtype | None = None
+    # Whether torch can capture its forward as a CUDA graph: torch runs its kernels (TorchScript,
+    # ExportedProgram); onnxruntime and an AOTInductor package launch their own.
+    graphable: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -114,7 +117,7 @@ def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
     if quantized:
         # int8 kernels take fp32 input and quantize it themselves: autocast has nothing to do there.
         log.info("%s is an int8 model: amp (autocast) does not apply to it", path.name)
-    return LoadedModel(module, TORCHSCRIPT, device, autocast=not quantized)
+    return LoadedModel(module, TORCHSCRIPT, device, autocast=not quantized, graphable=not quantized)
 
 
 def _load_exported(path: Path, device: torch.device) -> LoadedModel:
@@ -122,7 +125,7 @@ def _load_exported(path: Path, device: torch.device) -> LoadedModel:
         module = torch.export.load(str(path)).module().to(device)
     except Exception as exc:  # deserialisation errors come from many layers
         raise ConfigError(f"cannot load torch.export program {path.name} on {device}: {first_line(exc)}") from None
-    return LoadedModel(module, EXPORTED, device, autocast=True)
+    return LoadedModel(module, EXPORTED, device, autocast=True, graphable=True)
 
 
 def aoti_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -14,6 +14,8 @@ from .errors import ConfigError
 # Autocast dtypes by name; the one list every module takes them from.
 AMP_CHOICES = ("off", "fp16", "bf16")
 DECODE_CHOICES = ("auto", "cpu", "cuda")
+# How a worker waits for its GPU (servekit.gpuwait): "auto" leaves it to the driver.
+GPU_WAIT_CHOICES = ("blocking", "spin", "yield", "auto")
 # TorchServe's own keys at the top level of model-config.yaml that we check.
 TS_INT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 _TUPLES = ("mean", "std", "warmup_batch_sizes")
@@ -34,6 +36,9 @@ class HandlerOptions:
     warmup_batch_sizes: tuple[int, ...] = (1,)
     cpu_threads: int | str = "auto"
     cudnn_benchmark: bool = True
+    # GPU only: replay the forward from CUDA graphs captured at load (servekit.cudagraphs).
+    cuda_graphs: bool = True
+    gpu_wait: str = "blocking"
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty: nothing)."""
@@ -44,6 +49,8 @@ class HandlerOptions:
             problems.append("warmup_batch_sizes must list batch sizes >= 1")
         if self.cpu_threads != "auto" and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             problems.append(f"cpu_threads must be 'auto' or an integer >= 1, got {self.cpu_threads!r}")
+        if self.gpu_wait not in GPU_WAIT_CHOICES:
+            problems.append(f"gpu_wait must be one of {GPU_WAIT_CHOICES}, got {self.gpu_wait!r}")
         return problems
 
     def __post_init__(self) -> None:

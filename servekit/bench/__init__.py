@@ -40,7 +40,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         configs=["ours", "stock", "stock-tuned"],
         workers=[2, 4],
         batch=[32, 64],
-        delay=[5],
+        delay=[1],
         stock_workers=None,
         stock_batch=[32],
         concurrency=[1, 32, 128],
@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         + "; default: the profile's",
     )
     p.add_argument("--workers", type=_ints, help="workers per device, e.g. 1,2")
+    p.add_argument(
+        "--gpus",
+        type=_ints,
+        help="GPUs to spread the workers over (--workers on each), e.g. 1,2: every point runs once per count",
+    )
     p.add_argument("--batch", type=_ints, help="TorchServe batchSize values, e.g. 8,32")
     p.add_argument("--delay", type=_ints, help="maxBatchDelay values in ms, e.g. 5")
     p.add_argument("--stock-workers", type=_ints, help="workers for the stock runs (default: --workers)")
@@ -159,13 +164,16 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         return prof[name] if value is None else value
 
     configs, on_gpu = pick("configs"), pick("device") == "cuda"
-    cpu_only = [c for c in configs if CONFIGS[c].cpu_only]
-    if args.configs is None and on_gpu:
-        configs = [c for c in configs if c not in cpu_only]  # a profile default, not asked for
-    elif cpu_only and on_gpu:
-        what = "is a CPU configuration" if len(cpu_only) == 1 else "are CPU configurations"
-        raise SystemExit(f"servekit bench: {', '.join(cpu_only)} {what} (int8 kernels run on the CPU only)")
-    workers, batch, delay = pick("workers"), pick("batch"), pick("delay")
+    # Configurations for the other kind of device: dropped from a profile's default, refused when asked for.
+    elsewhere = [c for c in configs if (CONFIGS[c].cpu_only and on_gpu) or (CONFIGS[c].gpu_only and not on_gpu)]
+    if args.configs is None:
+        configs = [c for c in configs if c not in elsewhere]
+    elif elsewhere:
+        where = "the GPU" if on_gpu else "the CPU"
+        raise SystemExit(f"servekit bench: {', '.join(elsewhere)} cannot run on {where} ({CONFIGS[elsewhere[0]].help})")
+    workers, batch, delay, gpus = pick("workers"), pick("batch"), pick("delay"), args.gpus or [1]
+    if gpus != [1] and not on_gpu:
+        raise SystemExit("servekit bench: --gpus applies to --device cuda")
     stock_workers = pick("stock_workers") or workers
     stock_batch = pick("stock_batch") or batch
     overrides: dict[str, Any] = {}
@@ -175,8 +183,8 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         model=args.model,
         device=pick("device"),
         configs=configs,
-        points=[Point(w, b, d) for w in workers for b in batch for d in delay],
-        stock_points=[Point(w, b, d) for w in stock_workers for b in stock_batch for d in delay],
+        points=[Point(w, b, d, g) for g in gpus for w in workers for b in batch for d in delay],
+        stock_points=[Point(w, b, d, g) for g in gpus for w in stock_workers for b in stock_batch for d in delay],
         concurrency=pick("concurrency"),
         duration=pick("duration"),
         warmup=pick("warmup"),

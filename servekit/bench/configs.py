@@ -45,11 +45,13 @@ class BenchConfig:
     # device is the bench's. Empty: the TorchScript export every "ours" configuration starts from.
     export: dict[str, Any] = field(default_factory=dict)
     variant: Variant | None = None  # its own model-only row, when it has its own artifact
-    column: str | None = None  # its short name in the comparison table, when it has its own artifact
+    column: str | None = None  # its short name in the comparison table, when it is not plain "ours"
     amp: str | None = None  # "off": autocast does not apply; "baked": fixed in the artifact at export
     cpu_only: bool = False
     tuned_threads: bool = False  # stock tuned: cores / workers threads per worker, not TorchServe's default
     noop: bool = False  # TorchServe with a handler that does nothing: the floor of the server's CPU per request
+    gpu_only: bool = False
+    handler: dict[str, Any] = field(default_factory=dict)  # our handler's options that differ from "ours"
 
     def precision(self, amp: str, device_type: str) -> str:
         """What the record says it ran in, given the model-config's amp."""
@@ -84,6 +86,15 @@ CONFIGS: dict[str, BenchConfig] = {
             column="int8",
             amp="off",
             cpu_only=True,
+        ),
+        BenchConfig(
+            "ours-eager",
+            "our handler without CUDA graphs, CUDA waits spinning (GPU only)",
+            ours=True,
+            color="tab:cyan",
+            column="eager",
+            gpu_only=True,
+            handler={"cuda_graphs": False, "gpu_wait": "auto"},
         ),
         BenchConfig("stock", "TorchServe's image_classifier, its default threads", ours=False, color="tab:red"),
         BenchConfig(

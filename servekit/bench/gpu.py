@@ -34,17 +34,19 @@ class GpuSampler:
         self.util: list[float] = []
         self.used_mib: list[float] = []
         self.per_pid_mib: dict[int, float] = {}
+        self.pid_gpu: dict[int, int] = {}
 
     def _sample(self) -> None:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         while not self._stop.is_set():
             utils, used = [], 0.0
-            for h in handles:
+            for index, h in enumerate(handles):
                 utils.append(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
                 used += pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
                 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
                     mib = (p.usedGpuMemory or 0) / 2**20
                     self.per_pid_mib[p.pid] = max(self.per_pid_mib.get(p.pid, 0.0), mib)
+                    self.pid_gpu[p.pid] = index
             self.util.append(sum(utils) / len(utils))
             self.used_mib.append(used)
             self._stop.wait(self.interval)
@@ -61,7 +63,7 @@ class GpuSampler:
             self._thread.join()
 
     def summary(self, worker_pids: Iterable[int], workers: int) -> dict[str, Any] | None:
-        """Mean/max utilisation (%), peak memory in use, and peak memory per worker (MiB)."""
+        """Mean/max utilisation (%), peak memory in use, peak memory per worker (MiB), GPUs the workers use."""
         if not self.enabled or not self.util:
             return None
         pids = set(worker_pids)
@@ -74,6 +76,8 @@ class GpuSampler:
             "mem_used_mib_max": round(max(self.used_mib)),
             "mem_per_worker_mib": round(per_worker),
             "mem_per_worker_source": "per-process" if mine else "device total / workers",
+            # Inside a container (host pids) this cannot be told: None.
+            "gpus_used": len({self.pid_gpu[pid] for pid in pids if pid in self.pid_gpu}) or None,
         }
 
 

@@ -60,7 +60,8 @@ def prepare_artifacts(plan: Plan, workdir: Path, log: Log) -> Artifacts:
 def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -> dict[str, Any]:
     """The model-config for one point: workers, batch and delay set, warm-up at 1 and the batch size."""
     raw = copy.deepcopy(base)
-    raw.update(minWorkers=point.workers, maxWorkers=point.workers, batchSize=point.batch, maxBatchDelay=point.delay)
+    workers = point.total_workers
+    raw.update(minWorkers=workers, maxWorkers=workers, batchSize=point.batch, maxBatchDelay=point.delay)
     handler = raw.setdefault("handler", {}) or {}
     handler["warmup_batch_sizes"] = sorted({1, point.batch})
     handler.update(overrides)
@@ -71,7 +72,7 @@ def ours_config(base: dict[str, Any], point: Point, overrides: dict[str, Any]) -
 
 def archive_ours(plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, label: str) -> tuple[Path, dict]:
     """Package our handler with this point's model-config into a store of its own."""
-    overrides = dict(plan.handler_overrides)
+    overrides = {**plan.handler_overrides, **CONFIGS[config].handler}
     if CONFIGS[config].amp == "off":
         overrides["amp"] = "off"  # int8 kernels take fp32 input; the loader turns autocast off anyway
     elif CONFIGS[config].amp == "baked":
@@ -93,8 +94,8 @@ def archive_stock(
 ) -> tuple[Path, dict]:
     """Package the stock (or the no-op) handler with this point's batching settings."""
     raw = {
-        "minWorkers": point.workers,
-        "maxWorkers": point.workers,
+        "minWorkers": point.total_workers,
+        "maxWorkers": point.total_workers,
         "batchSize": point.batch,
         "maxBatchDelay": point.delay,
         "responseTimeout": int(art.base_config.get("responseTimeout", 120)),
@@ -117,13 +118,13 @@ def package(
             "frozen": True if config != "ours" else plan.freeze,
             "handler_options": raw["handler"],
         }
-        threads, env, topk = opts.threads(point.workers), {}, opts.topk
+        threads, env, topk = opts.threads(point.total_workers), {}, opts.topk
     else:
         mar, raw = archive_stock(plan, art, config, point, workdir, slug)
         name = "servekit/bench/noop_handler.py (no decode, no inference)" if CONFIGS[config].noop else None
         facts = {"handler": name or "TorchServe image_classifier (stock)", "amp": "off", "frozen": False}
         cores = os.cpu_count() or 1
-        threads = max(1, cores // point.workers) if CONFIGS[config].tuned_threads else default_threads
+        threads = max(1, cores // point.total_workers) if CONFIGS[config].tuned_threads else default_threads
         env, topk = {"OMP_NUM_THREADS": str(threads)}, 5
     facts["model_config"] = {k: v for k, v in raw.items() if k != "handler"}
     return mar, threads, env, topk, facts

@@ -19,9 +19,20 @@ from .gpu import gpu_names
 class Point:
     """TorchServe's batching settings for one run."""
 
-    workers: int
+    workers: int  # per GPU on a GPU
     batch: int
     delay: int
+    gpus: int = 1  # GPUs TorchServe spreads the workers over (number_of_gpu)
+
+    @property
+    def total_workers(self) -> int:
+        """Workers across all the point's GPUs."""
+        return self.workers * self.gpus
+
+    @property
+    def tag(self) -> str:
+        """E.g. ``w4 b32 d5``, with `` g2`` when it spans two GPUs."""
+        return f"w{self.workers} b{self.batch} d{self.delay}" + (f" g{self.gpus}" if self.gpus > 1 else "")
 
 
 @dataclass

@@ -140,7 +140,7 @@ def runs_table(runs: Sequence[dict]) -> str:
     rows = []
     for run in runs:
         if run.get("error"):
-            rows.append([run["label"], "-", "-", "-", "-", "-", "-", f"failed: {run['error'][:60]}"] + ["-"] * 8)
+            rows.append([run["label"], "-", "-", "-", "-", "-", "-", f"failed: {run['error'][:60]}"] + ["-"] * 9)
             continue
         for p in run["points"]:
             lat = p["latency_ms"]
@@ -166,6 +166,7 @@ def runs_table(runs: Sequence[dict]) -> str:
                     _num(other, 2),
                     _num(gpu.get("util_mean_pct")),
                     gpu.get("mem_per_worker_mib"),
+                    gpu.get("gpus_used"),
                 ]
             )
     return _md(
@@ -186,6 +187,7 @@ def runs_table(runs: Sequence[dict]) -> str:
             "other cores",
             "GPU util %",
             "GPU MiB/worker",
+            "GPUs used",
         ],
         rows,
     )

@@ -45,12 +45,13 @@ def env_vars(values: dict[str, str]) -> Iterator[None]:
 
 
 def start_server(
-    plan: Plan, store: Path, mar: Path, workers: int, env: dict[str, str], run_dir: Path
+    plan: Plan, store: Path, mar: Path, point: Point, env: dict[str, str], run_dir: Path
 ) -> tuple[server.ServerConfig, Any]:
     """Start TorchServe on free ports with ``env`` and wait for every worker to be READY."""
     overrides = server.private_ports()
-    if plan.device == "cpu":
-        overrides["number_of_gpu"] = "0"
+    # TorchServe hands workers GPU ids round-robin over the first number_of_gpu GPUs.
+    overrides["number_of_gpu"] = str(point.gpus if plan.device == "cuda" else 0)
+    workers = point.total_workers
     cfg = server.ServerConfig(run_dir, store, overrides=overrides)
     with env_vars(env):
         proc = server.start(cfg, {plan.model: mar.name}, log=lambda *_: None)
@@ -128,7 +129,7 @@ def run_one(
     plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path, default_threads: int, log: Log
 ) -> dict[str, Any]:
     """Archive, serve, load and stop one configuration at one point; failures are recorded, not raised."""
-    label = f"{config} w{point.workers} b{point.batch} d{point.delay}"
+    label = f"{config} {point.tag}"
     slug = label.replace(" ", "-")
     run: dict[str, Any] = {
         "config": config,
@@ -136,6 +137,7 @@ def run_one(
         "workers": point.workers,
         "batch": point.batch,
         "delay_ms": point.delay,
+        "gpus": point.gpus if plan.device == "cuda" else 0,
     }
     run_dir = workdir / "runs" / slug
     try:
@@ -143,7 +145,7 @@ def run_one(
         run.update(facts, threads_per_worker=threads)
         log(f"  {label}: {threads} thread(s)/worker; starting TorchServe")
         t0 = time.monotonic()
-        cfg, proc = start_server(plan, mar.parent, mar, point.workers, env, run_dir)
+        cfg, proc = start_server(plan, mar.parent, mar, point, env, run_dir)
     except Exception as exc:  # keep going: one configuration failing must not lose the others
         run["error"] = f"{type(exc).__name__}: {exc}"
         log(f"    failed to start: {run['error']}\n{tail_lines(run_dir / 'logs' / 'torchserve.out')}")
@@ -155,7 +157,9 @@ def run_one(
         run["workers_on_gpu"] = sum(bool(w.get("gpu")) for w in workers)
         if plan.device == "cuda" and not run["workers_on_gpu"]:
             raise RuntimeError("no worker is on a GPU: TorchServe found none (is nvidia-smi on PATH?)")
-        run["points"] = measure(plan, cfg, proc, point.workers, body, topk, log, slug)
+        run["points"] = measure(plan, cfg, proc, point.total_workers, body, topk, log, slug)
+        used = [p["gpu"]["gpus_used"] for p in run["points"] if (p.get("gpu") or {}).get("gpus_used") is not None]
+        run["gpus_used"] = max(used) if used else None
     except Exception as exc:
         run["error"] = f"{type(exc).__name__}: {exc}"
         log(f"    failed: {run['error']}\n{tail_lines(run_dir / 'logs' / 'torchserve.out')}")
@@ -179,9 +183,9 @@ def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | N
                 if (
                     CONFIGS[config].tuned_threads
                     and "stock" in plan.configs
-                    and max(1, cores // point.workers) == default_threads
+                    and max(1, cores // point.total_workers) == default_threads
                 ):
-                    same = f"stock w{point.workers} b{point.batch} d{point.delay}"
+                    same = f"stock {point.tag}"
                 order.append((config, point, same))
     return order
 
@@ -304,7 +308,7 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
                     **copy.deepcopy(done[same_as]),
                     "config": config,
                     "same_as": same_as,
-                    "label": f"{config} w{point.workers} b{point.batch} d{point.delay}",
+                    "label": f"{config} {point.tag}",
                 }
                 log(f"  {run['label']}: same settings as {same_as}; not rerun")
             else:

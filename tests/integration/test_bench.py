@@ -10,6 +10,8 @@ from PIL import Image
 
 from servekit.archive import ArchiveRequest, build_artifact
 from servekit.bench import PROFILES, build_parser, main, plan_from_args
+from servekit.bench.configs import CONFIGS
+from servekit.bench.gpu import GpuSampler
 from servekit.bench.images import synthetic_jpeg
 from servekit.bench.loadgen import LoadResult, split, summarize, valid_answer
 from servekit.bench.packaging import ours_config
@@ -159,6 +161,28 @@ def test_ours_config_sets_batching_and_rejects_bad_overrides():
         ours_config(base, Point(1, 8, 5), {"amp": "int4"})
 
 
+def test_gpu_counts_multiply_the_points_and_the_workers():
+    plan = plan_from_args(build_parser().parse_args(["--gpu", "--workers", "4", "--batch", "32", "--gpus", "1,2"]), [])
+    assert plan.points == [Point(4, 32, 1, 1), Point(4, 32, 1, 2)]
+    assert [p.tag for p in plan.points] == ["w4 b32 d1", "w4 b32 d1 g2"]
+    base = {"batchSize": 32, "handler": {"amp": "fp16"}}
+    raw = ours_config(base, Point(4, 32, 5, 2), CONFIGS["ours-eager"].handler)
+    assert (raw["minWorkers"], raw["maxWorkers"]) == (8, 8)
+    assert raw["handler"]["cuda_graphs"] is False and raw["handler"]["gpu_wait"] == "auto"
+    with pytest.raises(SystemExit, match="--gpus applies to --device cuda"):
+        plan_from_args(build_parser().parse_args(["--quick", "--gpus", "2"]), [])
+
+
+def test_gpu_sampler_counts_the_gpus_the_workers_use():
+    sampler = GpuSampler()
+    sampler.enabled, sampler.util, sampler.used_mib = True, [50.0], [4000.0]
+    sampler.per_pid_mib = {10: 1200.0, 11: 1300.0, 12: 1250.0, 99: 500.0}
+    sampler.pid_gpu = {10: 0, 11: 1, 12: 1, 99: 0}
+    summary = sampler.summary([10, 11, 12], workers=3)
+    assert summary is not None and summary["gpus_used"] == 2 and summary["mem_per_worker_mib"] == 1250
+    assert sampler.summary([10], workers=1)["gpus_used"] == 1
+
+
 def test_quick_profile_and_overrides():
     args = build_parser().parse_args(["--quick", "--concurrency", "1,4", "--amp", "bf16"])
     plan = plan_from_args(args, [])
@@ -176,8 +200,10 @@ def test_quick_profile_and_overrides():
     assert plan.configs == ["ours", "ours-int8", "stock", "stock-tuned"]
     assert gpu.configs == ["ours", "stock", "stock-tuned"]
     assert "ours-int8" not in plan_from_args(build_parser().parse_args(["--quick", "--device", "cuda"]), []).configs
-    with pytest.raises(SystemExit, match="ours-int8 is a CPU configuration"):
+    with pytest.raises(SystemExit, match="ours-int8 cannot run on the GPU"):
         plan_from_args(build_parser().parse_args(["--gpu", "--configs", "ours,ours-int8"]), [])
+    with pytest.raises(SystemExit, match="ours-eager cannot run on the CPU"):
+        plan_from_args(build_parser().parse_args(["--quick", "--configs", "ours,ours-eager"]), [])
 
 
 def _ceiling(variant: str, amp: bool, frozen: bool, ips: float, batch: int = 8, cl: bool = True) -> dict:

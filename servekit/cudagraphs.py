@@ -1,0 +1,128 @@
+"""Replay a model's forward as CUDA graphs, one per batch-size bucket: one launch instead of hundreds.
+
+A ResNet-50 forward is about 160 kernel launches; issuing them from Python through TorchScript
+costs the worker more CPU than the GPU spends running them at small batches, and it is most of a
+batch-1 request's latency. A captured graph replays them all with one call. Batches are padded up
+to the next captured size (powers of two up to the largest warm-up size), so a handful of graphs
+cover every batch TorchServe can send; a larger batch runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .errors import first_line
+
+log = logging.getLogger(__name__)
+
+# Replayed logits may differ from eager ones only by kernel choice (fp16 rounding), not by meaning.
+MAX_REL_ERROR = 2e-2
+# Eager runs per size before capture: TorchScript's profiling executor and cuDNN's autotuner settle
+# in the first runs, and neither may run inside a capture.
+SETTLE_RUNS = 3
+
+
+def buckets(largest: int) -> list[int]:
+    """Captured batch sizes: powers of two below ``largest``, then ``largest`` itself."""
+    if largest < 1:
+        raise ValueError(f"largest batch must be >= 1, got {largest}")
+    sizes, b = [], 1
+    while b < largest:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, largest]
+
+
+def bucket_for(n: int, sizes: Sequence[int]) -> int | None:
+    """The smallest captured size that holds ``n`` items (None: run eagerly)."""
+    return next((b for b in sorted(sizes) if b >= n), None)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|: one number for "same answer"."""
+    want = want.float()
+    scale = want.abs().max().clamp_min(1e-6)
+    return float((got.float() - want).abs().max() / scale)
+
+
+class GraphedForward:
+    """``fn`` replayed from CUDA graphs: pads a batch into its bucket's static input, replays, slices."""
+
+    def __init__(self, graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]]):
+        self.graphs = graphs
+        self.sizes = sorted(graphs)
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch a graph holds."""
+        return self.sizes[-1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Logits for ``x``, or None when no graph holds its batch (the caller runs eagerly)."""
+        n = x.shape[0]
+        size = bucket_for(n, self.sizes)
+        if size is None:
+            return None
+        graph, static_in, static_out = self.graphs[size]
+        # The static tensors were made in inference mode: they may only be written in it.
+        with torch.inference_mode():
+            # Rows past n keep an earlier batch's pixels: per-sample layers make them harmless, and
+            # their outputs are dropped.
+            static_in[:n].copy_(x)
+            graph.replay()
+            # A copy: the next replay overwrites the static output.
+            return static_out[:n].clone()
+
+    @classmethod
+    def capture(
+        cls,
+        run: Callable[[torch.Tensor], torch.Tensor],
+        sizes: Sequence[int],
+        make_input: Callable[[int], torch.Tensor],
+        device: torch.device,
+    ) -> GraphedForward | None:
+        """Capture ``run`` for each size and check one replay against eager; None (logged once) if either fails."""
+        if device.type != "cuda":
+            return None
+        graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        pool = None
+        try:
+            # One input buffer: each graph reads the first rows of it (replays never overlap).
+            shared_in = make_input(max(sizes))
+            for size in sorted(sizes, reverse=True):  # the largest first sizes the shared memory pool
+                static_in = shared_in[:size]
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(SETTLE_RUNS):
+                        run(static_in)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    static_out = run(static_in)
+                pool = graph.pool()
+                graphs[size] = (graph, static_in, static_out)
+            graphed = cls(graphs)
+            error = graphed.check(run, make_input(graphed.max_batch).normal_())
+        except RuntimeError as exc:
+            log.warning("CUDA graphs unavailable for this model (%s); running it eagerly", first_line(exc))
+            return None
+        finally:
+            torch.cuda.synchronize(device)
+        if error > MAX_REL_ERROR:
+            log.warning(
+                "CUDA graph replay differs from eager by %.3g (limit %.3g); running the model eagerly",
+                error,
+                MAX_REL_ERROR,
+            )
+            return None
+        return graphed
+
+    def check(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+        """Relative error of a replay against the eager forward on ``x``."""
+        got = self(x)
+        assert got is not None
+        return relative_error(got, run(x))

@@ -1,0 +1,141 @@
+"""CUDA graph buckets and the GPU wait mode: the pure logic here, the capture itself where a GPU is."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import pytest
+import torch
+
+from servekit.artifacts import LoadedModel
+from servekit.config import ClassifierOptions, HandlerOptions
+from servekit.cudagraphs import GraphedForward, bucket_for, buckets, relative_error
+from servekit.errors import ConfigError
+from servekit.gpuwait import WAIT_FLAGS, set_gpu_wait
+from servekit.inference import Engine
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_buckets_are_powers_of_two_up_to_the_largest():
+    assert buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert buckets(1) == [1]
+    with pytest.raises(ValueError):
+        buckets(0)
+
+
+def test_bucket_for_picks_the_smallest_that_holds_the_batch():
+    sizes = [1, 2, 4, 8, 16, 32]
+    assert [bucket_for(n, sizes) for n in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
+    assert bucket_for(33, sizes) is None
+
+
+def test_relative_error():
+    want = torch.tensor([[1.0, -4.0], [2.0, 0.0]])
+    assert relative_error(want.clone(), want) == 0.0
+    assert relative_error(want + torch.tensor([[0.0, 0.4], [0.0, 0.0]]), want) == pytest.approx(0.1)
+
+
+def test_no_capture_on_the_cpu():
+    assert GraphedForward.capture(lambda x: x, [1], lambda n: torch.zeros(n, 1), torch.device("cpu")) is None
+
+
+def test_gpu_wait_is_checked_up_front():
+    with pytest.raises(ConfigError, match="gpu_wait must be one of"):
+        HandlerOptions.from_dict({"gpu_wait": "busy"})
+    assert HandlerOptions().gpu_wait == "blocking" and HandlerOptions().cuda_graphs
+
+
+class FakeDriver:
+    """libcuda's four calls, recording the flags set; ``fail`` names a call that returns an error."""
+
+    def __init__(self, fail: str = "", keep: int | None = None):
+        self.fail, self.keep, self.flags = fail, keep, 0
+
+    def _status(self, name: str) -> int:
+        return 999 if name == self.fail else 0
+
+    def cuInit(self, _flags):  # noqa: N802 - the driver's names
+        return self._status("cuInit")
+
+    def cuDeviceGet(self, dev, index):  # noqa: N802
+        dev._obj.value = index
+        return self._status("cuDeviceGet")
+
+    def cuDevicePrimaryCtxSetFlags(self, _dev, flags):  # noqa: N802
+        self.flags = flags if self.keep is None else self.keep
+        return self._status("cuDevicePrimaryCtxSetFlags")
+
+    def cuDevicePrimaryCtxGetState(self, _dev, flags, active):  # noqa: N802
+        flags._obj.value, active._obj.value = self.flags, 1
+        return self._status("cuDevicePrimaryCtxGetState")
+
+
+def test_gpu_wait_sets_the_primary_context_flag():
+    driver = FakeDriver()
+    assert set_gpu_wait("blocking", 0, lib=driver) == "blocking"
+    assert driver.flags == WAIT_FLAGS["blocking"]
+    assert set_gpu_wait("auto", 0, lib=FakeDriver(fail="cuInit")) == "auto"  # not even asked
+
+
+@pytest.mark.parametrize("driver", [FakeDriver(fail="cuDevicePrimaryCtxSetFlags"), FakeDriver(keep=0x01)])
+def test_gpu_wait_degrades_to_the_driver_default_and_says_so(driver, caplog):
+    with caplog.at_level(logging.WARNING, logger="servekit.gpuwait"):
+        assert set_gpu_wait("blocking", 0, lib=driver) == "auto"
+    assert "the driver decides how CUDA waits" in caplog.text
+
+
+def test_gpu_wait_without_a_driver_library(monkeypatch, caplog):
+    def missing(_name):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    with caplog.at_level(logging.WARNING, logger="servekit.gpuwait"):
+        assert set_gpu_wait("blocking", 0) == "auto"
+    assert "libcuda.so.1" in caplog.text
+
+
+def _small_net(device: torch.device) -> torch.jit.ScriptModule:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
+    return torch.jit.script(net.eval().to(device))
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_graphed_engine_matches_eager_at_every_batch_size(amp):
+    device = torch.device("cuda", 0)
+    module = _small_net(device)
+    opts = ClassifierOptions(amp=amp, warmup_batch_sizes=(1, 8), crop=16, resize=16)
+    engine = Engine(LoadedModel(module, "torchscript", device, autocast=True, graphable=True), opts)
+    engine.warmup(opts.warmup_batch_sizes, (3, 16, 16), torch.contiguous_format)
+    assert engine.graphs is not None and engine.graphs.sizes == [1, 2, 4, 8]
+    for n in (1, 3, 8, 9):  # 9: above the largest graph, eager
+        x = torch.randn(n, 3, 16, 16, device=device)
+        got = engine.forward(x)
+        with torch.inference_mode(), engine._autocast():
+            want = module(x)
+        assert got.shape == want.shape
+        assert relative_error(got, want) < 1e-2
+
+
+@needs_cuda
+def test_a_model_that_cannot_be_captured_runs_eagerly(caplog):
+    device = torch.device("cuda", 0)
+
+    def host_sync(x: torch.Tensor) -> torch.Tensor:
+        return x * float(x.sum().item() != 0.5)  # .item() syncs: not allowed in a capture
+
+    with caplog.at_level(logging.WARNING, logger="servekit.cudagraphs"):
+        graphed = GraphedForward.capture(host_sync, [1, 2], lambda n: torch.zeros(n, 4, device=device), device)
+    assert graphed is None
+    assert "running it eagerly" in caplog.text
