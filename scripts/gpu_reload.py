@@ -50,6 +50,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs TorchServe spreads the workers over")
     parser.add_argument("--warmup", default=None, help="warm-up batch sizes, e.g. 32 (default: model-config)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("gpu-reload.json"))
@@ -66,7 +67,7 @@ def main() -> int:
     for version in ("1.0", "2.0"):  # the second build finds the first one's artifact up to date
         archive(ArchiveRequest("resnet50", mdir, staging, version=version))
     shutil.copy2(staging / "resnet50-v1.0.mar", store)
-    cfg = server.ServerConfig(tmp / "run", store, overrides=port_overrides())
+    cfg = server.ServerConfig(tmp / "run", store, overrides={**port_overrides(), "number_of_gpu": str(args.gpus)})
     proc = server.start(cfg, {"resnet50": "resnet50-v1.0.mar"})
     server.wait_ready(cfg, ["resnet50"], timeout=600, proc=proc)
     watcher_log = tmp / "watcher.log"
@@ -102,6 +103,7 @@ def main() -> int:
     report = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "workers": args.workers,
+        "gpus": args.gpus,
         "clients": args.clients,
         "handler_overrides": handler,
         "publish_to_first_v2_s": round(first_v2 - published, 2) if first_v2 is not None else None,
