@@ -55,7 +55,8 @@ class ImageClassifier:
         return self.engine.device
 
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
-        """Run the configured batch sizes (forward and top-k) once at load."""
+        """Decode once and run the configured batch sizes (forward and top-k) once at load."""
+        self.pre.warmup()
         shape = (self.opts.channels, self.opts.crop, self.opts.crop)
         self.engine.warmup(
             batch_sizes or self.opts.warmup_batch_sizes,

@@ -92,16 +92,18 @@ class GraphedForward:
         try:
             # One input buffer: each graph reads the first rows of it (replays never overlap).
             shared_in = make_input(max(sizes))
+            # One side stream for every settle run and capture: cuBLAS keeps a workspace per stream
+            # it has run on, so a stream per size would hold one workspace each for good.
+            side = torch.cuda.Stream(device)
             for size in sorted(sizes, reverse=True):  # the largest first sizes the shared memory pool
                 static_in = shared_in[:size]
-                side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):
                     for _ in range(SETTLE_RUNS):
                         run(static_in)
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=side):
                     static_out = run(static_in)
                 pool = graph.pool()
                 graphs[size] = (graph, static_in, static_out)

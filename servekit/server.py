@@ -75,14 +75,20 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """A ServerConfig from the arguments :func:`add_server_args` declares."""
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` items as a mapping of config.properties entries."""
     overrides = {}
-    for item in args.set:
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """A ServerConfig from the arguments :func:`add_server_args` declares."""
+    overrides = parse_overrides(args.set)
     return ServerConfig(args.run_dir.resolve(), args.model_store.resolve(), args.config.resolve(), overrides)
 
 

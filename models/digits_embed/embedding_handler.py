@@ -43,7 +43,8 @@ class ImageEmbedder:
         self.pre = Preprocessor(opts, device, dtype=self.engine.input_dtype)
 
     def warmup(self) -> None:
-        """Run the configured batch sizes once at load."""
+        """Decode once and run the configured batch sizes once at load."""
+        self.pre.warmup()
         shape = (self.opts.channels, self.opts.crop, self.opts.crop)
         self.engine.warmup(self.opts.warmup_batch_sizes, shape, self.pre.memory_format)
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..server import parse_overrides
 from .configs import CONFIGS
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         + "; default: the profile's",
     )
     p.add_argument("--workers", type=_ints, help="workers per device, e.g. 1,2")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config.properties entry of every server in the run, e.g. number_of_netty_threads=8",
+    )
     p.add_argument(
         "--gpus",
         type=_ints,
@@ -191,6 +199,7 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         out=args.out,
         loadgen_procs=args.loadgen_procs,
         handler_overrides=overrides,
+        server_overrides=parse_overrides(args.set),
         amp=pick("amp"),
         freeze=pick("freeze"),
         channels_last_weights=pick("channels_last_weights"),

@@ -50,6 +50,7 @@ class Plan:
     out: Path
     loadgen_procs: int | None = None
     handler_overrides: dict[str, Any] = field(default_factory=dict)
+    server_overrides: dict[str, str] = field(default_factory=dict)  # config.properties entries, every server
     amp: str | None = None  # our handler's amp: None keeps model-config's; "auto" picks from the ceiling
     freeze: bool | str = False  # True, False or "auto" (picked from the ceiling)
     channels_last_weights: bool = True

@@ -48,7 +48,7 @@ def start_server(
     plan: Plan, store: Path, mar: Path, point: Point, env: dict[str, str], run_dir: Path
 ) -> tuple[server.ServerConfig, Any]:
     """Start TorchServe on free ports with ``env`` and wait for every worker to be READY."""
-    overrides = server.private_ports()
+    overrides = {**server.private_ports(), **plan.server_overrides}
     # TorchServe hands workers GPU ids round-robin over the first number_of_gpu GPUs.
     overrides["number_of_gpu"] = str(point.gpus if plan.device == "cuda" else 0)
     workers = point.total_workers

@@ -169,6 +169,13 @@ def test_gpu_counts_multiply_the_points_and_the_workers():
     raw = ours_config(base, Point(4, 32, 5, 2), CONFIGS["ours-eager"].handler)
     assert (raw["minWorkers"], raw["maxWorkers"]) == (8, 8)
     assert raw["handler"]["cuda_graphs"] is False and raw["handler"]["gpu_wait"] == "auto"
+    threads = ["--set", "number_of_netty_threads=8", "--set", "netty_client_threads=8"]
+    assert plan_from_args(build_parser().parse_args(["--gpu", *threads]), []).server_overrides == {
+        "number_of_netty_threads": "8",
+        "netty_client_threads": "8",
+    }
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        plan_from_args(build_parser().parse_args(["--gpu", "--set", "number_of_netty_threads"]), [])
     with pytest.raises(SystemExit, match="--gpus applies to --device cuda"):
         plan_from_args(build_parser().parse_args(["--quick", "--gpus", "2"]), [])
 

@@ -1,4 +1,4 @@
-"""CUDA graph buckets and the GPU wait mode: the pure logic here, the capture itself where a GPU is."""
+"""The GPU serving path: graph buckets and the wait mode here; capture and nvjpeg warm-up where a GPU is."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from servekit.cudagraphs import GraphedForward, bucket_for, buckets, relative_er
 from servekit.errors import ConfigError
 from servekit.gpuwait import WAIT_FLAGS, set_gpu_wait
 from servekit.inference import Engine
+from servekit.vision import Preprocessor
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -139,3 +140,16 @@ def test_a_model_that_cannot_be_captured_runs_eagerly(caplog):
         graphed = GraphedForward.capture(host_sync, [1, 2], lambda n: torch.zeros(n, 4, device=device), device)
     assert graphed is None
     assert "running it eagerly" in caplog.text
+
+
+@needs_cuda
+def test_preprocessor_warmup_starts_nvjpeg_at_load():
+    pre = Preprocessor(ClassifierOptions(), torch.device("cuda", 0))
+    pre.warmup()  # decodes a built-in JPEG on the GPU
+    assert not pre._gpu_decode_failed
+
+
+def test_preprocessor_warmup_is_a_no_op_on_the_cpu(monkeypatch):
+    pre = Preprocessor(ClassifierOptions(), torch.device("cpu"))
+    monkeypatch.setattr(pre, "decode_many", lambda *a: pytest.fail("decoded on the CPU"))
+    pre.warmup()
