@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from models.digits.model import encode, held_out
+from servekit import server
 from servekit.batch import Batch
 from servekit.config import ClassifierOptions, ConfigError, HandlerOptions, ImageOptions, ModelConfig
 from servekit.errors import ExportMismatch, InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -257,3 +259,17 @@ def test_torchserve_log_timeline_of_a_version(tmp_path):
     assert rel["process_spawned"] == [0.01, 0.17]  # first and last worker; v1.0's line is not counted
     assert rel["worker_started"] == [1.2, 1.2] and rel["model_loaded"] == [5.1, 5.1]
     assert worker_timeline(tmp_path / "missing", "m", "2.0") == {}
+
+
+def test_frontend_threads_scale_with_the_cpus(tmp_path, monkeypatch):
+    assert [server.frontend_threads(c) for c in (1, 2, 16, 32, 64)] == [4, 4, 4, 8, 16]
+    monkeypatch.setattr(server, "available_cpus", lambda: 48)
+    props = server.ServerConfig(tmp_path / "run", tmp_path / "store").properties()
+    assert props["number_of_netty_threads"] == props["netty_client_threads"] == "12"
+    mine = server.ServerConfig(tmp_path / "run", tmp_path / "store", overrides={"netty_client_threads": "6"})
+    assert mine.properties()["netty_client_threads"] == "6"
+    for template in ("docker/config.properties", "k8s/base/config.properties"):
+        shipped = server.ServerConfig(
+            tmp_path / "run", tmp_path / "store", Path(__file__).resolve().parents[2] / template
+        ).properties()
+        assert shipped["number_of_netty_threads"] == "12", template
