@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark on the GPU host (one H100): our handler vs TorchServe's stock image_classifier.
+# The benchmark on the GPU host: our handler vs TorchServe's stock image_classifier.
 # Run from the repository root. Results (results.json, report.md, bench.png, bench.log) go to $OUT.
 #
 #   bash scripts/gpu_bench.sh ours    # model-only + decode ceilings, our handler on the whole grid (estimated ~5 min)
@@ -9,6 +9,8 @@
 #                                     # frontend/worker CPU split and py-spy profiles of the workers (~6 min)
 #   bash scripts/gpu_bench.sh pt2     # TorchScript fp16 vs the AOTInductor .pt2 (fp16 baked in), 4 workers,
 #                                     # batch 32, end to end + model-only (not yet run: estimated ~4 min)
+#   bash scripts/gpu_bench.sh graphs  # our handler with and without CUDA graphs + blocking waits (~4 min)
+#   bash scripts/gpu_bench.sh gpus    # one GPU against all of them (2 on a two-GPU host), one run (~4 min)
 #
 # Then, on any machine, merge the phases into one table and plot:
 #   python3 -m servekit.bench report ours/results.json stock/results.json --out bench-results/gpu
@@ -37,8 +39,11 @@ case "$phase" in
   stock) args=(--gpu --configs stock,stock-tuned --no-micro) ;;
   all)   args=(--gpu) ;;
   pt2)   args=(--gpu --configs ours,ours-pt2 --workers 4 --batch 32 --concurrency 1,128) ;;
+  graphs) args=(--gpu --configs ours,ours-eager --workers 4 --batch 32 --concurrency 1,128,256 --freeze --no-micro) ;;
+  gpus)  args=(--gpu --configs ours --workers 4 --batch 32 --gpus "1,$(nvidia-smi -L | wc -l)" --concurrency 256,512
+           --freeze --no-micro) ;;
   profile) args=(--gpu --configs ours,noop,stock-tuned --workers 4 --batch 32 --concurrency 1,128 --duration 12
            --no-micro --py-spy) ;;
-  *)     echo "usage: $0 [ours|stock|all|pt2|profile]" >&2; exit 2 ;;
+  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|profile]" >&2; exit 2 ;;
 esac
 python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"
