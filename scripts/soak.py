@@ -378,7 +378,9 @@ class Soak:
             and max(gaps) < 60
             and not metrics.get('servekit_watcher_polls_total{result="failure"}'),
             "logs_under_cap": max(s.logs_mb for s in self.rss) <= self.log_cap_mb(),
-            "frontend_rss_flat": flat("frontend_mb", 0.05, 20.0),
+            # The JVM keeps sizing its heap (G1's adaptive young generation) and compiling code for its
+            # first minutes: 20-50 MB of growth that then holds (docs/soak.md), not a leak.
+            "frontend_rss_flat": flat("frontend_mb", 0.05, 50.0),
             "worker_rss_flat": flat("workers_mb", 0.05, 20.0),
             "watcher_rss_flat": flat("watcher_mb", 0.0, 10.0),
             "watcher_rss_under_150_mb": max(s.watcher_mb for s in self.rss) <= 150,
