@@ -77,6 +77,7 @@ class Cluster:
     image: str
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     pods: list[Pod] = field(default_factory=list)
+    configmap_volumes: set[str] = field(default_factory=set)
 
     @property
     def volume(self) -> str:
@@ -152,6 +153,8 @@ class Cluster:
             pod_file.write_text(pod_text)
             cm_file.write_text(cm_text)
             podman("kube", "play", "--configmap", str(cm_file), str(pod_file), timeout=300)
+            # podman makes a named volume per ConfigMap and keeps it after the pod is gone.
+            self.configmap_volumes |= {d["metadata"]["name"] for d in _docs(cm_text)}
             infra = podman("pod", "inspect", f"{name}-pod-0", "--format", "{{.InfraContainerID}}").stdout.strip()
             ip = podman("inspect", infra, "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
             self.pods.append(Pod(name, ip.stdout.strip(), self.tag))
@@ -181,5 +184,6 @@ class Cluster:
     def teardown(self) -> None:
         for pod in self.pods:
             podman("pod", "rm", "--force", f"{pod.name}-pod-0", check=False, timeout=120)
-        podman("volume", "rm", "--force", self.volume, check=False)
+        for volume in (self.volume, *sorted(self.configmap_volumes)):
+            podman("volume", "rm", "--force", volume, check=False)
         podman("secret", "rm", self.secret, check=False)
