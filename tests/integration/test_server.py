@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -214,3 +215,12 @@ def test_cli_serve_predict_health_stop_leaves_no_process(tmp_path, archives):
     assert server.group_members(pgid) == []
     health = subprocess.run([*cli, "health", *common], capture_output=True, text=True, env=env, timeout=60)
     assert health.returncode == 1
+
+
+def test_archives_are_stored_uncompressed(archives):
+    """TorchServe unpacks an archive at every registration: stored entries make that a copy."""
+    with zipfile.ZipFile(archives / "digits-v1.0.mar") as zf:
+        infos = zf.infolist()
+        assert {"MAR-INF/MANIFEST.json", "model.pt", "model-config.yaml"} <= {i.filename for i in infos}
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+        assert json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"] == "model.pt"
