@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -123,8 +122,7 @@ def package(
         mar, raw = archive_stock(plan, art, config, point, workdir, slug)
         name = "servekit/bench/noop_handler.py (no decode, no inference)" if CONFIGS[config].noop else None
         facts = {"handler": name or "TorchServe image_classifier (stock)", "amp": "off", "frozen": False}
-        cores = os.cpu_count() or 1
-        threads = max(1, cores // point.total_workers) if CONFIGS[config].tuned_threads else default_threads
+        threads = point.tuned_threads() if CONFIGS[config].tuned_threads else default_threads
         env, topk = {"OMP_NUM_THREADS": str(threads)}, 5
     facts["model_config"] = {k: v for k, v in raw.items() if k != "handler"}
     return mar, threads, env, topk, facts

@@ -34,6 +34,14 @@ class Point:
         """E.g. ``w4 b32 d5``, with `` g2`` when it spans two GPUs."""
         return f"w{self.workers} b{self.batch} d{self.delay}" + (f" g{self.gpus}" if self.gpus > 1 else "")
 
+    def label(self, config: str) -> str:
+        """A run's name, e.g. ``ours w4 b32 d5``: what a tuned stock run that repeats another refers to."""
+        return f"{config} {self.tag}"
+
+    def tuned_threads(self) -> int:
+        """Threads per worker when the machine's cores are split across the point's workers."""
+        return max(1, (os.cpu_count() or 1) // self.total_workers)
+
 
 @dataclass
 class Plan:

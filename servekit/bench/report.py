@@ -135,12 +135,34 @@ def comparison_table(runs: Sequence[dict]) -> str:
     return _md(header, rows)
 
 
+RUNS_HEADER = [
+    "run",
+    "threads/worker",
+    "concurrency",
+    "req/s",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "errors",
+    "loadgen cores",
+    "server cores",
+    "frontend CPU ms/req",
+    "workers CPU ms/req",
+    "req per server CPU-s",
+    "other cores",
+    "GPU util %",
+    "GPU MiB/worker",
+    "GPUs used",
+]
+
+
 def runs_table(runs: Sequence[dict]) -> str:
     """Every run and concurrency: throughput, latency percentiles, errors, CPU and GPU use."""
     rows = []
     for run in runs:
         if run.get("error"):
-            rows.append([run["label"], "-", "-", "-", "-", "-", "-", f"failed: {run['error'][:60]}"] + ["-"] * 9)
+            failed = [run["label"], "-", "-", "-", "-", "-", "-", f"failed: {run['error'][:60]}"]
+            rows.append(failed + ["-"] * (len(RUNS_HEADER) - len(failed)))
             continue
         for p in run["points"]:
             lat = p["latency_ms"]
@@ -169,28 +191,7 @@ def runs_table(runs: Sequence[dict]) -> str:
                     gpu.get("gpus_used"),
                 ]
             )
-    return _md(
-        [
-            "run",
-            "threads/worker",
-            "concurrency",
-            "req/s",
-            "p50 ms",
-            "p90 ms",
-            "p99 ms",
-            "errors",
-            "loadgen cores",
-            "server cores",
-            "frontend CPU ms/req",
-            "workers CPU ms/req",
-            "req per server CPU-s",
-            "other cores",
-            "GPU util %",
-            "GPU MiB/worker",
-            "GPUs used",
-        ],
-        rows,
-    )
+    return _md(RUNS_HEADER, rows)
 
 
 def micro_tables(results: dict[str, Any]) -> str:

@@ -129,7 +129,7 @@ def run_one(
     plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path, default_threads: int, log: Log
 ) -> dict[str, Any]:
     """Archive, serve, load and stop one configuration at one point; failures are recorded, not raised."""
-    label = f"{config} {point.tag}"
+    label = point.label(config)
     slug = label.replace(" ", "-")
     run: dict[str, Any] = {
         "config": config,
@@ -173,7 +173,6 @@ def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | N
 
     A tuned stock run whose thread count equals the stock default is the untuned run again: it is not rerun.
     """
-    cores = os.cpu_count() or 1
     order = []
     points = list(dict.fromkeys([*plan.points, *plan.stock_points]))
     for point in points:
@@ -183,9 +182,9 @@ def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | N
                 if (
                     CONFIGS[config].tuned_threads
                     and "stock" in plan.configs
-                    and max(1, cores // point.total_workers) == default_threads
+                    and point.tuned_threads() == default_threads
                 ):
-                    same = f"stock {point.tag}"
+                    same = point.label("stock")
                 order.append((config, point, same))
     return order
 
@@ -308,7 +307,7 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
                     **copy.deepcopy(done[same_as]),
                     "config": config,
                     "same_as": same_as,
-                    "label": f"{config} {point.tag}",
+                    "label": point.label(config),
                 }
                 log(f"  {run['label']}: same settings as {same_as}; not rerun")
             else:
