@@ -30,6 +30,7 @@ class _Api:
 
     kind = "inference"
     attempts = 6
+    retry: Retry | None = None  # urllib3 retries of the whole session, on top of the key re-reads
 
     def __init__(
         self,
@@ -45,6 +46,8 @@ class _Api:
             self.tokens = TokenFile(token_file)
         self.timeout = timeout
         self.session = requests.Session()
+        if self.retry is not None:
+            self.session.mount("http://", HTTPAdapter(max_retries=self.retry))
         if api_key:  # a fixed key (the pod's proxy): sent on every request, never re-read
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
@@ -93,6 +96,20 @@ class ManagementClient(_Api):
     """Model registry operations on the (loopback) management port."""
 
     kind = "management"
+    # TorchServe 0.12 now and then answers a scale (PUT) with 500 while other management calls race
+    # it. Scaling and setting the default are idempotent, so they are sent again: the repeat finds
+    # the state already reached, or reaches it. POST and DELETE are never repeated.
+    retry = Retry(
+        total=2,
+        connect=0,
+        read=0,
+        other=0,
+        status=2,
+        status_forcelist=(500,),
+        allowed_methods=("PUT",),
+        backoff_factor=0.25,
+        raise_on_status=False,
+    )
 
     def models(self) -> list[dict]:
         """Registered models: ``[{"modelName", "modelUrl"}]``."""

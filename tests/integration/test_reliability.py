@@ -289,12 +289,12 @@ def churn_server(tmp_path, archives):
 
 def test_concurrent_management_under_load(churn_server):
     make_mgmt = churn_server.cfg.management
-    calls: list[tuple[str, int, float]] = []
+    calls: list[tuple[str, int, float, str]] = []
 
     def timed(what: str, fn):
         t0 = time.monotonic()
         resp = fn()
-        calls.append((what, resp.status_code, time.monotonic() - t0))
+        calls.append((what, resp.status_code, time.monotonic() - t0, resp.text[:300]))
         return resp
 
     def churn_v2():

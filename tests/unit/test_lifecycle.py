@@ -6,12 +6,15 @@ import io
 import json
 import shutil
 import subprocess
+import threading
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from servekit.client import ManagementClient
 from servekit.errors import ConfigError
 from servekit.proxy import ProxySettings, keys_map, read_keys, render
 from servekit.reload.capacity import DeviceFigures, check_room, room_problem
@@ -238,3 +241,33 @@ def test_every_bench_configuration_is_complete():
         assert not (c.cpu_only and c.gpu_only), f"{name}: runs nowhere"
         assert not c.export or c.ours, f"{name}: only our handler serves an artifact of its own"
     assert "ours" in OURS and "stock" not in OURS and set(ALTERNATES) <= set(OURS)
+
+
+def test_management_repeats_an_idempotent_put_after_a_500_but_never_a_post():
+    """Scaling (PUT) that TorchServe answers with 500 once is sent again; a register (POST) is not."""
+    seen: list[str] = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append(self.command)
+            status = 500 if seen.count(self.command) == 1 else 200
+            body = json.dumps({"status": "ok" if status == 200 else "boom"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        mgmt = ManagementClient(f"http://127.0.0.1:{srv.server_port}")
+        assert mgmt.scale("digits", 1, version="1.0").status_code == 200
+        assert mgmt.register("digits-v2.0.mar").status_code == 500
+        assert seen == ["PUT", "PUT", "POST"]
+    finally:
+        srv.shutdown()
