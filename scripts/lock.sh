@@ -8,7 +8,7 @@
 # The output is a plain requirements file: the installs (Makefile, CI, images) need only pip.
 #
 #   dev.txt        make dev / make test / CI: everything (servekit[dev])
-#   local.txt      make install / make serve: servekit[cpu,archive,bench,java]
+#   local.txt      make install / make serve / make bench: servekit[cpu,archive,bench,litserve,java]
 #   build.txt      the build backend (pyproject's build-system.requires), for --no-build-isolation
 #   torch.txt      the torch + torchvision pair from PyPI (a CUDA 13 build) and its dependencies
 #   image-cpu.txt  the runtime image without the torch pair: servekit's dependencies + onnxruntime
@@ -49,7 +49,7 @@ compile() {
 }
 
 compile requirements/dev.txt --universal --extra dev pyproject.toml
-compile requirements/local.txt --universal --extra cpu --extra archive --extra bench --extra java pyproject.toml
+compile requirements/local.txt --universal --extra cpu --extra archive --extra bench --extra litserve --extra java pyproject.toml
 compile requirements/build.txt --universal build/lock/build.in
 compile requirements/torch.txt "${IMAGE_TARGET[@]}" --no-strip-markers --constraint build/lock/pins.txt build/lock/torch.in
 compile requirements/image-cpu.txt "${IMAGE_TARGET[@]}" --no-strip-markers build/lock/image-cpu.in

@@ -13,6 +13,7 @@ from .artifacts import LoadedModel
 from .config import AMP_CHOICES, HandlerOptions
 from .cudagraphs import GraphedForward, buckets
 from .errors import ConfigError, ModelError, OutOfMemory, first_line
+from .gpuwait import set_gpu_wait
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,26 @@ def select_device(gpu_id: int | str | None) -> torch.device:
     if gpu_id is not None and str(gpu_id) != "" and torch.cuda.is_available():
         return torch.device("cuda", int(gpu_id))
     return torch.device("cpu")
+
+
+def prepare_process(opts: HandlerOptions, device: torch.device, workers: int, batch_size: int) -> None:
+    """Threads, the GPU wait mode and cudnn autotuning of a serving process, before it loads a model."""
+    torch.set_num_threads(opts.threads(workers))
+    if device.type != "cuda":
+        return
+    # Before set_device: it creates the CUDA context, whose wait mode is fixed from then on.
+    set_gpu_wait(opts.gpu_wait, device.index or 0)
+    torch.cuda.set_device(device)
+    if opts.cuda_graphs and batch_size > max(opts.warmup_batch_sizes):
+        log.warning(
+            "batch size %d is above the largest warmup_batch_sizes entry %d: larger batches run "
+            "without CUDA graphs; add %d to warmup_batch_sizes",
+            batch_size,
+            max(opts.warmup_batch_sizes),
+            batch_size,
+        )
+    # Autotuning picks faster kernels per shape, at a start-up cost paid in the warm-up.
+    torch.backends.cudnn.benchmark = opts.cudnn_benchmark
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -1,4 +1,4 @@
-"""``servekit bench``: our handler vs TorchServe's stock image_classifier under the same load.
+"""``servekit bench``: our handler vs TorchServe's stock image_classifier and LitServe under the same load.
 
 servekit bench [--quick | --gpu] [sweep flags]     measure, write <out>/results.json, report.md, bench.png
 servekit bench report FILE.json... [--out DIR]      merge result files and redraw the report
@@ -16,10 +16,10 @@ from ..server import parse_overrides
 from .configs import CONFIGS
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # A 2-core CPU machine: about 8 minutes for ours (TorchScript), ours int8, stock and stock tuned.
+    # A 2-core CPU machine: about 10 minutes for ours (TorchScript), ours int8, stock, stock tuned and LitServe.
     "quick": dict(
         device="cpu",
-        configs=["ours", "ours-int8", "stock", "stock-tuned"],
+        configs=["ours", "ours-int8", "stock", "stock-tuned", "litserve"],
         workers=[1, 2],
         batch=[8],
         delay=[5],
@@ -38,7 +38,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # One H100: ours on the whole grid, the stock handler at batch 32 (run the phases as separate commands).
     "gpu": dict(
         device="cuda",
-        configs=["ours", "stock", "stock-tuned"],
+        configs=["ours", "stock", "stock-tuned", "litserve"],
         workers=[2, 4],
         batch=[32, 64],
         delay=[1],
@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--keep", action="store_true", help="copy the servers' run dirs (logs) into the output")
     p.add_argument(
+        "--litserve-api-servers",
+        type=int,
+        default=0,
+        help="API server processes of the litserve configuration (default: one per inference worker, "
+        "LitServe's own default)",
+    )
+    p.add_argument(
         "--py-spy",
         action="store_true",
         help="sample two workers with py-spy in each run's highest-concurrency window: an SVG flame graph "
@@ -211,6 +218,7 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         decode_batches=pick("decode_batch"),
         image_bytes=args.image_bytes,
         keep=args.keep,
+        litserve_api_servers=args.litserve_api_servers,
         py_spy=args.py_spy,
         command="servekit bench " + " ".join(argv),
     )

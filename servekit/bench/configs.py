@@ -52,6 +52,19 @@ class BenchConfig:
     noop: bool = False  # TorchServe with a handler that does nothing: the floor of the server's CPU per request
     gpu_only: bool = False
     handler: dict[str, Any] = field(default_factory=dict)  # our handler's options that differ from "ours"
+    # Who serves: "torchserve", or "litserve" (the peer: our pipeline inside LitServe, at our points).
+    server: str = "torchserve"
+    extra: str | None = None  # the optional extra (pyproject) it needs, checked before anything runs
+
+    @property
+    def our_points(self) -> bool:
+        """Runs at our grid of workers, batch and delay (else at the stock grid)."""
+        return self.ours or self.server != "torchserve"
+
+    @property
+    def stock_handler(self) -> bool:
+        """TorchServe's own image_classifier (needs captum, threads from the stock default)."""
+        return not self.ours and not self.noop and self.server == "torchserve"
 
     def precision(self, amp: str, device_type: str) -> str:
         """What the record says it ran in, given the model-config's amp."""
@@ -105,6 +118,14 @@ CONFIGS: dict[str, BenchConfig] = {
             tuned_threads=True,
         ),
         BenchConfig(
+            "litserve",
+            "LitServe (ZeroMQ queue) serving our decode and inference, multipart uploads (extra: litserve)",
+            ours=False,
+            color="tab:olive",
+            server="litserve",
+            extra="litserve",
+        ),
+        BenchConfig(
             "noop",
             "TorchServe with a handler that answers without decoding or inference (the floor)",
             ours=False,
@@ -114,5 +135,7 @@ CONFIGS: dict[str, BenchConfig] = {
     )
 }
 OURS = tuple(n for n, c in CONFIGS.items() if c.ours)
+# The baselines every "ours" family is compared against, with their column names.
+BASELINES = {"stock": "stock", "stock-tuned": "stock tuned", "litserve": "litserve"}
 # The configurations with an artifact of their own, by their column name in the comparison.
 ALTERNATES = {n: c.column for n, c in CONFIGS.items() if c.column}

@@ -6,7 +6,7 @@ import copy
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,25 +104,48 @@ def archive_stock(
     return mar, raw
 
 
+@dataclass
+class Packaged:
+    """One configuration ready to start: TorchServe's archive, or what the peer loads itself."""
+
+    threads: int  # torch threads per worker
+    env: dict[str, str]  # for the server's processes
+    topk: int  # entries in a good answer
+    facts: dict[str, Any]  # for the run's record
+    mar: Path | None = None
+    artifact: Path | None = None  # the peer: the model file (labels.json beside it) ...
+    model_config: dict[str, Any] = field(default_factory=dict)  # ... and its model-config
+
+
 def package(
     plan: Plan, art: Artifacts, config: str, point: Point, workdir: Path, slug: str, default_threads: int
-) -> tuple[Path, int, dict[str, str], int, dict[str, Any]]:
-    """Archive one configuration: (archive, threads per worker, server env, top-k, facts for the record)."""
-    if CONFIGS[config].ours:
-        mar, raw = archive_ours(plan, art, config, point, workdir, slug)
+) -> Packaged:
+    """Archive one configuration (or, for the peer, write nothing: it loads our artifact itself)."""
+    spec = CONFIGS[config]
+    if spec.ours or spec.server == "litserve":
+        if spec.ours:
+            mar, raw = archive_ours(plan, art, config, point, workdir, slug)
+            handler = "servekit servekit/handlers/image_classifier.py"
+        else:
+            mar, raw = None, ours_config(art.base_config, point, plan.handler_overrides)
+            handler = "servekit ImageClassifier in LitServe (servekit/bench/peer_app.py)"
         opts = ModelConfig.from_dict(raw).options(ClassifierOptions)
         facts = {
-            "handler": "servekit servekit/handlers/image_classifier.py",
-            "amp": CONFIGS[config].precision(opts.amp, plan.device),
-            "frozen": True if config != "ours" else plan.freeze,
+            "handler": handler,
+            "amp": spec.precision(opts.amp, plan.device),
+            "frozen": True if config in art.alternates else plan.freeze,
             "handler_options": raw["handler"],
+            "model_config": {k: v for k, v in raw.items() if k != "handler"},
         }
-        threads, env, topk = opts.threads(point.total_workers), {}, opts.topk
-    else:
-        mar, raw = archive_stock(plan, art, config, point, workdir, slug)
-        name = "servekit/bench/noop_handler.py (no decode, no inference)" if CONFIGS[config].noop else None
-        facts = {"handler": name or "TorchServe image_classifier (stock)", "amp": "off", "frozen": False}
-        threads = point.tuned_threads() if CONFIGS[config].tuned_threads else default_threads
-        env, topk = {"OMP_NUM_THREADS": str(threads)}, 5
-    facts["model_config"] = {k: v for k, v in raw.items() if k != "handler"}
-    return mar, threads, env, topk, facts
+        artifact = art.for_ours(config, bool(plan.freeze))
+        return Packaged(opts.threads(point.total_workers), {}, opts.topk, facts, mar, artifact, raw)
+    mar, raw = archive_stock(plan, art, config, point, workdir, slug)
+    name = "servekit/bench/noop_handler.py (no decode, no inference)" if spec.noop else None
+    facts = {
+        "handler": name or "TorchServe image_classifier (stock)",
+        "amp": "off",
+        "frozen": False,
+        "model_config": {k: v for k, v in raw.items() if k != "handler"},
+    }
+    threads = point.tuned_threads() if spec.tuned_threads else default_threads
+    return Packaged(threads, {"OMP_NUM_THREADS": str(threads)}, 5, facts, mar)

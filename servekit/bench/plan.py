@@ -70,6 +70,7 @@ class Plan:
     decode_batches: Sequence[int] = (32, 64)
     image_bytes: int = 170_000
     keep: bool = False
+    litserve_api_servers: int = 0  # the peer's API server processes; 0: one per inference worker (its default)
     py_spy: bool = False  # sample a worker with py-spy during each run's peak window
     command: str = ""
 

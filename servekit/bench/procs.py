@@ -2,38 +2,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
 
 from .. import server
 
+# A server process's role: "frontend" (takes the HTTP requests), "workers" (run the model) or "other".
+Roles = Callable[[psutil.Process], str]
 
-def worker_processes(pgid: int) -> list[psutil.Process]:
-    """TorchServe's Python workers in a server's process group."""
+
+def torchserve_role(p: psutil.Process) -> str:
+    """A TorchServe process's role, from its command line."""
+    return process_role(p.cmdline())
+
+
+def worker_processes(pgid: int, roles: Roles = torchserve_role) -> list[psutil.Process]:
+    """The model workers in a server's process group."""
     procs = []
     for pid in server.group_members(pgid):
         try:
             p = psutil.Process(pid)
-            if process_role(p.cmdline()) == "workers":
+            if roles(p) == "workers":
                 procs.append(p)
         except psutil.Error:
             continue
     return procs
 
 
-def group_cpu_seconds(pgid: int, role: str | None = None) -> float:
+def group_cpu_seconds(pgid: int, role: str | None = None, roles: Roles = torchserve_role) -> float:
     """User + system CPU seconds of every live process in a group, or of one ``role`` in it.
 
-    Roles: ``frontend`` (TorchServe's Java process) and ``workers`` (its Python workers); the split
-    shows whether a request's CPU goes to TorchServe itself or to the handler.
+    The split between ``frontend`` and ``workers`` shows whether a request's CPU goes to the
+    serving framework itself or to the handler.
     """
     total = 0.0
     for pid in server.group_members(pgid):
         try:
             p = psutil.Process(pid)
-            if role is not None and process_role(p.cmdline()) != role:
+            if role is not None and roles(p) != role:
                 continue
             t = p.cpu_times()
             total += t.user + t.system
@@ -57,10 +65,10 @@ def busy_seconds() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def worker_env_threads(pgid: int) -> list[str | None]:
+def worker_env_threads(pgid: int, roles: Roles = torchserve_role) -> list[str | None]:
     """OMP_NUM_THREADS as each worker process sees it."""
     out = []
-    for p in worker_processes(pgid):
+    for p in worker_processes(pgid, roles):
         try:
             out.append(p.environ().get("OMP_NUM_THREADS"))
         except psutil.Error:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..extras import require
-from .configs import ALTERNATES, CONFIGS, OURS
+from .configs import ALTERNATES, BASELINES, CONFIGS, OURS
 
 QUANTILES = (50, 90, 99)
 
@@ -93,10 +93,10 @@ def comparison_rows(runs: Sequence[dict]) -> list[dict[str, Any]]:
             row[f"{cfg}_run"] = pick[1] if pick else None
         for ours in OURS:
             prefix = f"{ALTERNATES[ours]}_" if ours in ALTERNATES else ""
-            row[f"{prefix}speedup_vs_stock"] = row[ours] / row["stock"] if row[ours] and row["stock"] else None
-            row[f"{prefix}speedup_vs_stock_tuned"] = (
-                row[ours] / row["stock-tuned"] if row[ours] and row["stock-tuned"] else None
-            )
+            for base in BASELINES:
+                row[f"{prefix}speedup_vs_{base.replace('-', '_')}"] = (
+                    row[ours] / row[base] if row[ours] and row[base] else None
+                )
         rows.append(row)
     return rows
 
@@ -112,26 +112,26 @@ def _num(v: float | None, digits: int = 1) -> str | None:
 
 
 def comparison_table(runs: Sequence[dict]) -> str:
-    """Ours vs stock (untuned) vs stock (tuned): best requests/s per concurrency and the speed-ups."""
+    """Ours against stock (untuned and tuned) and any peer that ran: best requests/s per concurrency, speed-ups.
+
+    Columns for an alternate artifact (int8, pt2) or a peer (LitServe) appear only when it ran.
+    """
     ran = {r.get("config") for r in runs}
     extra = [c for c in ALTERNATES if c in ran]
+    bases = [b for b in BASELINES if b in ("stock", "stock-tuned") or b in ran]
     rows = []
     for r in comparison_rows(runs):
-        row = [
-            r["concurrency"],
-            _num(r["ours"]),
-            _num(r["stock"]),
-            _num(r["stock-tuned"]),
-            _ratio(r["ours"], r["stock"]),
-            _ratio(r["ours"], r["stock-tuned"]),
-        ]
+        row = [r["concurrency"], _num(r["ours"]), *(_num(r[b]) for b in bases)]
+        row += [_ratio(r["ours"], r[b]) for b in bases]
         for c in extra:
-            row += [_num(r[c]), _ratio(r[c], r["stock"]), _ratio(r[c], r["stock-tuned"])]
-        rows.append(row + [r["ours_run"], r["stock_run"], r["stock-tuned_run"]] + [r[f"{c}_run"] for c in extra])
-    header = ["concurrency", "ours req/s", "stock req/s", "stock tuned req/s", "ours/stock", "ours/stock tuned"]
+            row += [_num(r[c]), *(_ratio(r[c], r[b]) for b in bases)]
+        rows.append(row + [r["ours_run"]] + [r[f"{b}_run"] for b in bases] + [r[f"{c}_run"] for c in extra])
+    header = ["concurrency", "ours req/s", *(f"{BASELINES[b]} req/s" for b in bases)]
+    header += [f"ours/{BASELINES[b]}" for b in bases]
     for c in extra:
-        header += [f"ours {ALTERNATES[c]} req/s", f"{ALTERNATES[c]}/stock", f"{ALTERNATES[c]}/stock tuned"]
-    header += ["best ours run", "best stock run", "best stock tuned run"] + [f"best {ALTERNATES[c]} run" for c in extra]
+        header += [f"ours {ALTERNATES[c]} req/s", *(f"{ALTERNATES[c]}/{BASELINES[b]}" for b in bases)]
+    header += ["best ours run", *(f"best {BASELINES[b]} run" for b in bases)]
+    header += [f"best {ALTERNATES[c]} run" for c in extra]
     return _md(header, rows)
 
 

@@ -2,93 +2,45 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import server
-from ..client import model_states, wait_until
 from ..config import ClassifierOptions, ModelConfig
+from ..extras import require
 from ..tslogs import tail_lines
 from . import report, stock
 from .configs import CONFIGS
 from .gpu import GpuSampler
 from .images import synthetic_jpeg
-from .loadgen import Target, run_load
+from .loadgen import run_load
 from .packaging import package, prepare_artifacts
 from .plan import Artifacts, Plan, Point, machine_meta
 from .procs import busy_seconds, group_cpu_seconds, worker_env_threads, worker_processes
 from .pyspy import Profiler
+from .serving import Serving, start_litserve, start_torchserve
 
 Log = Callable[[str], None]
 
 
-@contextlib.contextmanager
-def env_vars(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block (the server inherits them)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def start_server(
-    plan: Plan, store: Path, mar: Path, point: Point, env: dict[str, str], run_dir: Path
-) -> tuple[server.ServerConfig, Any]:
-    """Start TorchServe on free ports with ``env`` and wait for every worker to be READY."""
-    overrides = {**server.private_ports(), **plan.server_overrides}
-    # TorchServe hands workers GPU ids round-robin over the first number_of_gpu GPUs.
-    overrides["number_of_gpu"] = str(point.gpus if plan.device == "cuda" else 0)
-    workers = point.total_workers
-    cfg = server.ServerConfig(run_dir, store, overrides=overrides)
-    with env_vars(env):
-        proc = server.start(cfg, {plan.model: mar.name}, log=lambda *_: None)
-    try:
-        server.wait_ready(cfg, [plan.model], timeout=900, proc=proc)
-
-        def all_ready() -> bool:
-            states = [s for s in model_states(cfg.management()) if s.name == plan.model and s.default]
-            return bool(states) and states[0].ready_workers >= workers
-
-        wait_until(all_ready, 900, what=f"{workers} READY workers")
-    except Exception:
-        server.stop(run_dir)
-        raise
-    return cfg, proc
-
-
-def measure(
-    plan: Plan, cfg: server.ServerConfig, proc: Any, workers: int, body: bytes, topk: int, log: Log, label: str = ""
-) -> list[dict]:
+def measure(plan: Plan, serving: Serving, workers: int, log: Log, label: str = "") -> list[dict]:
     """Warm the server up, then one measured window per concurrency level."""
-    key = cfg.tokens.keys().inference if cfg.tokens else ""
-    target = Target(
-        url=f"{cfg.address('inference_address')}/predictions/{plan.model}",
-        body=body,
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"},
-        topk=topk,
-    )
+    target = serving.target
     run_load(
         target, max(plan.concurrency), duration=max(1.0, plan.warmup), warmup=0.0, processes=plan.loadgen_procs
     )  # untimed: first batches, JIT profiling, allocator growth
-    worker_pids = [p.pid for p in worker_processes(proc.pid)]
+    pgid, roles = serving.pgid, serving.roles
+    worker_pids = [p.pid for p in worker_processes(pgid, roles)]
     points = []
     probes = {
-        "server": lambda: group_cpu_seconds(proc.pid),
-        "frontend": lambda: group_cpu_seconds(proc.pid, "frontend"),
-        "workers": lambda: group_cpu_seconds(proc.pid, "workers"),
+        "server": lambda: group_cpu_seconds(pgid),
+        "frontend": lambda: group_cpu_seconds(pgid, "frontend", roles),
+        "workers": lambda: group_cpu_seconds(pgid, "workers", roles),
         "machine": busy_seconds,
     }
     for conc in plan.concurrency:
@@ -125,12 +77,31 @@ def measure(
     return points
 
 
+def start(
+    plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path, default_threads: int, run: dict
+) -> Serving:
+    """Package and start one configuration's server; what it ran with goes into ``run``."""
+    slug = run["label"].replace(" ", "-")
+    run_dir = workdir / "runs" / slug
+    packed = package(plan, art, config, point, workdir, slug, default_threads)
+    run.update(packed.facts, threads_per_worker=packed.threads)
+    if packed.mar is None:
+        assert packed.artifact is not None
+        api_servers = plan.litserve_api_servers or point.total_workers
+        run["api_servers"] = api_servers
+        return start_litserve(
+            plan, packed.artifact, packed.model_config, point, api_servers, run_dir, body, packed.topk
+        )
+    serving = start_torchserve(plan, packed.mar, point, packed.env, run_dir, body, packed.topk)
+    run["worker_omp_num_threads"] = worker_env_threads(serving.pgid)
+    return serving
+
+
 def run_one(
     plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path, default_threads: int, log: Log
 ) -> dict[str, Any]:
     """Archive, serve, load and stop one configuration at one point; failures are recorded, not raised."""
     label = point.label(config)
-    slug = label.replace(" ", "-")
     run: dict[str, Any] = {
         "config": config,
         "label": label,
@@ -139,33 +110,38 @@ def run_one(
         "delay_ms": point.delay,
         "gpus": point.gpus if plan.device == "cuda" else 0,
     }
-    run_dir = workdir / "runs" / slug
+    logs = workdir / "runs" / label.replace(" ", "-") / "logs"
     try:
-        mar, threads, env, topk, facts = package(plan, art, config, point, workdir, slug, default_threads)
-        run.update(facts, threads_per_worker=threads)
-        log(f"  {label}: {threads} thread(s)/worker; starting TorchServe")
+        log(f"  {label}: starting {CONFIGS[config].server}")
         t0 = time.monotonic()
-        cfg, proc = start_server(plan, mar.parent, mar, point, env, run_dir)
+        serving = start(plan, art, config, point, body, workdir, default_threads, run)
     except Exception as exc:  # keep going: one configuration failing must not lose the others
         run["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"    failed to start: {run['error']}\n{tail_lines(run_dir / 'logs' / 'torchserve.out')}")
+        log(f"    failed to start: {run['error']}\n{server_log_tail(logs)}")
         return run
     try:
         run["startup_s"] = round(time.monotonic() - t0, 1)
-        run["worker_omp_num_threads"] = worker_env_threads(proc.pid)
-        workers = cfg.management().describe(plan.model, "")[0].get("workers", [])
-        run["workers_on_gpu"] = sum(bool(w.get("gpu")) for w in workers)
-        if plan.device == "cuda" and not run["workers_on_gpu"]:
-            raise RuntimeError("no worker is on a GPU: TorchServe found none (is nvidia-smi on PATH?)")
-        run["points"] = measure(plan, cfg, proc, point.total_workers, body, topk, log, slug)
+        log(f"    ready in {run['startup_s']} s; {run['threads_per_worker']} thread(s)/worker")
+        run["workers_on_gpu"] = serving.workers_on_gpu
+        if plan.device == "cuda" and not serving.workers_on_gpu:
+            raise RuntimeError("no worker is on a GPU: the server found none (is nvidia-smi on PATH?)")
+        run["points"] = measure(plan, serving, point.total_workers, log, label.replace(" ", "-"))
         used = [p["gpu"]["gpus_used"] for p in run["points"] if (p.get("gpu") or {}).get("gpus_used") is not None]
         run["gpus_used"] = max(used) if used else None
     except Exception as exc:
         run["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"    failed: {run['error']}\n{tail_lines(run_dir / 'logs' / 'torchserve.out')}")
+        log(f"    failed: {run['error']}\n{server_log_tail(logs)}")
     finally:
-        server.stop(run_dir)
+        serving.stop()
     return run
+
+
+def server_log_tail(logs: Path) -> str:
+    """The end of whichever server's console log the run left."""
+    for name in ("torchserve.out", "peer.out"):
+        if (logs / name).is_file():
+            return tail_lines(logs / name)
+    return ""
 
 
 def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | None]]:
@@ -177,7 +153,7 @@ def schedule(plan: Plan, default_threads: int) -> list[tuple[str, Point, str | N
     points = list(dict.fromkeys([*plan.points, *plan.stock_points]))
     for point in points:
         for config in plan.configs:
-            if (point in plan.points) if CONFIGS[config].ours else (point in plan.stock_points):
+            if (point in plan.points) if CONFIGS[config].our_points else (point in plan.stock_points):
                 same = None
                 if (
                     CONFIGS[config].tuned_threads
@@ -275,9 +251,13 @@ def resolve_levers(plan: Plan, results: dict[str, Any], log: Log) -> None:
 def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
     """Run the whole plan and write results.json, bench.png and report.md into ``plan.out``."""
     plan.out.mkdir(parents=True, exist_ok=True)
-    runs_stock = any(not CONFIGS[c].ours for c in plan.configs)
+    runs_stock = any(CONFIGS[c].stock_handler for c in plan.configs)
     if runs_stock:
         stock.check_stock_available()
+    for c in plan.configs:
+        extra = CONFIGS[c].extra
+        if extra:
+            require(CONFIGS[c].server, extra, f"the {c} configuration")
     results: dict[str, Any] = {"meta": machine_meta(plan), "plan": _plan_dict(plan), "runs": []}
     with tempfile.TemporaryDirectory(prefix="servekit-bench-") as tmp:
         workdir = Path(tmp)

@@ -13,8 +13,7 @@ import torch
 from servekit.batch import Answers, Batch, Pipeline
 from servekit.config import HandlerOptions, ModelConfig
 from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, first_line
-from servekit.gpuwait import set_gpu_wait
-from servekit.inference import is_oom, select_device
+from servekit.inference import is_oom, prepare_process, select_device
 from servekit.payload import body_bytes
 
 log = logging.getLogger(__name__)
@@ -49,21 +48,7 @@ class BaseHandler:
         opts = self.config.handler
         self.version = opts.version
         device = select_device(props.get("gpu_id"))
-        torch.set_num_threads(opts.threads(self.config.max_workers))
-        if device.type == "cuda":
-            # Before set_device: it creates the CUDA context, whose wait mode is fixed from then on.
-            set_gpu_wait(opts.gpu_wait, device.index or 0)
-            torch.cuda.set_device(device)
-            if opts.cuda_graphs and self.config.batch_size > max(opts.warmup_batch_sizes):
-                log.warning(
-                    "batchSize %d is above the largest warmup_batch_sizes entry %d: larger batches run "
-                    "without CUDA graphs; add %d to warmup_batch_sizes",
-                    self.config.batch_size,
-                    max(opts.warmup_batch_sizes),
-                    self.config.batch_size,
-                )
-            # Autotuning picks faster kernels per shape, at a start-up cost paid in the warm-up.
-            torch.backends.cudnn.benchmark = opts.cudnn_benchmark
+        prepare_process(opts, device, self.config.max_workers, self.config.batch_size)
         serialized = context.manifest.get("model", {}).get("serializedFile")
         if not serialized:
             raise ConfigError("the archive's manifest names no serialized model file")

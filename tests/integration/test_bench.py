@@ -6,8 +6,11 @@ import io
 import json
 
 import pytest
+import requests
 from PIL import Image
+from urllib3 import encode_multipart_formdata
 
+from servekit import server
 from servekit.archive import ArchiveRequest, build_artifact
 from servekit.bench import PROFILES, build_parser, main, plan_from_args
 from servekit.bench.configs import CONFIGS
@@ -16,6 +19,7 @@ from servekit.bench.images import synthetic_jpeg
 from servekit.bench.loadgen import LoadResult, split, summarize, valid_answer
 from servekit.bench.packaging import ours_config
 from servekit.bench.plan import Point
+from servekit.bench.procs import worker_processes
 from servekit.bench.report import (
     comparison_rows,
     comparison_table,
@@ -26,11 +30,13 @@ from servekit.bench.report import (
     runs_table,
 )
 from servekit.bench.runner import choose_levers, schedule
+from servekit.bench.serving import PEER_FIELD, start_litserve
 from servekit.bench.stock import archive_stock, index_to_name
 from servekit.config import ModelConfig
 from servekit.errors import ConfigError
 from servekit.hooks import MODELS_DIR, BuildHook
 from servekit.store import read_manifest
+from support.rel_support import digit_samples
 
 
 def test_percentiles_interpolate_linearly():
@@ -204,8 +210,8 @@ def test_quick_profile_and_overrides():
     )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--configs", "ours,mine"])
-    assert plan.configs == ["ours", "ours-int8", "stock", "stock-tuned"]
-    assert gpu.configs == ["ours", "stock", "stock-tuned"]
+    assert plan.configs == ["ours", "ours-int8", "stock", "stock-tuned", "litserve"]
+    assert gpu.configs == ["ours", "stock", "stock-tuned", "litserve"]
     assert "ours-int8" not in plan_from_args(build_parser().parse_args(["--quick", "--device", "cuda"]), []).configs
     with pytest.raises(SystemExit, match="ours-int8 cannot run on the GPU"):
         plan_from_args(build_parser().parse_args(["--gpu", "--configs", "ours,ours-int8"]), [])
@@ -282,6 +288,51 @@ def test_stock_archive_uses_the_builtin_handler(tmp_path):
 
 
 @pytest.mark.server
+def test_litserve_peer_classifies_digits_and_answers_bad_input_with_json(tmp_path):
+    model_dir = MODELS_DIR / "digits"
+    cfg = ModelConfig.load(model_dir / "model-config.yaml")
+    artifact = build_artifact(
+        ArchiveRequest("digits", model_dir, tmp_path / "unused"), cfg, BuildHook(model_dir), log=lambda *_: None
+    )
+    plan = plan_from_args(build_parser().parse_args(["--model", "digits", "--configs", "litserve"]), [])
+    point = Point(workers=1, batch=4, delay=5)
+    serving = start_litserve(plan, artifact, ours_config(cfg.raw, point, {}), point, 1, tmp_path / "peer", b"", 3)
+
+    def post(body: bytes, field: str = PEER_FIELD) -> requests.Response:
+        form, ctype = encode_multipart_formdata({field: ("image.png", body, "image/png")})
+        return requests.post(serving.target.url, data=form, headers={"Content-Type": ctype}, timeout=60)
+
+    try:
+        assert len(worker_processes(serving.pgid, serving.roles)) == 1
+        for body, label in digit_samples(8):
+            resp = post(body)
+            assert resp.status_code == 200, resp.text
+            top = resp.json()["predictions"][0]
+            assert top["label"] == label and top["probability"] > 0.5
+        bad = post(b"GIF89a not an image")
+        assert bad.status_code == 415 and "JPEG or PNG" in bad.json()["detail"]
+        missing = post(digit_samples(1)[0][0], field="file")
+        assert missing.status_code == 400 and PEER_FIELD in missing.json()["detail"]
+    finally:
+        serving.stop()
+    assert server.group_members(serving.pgid) == []  # API servers and workers are gone too
+
+
+def test_comparison_adds_litserve_columns_only_when_it_ran():
+    runs = [
+        _run("ours", "ours w1", {8: 30.0}),
+        _run("stock", "stock w1", {8: 15.0}),
+        _run("stock-tuned", "stock-tuned w2", {8: 20.0}),
+        _run("litserve", "litserve w1", {8: 24.0}),
+    ]
+    rows = {r["concurrency"]: r for r in comparison_rows(runs)}
+    assert rows[8]["speedup_vs_litserve"] == pytest.approx(1.25)
+    table = comparison_table(runs)
+    assert "| 8 | 30.0 | 15.0 | 20.0 | 24.0 | 2.00x | 1.50x | 1.25x | ours w1 |" in table
+    assert "litserve" not in comparison_table(runs[:3])
+
+
+@pytest.mark.server
 def test_bench_end_to_end_smoke(tmp_path):
     out = tmp_path / "out"
     rc = main(
@@ -289,7 +340,7 @@ def test_bench_end_to_end_smoke(tmp_path):
             "--model",
             "digits",
             "--configs",
-            "ours,ours-pt2,ours-int8",
+            "ours,ours-pt2,ours-int8,litserve",
             "--workers",
             "1",
             "--batch",
@@ -314,13 +365,18 @@ def test_bench_end_to_end_smoke(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["model"] == "digits" and results["meta"]["cores"] >= 1
     assert results["meta"]["image"]["bytes"] > 160_000
-    run, pt2, int8 = results["runs"]
+    run, pt2, int8, peer = results["runs"]
     assert run["config"] == "ours" and "error" not in run
     assert pt2["config"] == "ours-pt2" and "error" not in pt2 and pt2["amp"] == "pt2 (fp32)"
     assert pt2["points"][0]["errors"] == 0 and pt2["points"][0]["rps"] > 0
     assert int8["config"] == "ours-int8" and "error" not in int8 and int8["amp"] == "int8"
     assert int8["points"][0]["errors"] == 0 and int8["points"][0]["rps"] > 0
     assert run["model_config"]["batchSize"] == 4 and run["threads_per_worker"] >= 1
+    # The LitServe peer: same points, its own CPU split (API servers vs inference workers).
+    assert peer["config"] == "litserve" and "error" not in peer and peer["api_servers"] == 1
+    (peer_point,) = peer["points"]
+    assert peer_point["errors"] == 0 and peer_point["rps"] > 0
+    assert peer_point["frontend_cpu_cores"] > 0 and peer_point["workers_cpu_cores"] > 0
     (point,) = run["points"]
     assert point["concurrency"] == 2 and point["errors"] == 0 and point["completed"] > 0 and point["rps"] > 0
     assert set(point["latency_ms"]) == {"p50", "p90", "p99", "mean", "max"}
@@ -336,7 +392,7 @@ def test_bench_end_to_end_smoke(tmp_path):
     assert results["comparison"][-1]["concurrency"] == "peak" and results["comparison"][-1]["ours"] > 0
     assert results["comparison"][-1]["ours-int8"] > 0 and results["comparison"][-1]["ours-pt2"] > 0
     report_md = (out / "report.md").read_text()
-    assert "ours pt2 req/s" in report_md and "ours int8 req/s" in report_md
+    assert "ours pt2 req/s" in report_md and "ours int8 req/s" in report_md and "ours/litserve" in report_md
     assert (out / "bench.png").stat().st_size > 10_000
     assert "| ours w1 b4 d5 |" in (out / "report.md").read_text()
     # The report command redraws the same tables from the JSON.
