@@ -11,6 +11,8 @@
 #                                     # batch 32, end to end + model-only (not yet run: estimated ~4 min)
 #   bash scripts/gpu_bench.sh graphs  # our handler with and without CUDA graphs + blocking waits (~4 min)
 #   bash scripts/gpu_bench.sh gpus    # one GPU against all of them (2 on a two-GPU host), one run (~4 min)
+#   bash scripts/gpu_bench.sh peer    # ours, tuned stock and the LitServe peer at w4 b32, side by side (~5 min;
+#                                     # first put the peer's wheels in .gpu: bash scripts/gpu_peer_wheels.sh)
 #
 # Then, on any machine, merge the phases into one table and plot:
 #   python3 -m servekit.bench report ours/results.json stock/results.json --out bench-results/gpu
@@ -42,8 +44,10 @@ case "$phase" in
   graphs) args=(--gpu --configs ours,ours-eager --workers 4 --batch 32 --concurrency 1,128,256 --freeze --no-micro) ;;
   gpus)  args=(--gpu --configs ours --workers 4 --batch 32 --gpus "1,$(nvidia-smi -L | wc -l)" --concurrency 256,512
            --freeze --no-micro) ;;
+  peer)  args=(--gpu --configs ours,stock-tuned,litserve --workers 4 --batch 32 --concurrency 1,128,256 --freeze
+           --no-micro) ;;
   profile) args=(--gpu --configs ours,noop,stock-tuned --workers 4 --batch 32 --concurrency 1,128 --duration 12
            --no-micro --py-spy) ;;
-  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|profile]" >&2; exit 2 ;;
+  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|profile]" >&2; exit 2 ;;
 esac
 python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"
