@@ -11,6 +11,8 @@ import yaml
 
 from .errors import ConfigError
 
+# Set by `servekit serve` for TorchServe's workers: the worker count of a model whose config sets none.
+WORKERS_ENV = "SERVEKIT_DEFAULT_WORKERS"
 # Autocast dtypes by name; the one list every module takes them from.
 AMP_CHOICES = ("off", "fp16", "bf16")
 DECODE_CHOICES = ("auto", "cpu", "cuda")
@@ -143,8 +145,10 @@ class ModelConfig:
 
     @property
     def max_workers(self) -> int:
-        """TorchServe's maxWorkers (1 when unset)."""
-        return int(self.raw.get("maxWorkers", self.raw.get("minWorkers", 1)))
+        """TorchServe's maxWorkers; when the model-config sets no count, the server's default (servekit.tuning)."""
+        if "maxWorkers" in self.raw or "minWorkers" in self.raw:
+            return int(self.raw.get("maxWorkers", self.raw.get("minWorkers", 1)))
+        return max(1, int(os.environ.get(WORKERS_ENV, "1") or 1))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, options: type[HandlerOptions] = ClassifierOptions) -> ModelConfig:

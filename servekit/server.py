@@ -18,10 +18,11 @@ from typing import IO
 import psutil
 
 from .client import InferenceClient, ManagementClient, model_states, wait_until
-from .config import available_cpus, read_properties, write_properties
+from .config import WORKERS_ENV, available_cpus, read_properties, write_properties
 from .errors import ConfigError
 from .java import find_java
 from .tokens import TokenFile
+from .tuning import default_workers, gpu_count
 
 PACKAGE = Path(__file__).resolve().parent
 # The template ships in the package; the store and the run dir are the working directory's, so an
@@ -92,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(args.run_dir.resolve(), args.model_store.resolve(), args.config.resolve(), overrides)
 
 
+# Workers of a model whose model-config sets none; "auto" picks them from the machine (servekit.tuning).
+WORKERS_KEY = "default_workers_per_model"
 # Frontend thread pools that "auto" sizes from the CPUs (servekit.server.frontend_threads).
 FRONTEND_THREAD_KEYS = ("number_of_netty_threads", "netty_client_threads")
 
@@ -128,6 +131,8 @@ class ServerConfig:
         for key in FRONTEND_THREAD_KEYS:
             if props.get(key, "").strip() == "auto":
                 props[key] = str(frontend_threads(available_cpus()))
+        if props.get(WORKERS_KEY, "").strip() == "auto":
+            props[WORKERS_KEY] = str(default_workers(available_cpus(), gpu_count(props)))
         # Worker sockets and unpacked archives go under the run dir, so servers can coexist.
         tmpdir = f"-Djava.io.tmpdir={self.run_dir / 'tmp'}"
         props["vmargs"] = f"{props.get('vmargs', '')} {tmpdir}".strip()
@@ -183,6 +188,8 @@ def _env(cfg: ServerConfig, java_home: Path, console: bool) -> dict[str, str]:
     # Workers set their own torch thread count; this keeps other OpenMP users from taking every core.
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TS_DISABLE_SYSTEM_METRICS", "false")
+    # A handler whose model-config sets no worker count splits the CPUs by the count TorchServe starts.
+    env[WORKERS_ENV] = cfg.properties().get(WORKERS_KEY, "1")
     return env
 
 

@@ -58,14 +58,14 @@ def read_member(mar: str | os.PathLike, name: str) -> bytes | None:
         return None
 
 
-def archive_min_workers(path: Path) -> int:
-    """minWorkers from the model-config.yaml inside an archive (1 when it sets none)."""
+def archive_min_workers(path: Path, default: int = 1) -> int:
+    """minWorkers from the model-config.yaml inside an archive (``default``, the server's, when it sets none)."""
     try:
         config = read_manifest(path).get("model", {}).get("configFile")
         data = yaml.safe_load(read_member(path, config) or b"") if config else None
-        return max(1, int((data or {}).get("minWorkers", 1)))
+        return max(1, int((data or {}).get("minWorkers", default)))
     except (ConfigError, ValueError, TypeError, AttributeError, yaml.YAMLError):
-        return 1
+        return default
 
 
 def is_candidate(name: str) -> bool:

@@ -17,7 +17,7 @@ from filelock import FileLock
 
 from ..client import ManagementClient, ModelState, model_states
 from ..errors import ReloadError
-from ..server import ServerConfig
+from ..server import WORKERS_KEY, ServerConfig
 from ..store import Found
 from ..tslogs import describe, read_tail, relative_timeline, worker_timeline
 from .capacity import Probe, SystemProbe, check_room
@@ -98,6 +98,14 @@ class Reloader:
         for s in model_states(self.mgmt):
             grouped.setdefault(s.name, []).append(s)
         return grouped
+
+    @property
+    def default_workers(self) -> int:
+        """The server's worker count for a model whose model-config sets none (servekit.tuning)."""
+        try:
+            return max(1, int(self.cfg.properties().get(WORKERS_KEY, "1")))
+        except ValueError:
+            return 1
 
     def min_workers(self, model: str, version: str) -> int:
         """The worker count a registered version runs with."""

@@ -160,7 +160,7 @@ class Watcher:
         target = choose_version(candidates, pin, default)
         if target is not None and target != default:
             found = max((a for a in usable if a.version == target), key=lambda a: a.stamp.mtime_ns)
-            workers = r.min_workers(model, default) if default else archive_min_workers(found.path)
+            workers = r.min_workers(model, default) if default else archive_min_workers(found.path, r.default_workers)
             retire = ([default] if default else []) + ([s.version for s in gone] if self.unregister_removed else [])
             r.switch(
                 found,

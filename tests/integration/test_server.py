@@ -14,12 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import yaml
 from PIL import ImageOps
 
-from conftest import ROOT, port_overrides
+from conftest import ROOT, port_overrides, start_server
 from models.digits.model import encode, held_out
 from servekit import server
-from servekit.client import auth_failed
+from servekit.client import auth_failed, wait_until
+from servekit.config import available_cpus
 
 pytestmark = pytest.mark.server
 
@@ -224,3 +226,33 @@ def test_archives_are_stored_uncompressed(archives):
         assert {"MAR-INF/MANIFEST.json", "model.pt", "model-config.yaml"} <= {i.filename for i in infos}
         assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
         assert json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"] == "model.pt"
+
+
+def test_a_model_without_a_worker_count_gets_the_machines_default(tmp_path, archives, monkeypatch):
+    """default_workers_per_model=auto: the count comes from the machine, and each worker splits the CPUs by it."""
+    mar = tmp_path / "digits-v1.0.mar"
+    with zipfile.ZipFile(archives / "digits-v1.0.mar") as src, zipfile.ZipFile(mar, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "model-config.yaml":
+                raw = yaml.safe_load(data)
+                raw.pop("minWorkers", None), raw.pop("maxWorkers", None)
+                data = yaml.safe_dump(raw).encode()
+            dst.writestr(info, data)
+    # As on an 8-CPU machine without a GPU: auto is one worker per 4 CPUs.
+    monkeypatch.setattr("servekit.server.available_cpus", lambda: 8)
+    monkeypatch.setattr("servekit.tuning._nvidia_smi_gpus", lambda: 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    srv = start_server(tmp_path / "srv", tmp_path, {"digits": mar.name})
+    try:
+        assert srv.cfg.properties()["default_workers_per_model"] == "2"
+        (described,) = srv.management.describe("digits", "1.0")
+        assert described["minWorkers"] == 2 and len(described["workers"]) == 2
+        resp = srv.inference.predict_file("digits", ROOT / "tests/data/digit-7.png")
+        assert resp.status_code == 200 and resp.json()["predictions"][0]["label"] == "7"
+        # The workers learnt the count from SERVEKIT_DEFAULT_WORKERS: this machine's CPUs split two ways.
+        ready = f"ready on cpu ({max(1, available_cpus() // 2)} threads)"  # the real CPUs, not the 8 above
+        log = srv.cfg.run_dir / "logs" / "model_log.log"
+        wait_until(lambda: log.read_text().count(ready) == 2, 30, what=f"two workers logging {ready!r}")
+    finally:
+        server.stop(srv.cfg.run_dir)

@@ -15,14 +15,17 @@ import pytest
 from PIL import Image
 
 from servekit.client import ManagementClient
+from servekit.config import WORKERS_ENV, ModelConfig
 from servekit.errors import ConfigError
 from servekit.proxy import ProxySettings, keys_map, read_keys, render
 from servekit.reload.capacity import DeviceFigures, check_room, room_problem
 from servekit.reload.pins import Pin, VersionsFile, choose_version, parse_pins, released
 from servekit.reload.switch import worker_error
 from servekit.reload.warmup import generic_png, sample_of
+from servekit.server import ServerConfig
 from servekit.store import WARMUP_META, publish
 from servekit.tokens import KeyRenewer, TokenFile, parse_keys, renew_at
+from servekit.tuning import default_workers, gpu_count
 
 MIB = 1 << 20
 
@@ -271,3 +274,41 @@ def test_management_repeats_an_idempotent_put_after_a_500_but_never_a_post():
         assert seen == ["PUT", "PUT", "POST"]
     finally:
         srv.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("cpus", "gpus", "workers"),
+    [
+        (16, 1, 4),  # one H200 host: the measured peak (4 workers)
+        (32, 2, 8),  # two-GPU host: 4 per GPU, 1.96x one GPU
+        (64, 1, 4),  # more CPUs do not help past 4 per GPU: the GPU is the limit
+        (8, 1, 2),
+        (4, 2, 2),  # never fewer than one per GPU
+        (2, 0, 1),  # CPU: one worker with both threads
+        (16, 0, 4),
+    ],
+)
+def test_default_workers_follow_the_measured_rule(cpus, gpus, workers):
+    assert default_workers(cpus, gpus) == workers
+
+
+def test_gpu_count_follows_torchserve(monkeypatch):
+    assert gpu_count({"number_of_gpu": "2"}, env={"CUDA_VISIBLE_DEVICES": "0"}) == 2
+    assert gpu_count({}, env={"CUDA_VISIBLE_DEVICES": "1,3"}) == 2
+    monkeypatch.setattr("servekit.tuning._nvidia_smi_gpus", lambda: 0)
+    assert gpu_count({}, env={}) == 0
+
+
+def test_auto_workers_reach_the_config_and_the_workers_env(tmp_path, monkeypatch):
+    monkeypatch.setattr("servekit.server.available_cpus", lambda: 16)
+    monkeypatch.setattr("servekit.tuning._nvidia_smi_gpus", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cfg = ServerConfig(tmp_path, tmp_path)
+    assert cfg.properties()["default_workers_per_model"] == "4"
+    assert (
+        ServerConfig(tmp_path, tmp_path, overrides={"number_of_gpu": "0"}).properties()["default_workers_per_model"]
+        == "4"
+    )  # 16 CPUs, no GPU: one per 4 CPUs
+    monkeypatch.setenv(WORKERS_ENV, "4")
+    assert ModelConfig.from_dict({"batchSize": 32}).max_workers == 4  # resnet50 sets no count
+    assert ModelConfig.from_dict({"minWorkers": 1, "maxWorkers": 2}).max_workers == 2

@@ -1,0 +1,57 @@
+"""Serving defaults from the machine: how many workers a model gets when its model-config sets none.
+
+The rule (measured, docs/performance.md "Defaults from the machine"):
+- GPU: one worker per 4 CPUs of each GPU's share, at least 1 and at most 4 per GPU. One H200 with
+  16 cores peaked at 4 workers (6,067-6,343 req/s, p99 52-57 ms); a 2xH200 host with 32 cores at
+  4 per GPU (11,107 req/s, 1.96x one GPU). Beyond 4 the GPU, not the CPU, is the limit, and each
+  worker holds about 1.4 GiB of GPU memory.
+- CPU: one worker per 4 CPUs (at least 1), each with the cores split between the workers: one worker
+  with both threads served ResNet-50 as fast as two with one thread each on 2 cores.
+Batch size and delay stay the model's own (resnet50: 32 and 1 ms, the best on every GPU host
+measured); Netty threads follow servekit.server.frontend_threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+
+CPUS_PER_WORKER = 4
+MAX_WORKERS_PER_GPU = 4
+
+
+def default_workers(cpus: int, gpus: int) -> int:
+    """Workers for one model on a machine with ``cpus`` CPUs and ``gpus`` GPUs (spread round-robin)."""
+    if gpus <= 0:
+        return max(1, cpus // CPUS_PER_WORKER)
+    per_gpu = min(MAX_WORKERS_PER_GPU, max(1, cpus // gpus // CPUS_PER_WORKER))
+    return per_gpu * gpus
+
+
+def gpu_count(props: Mapping[str, str], env: Mapping[str, str] = os.environ) -> int:
+    """GPUs TorchServe 0.12 will use: ``number_of_gpu`` when set, else the ids in CUDA_VISIBLE_DEVICES,
+    else what nvidia-smi lists (ConfigManager.getAvailableGpu's own order)."""
+    configured = props.get("number_of_gpu", "").strip()
+    if configured.isdigit():
+        return int(configured)
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    if visible.strip():
+        return len([v for v in visible.split(",") if v.strip()])
+    return _nvidia_smi_gpus()
+
+
+@functools.lru_cache(maxsize=1)
+def _nvidia_smi_gpus() -> int:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.strip().isdigit() for line in out.stdout.splitlines()) if out.returncode == 0 else 0
