@@ -1,12 +1,13 @@
 """Serving defaults from the machine: how many workers a model gets when its model-config sets none.
 
-The rule (measured, docs/performance.md "Defaults from the machine"):
+The rule (docs/performance.md, "LitServe side by side, and workers from the machine"):
 - GPU: one worker per 4 CPUs of each GPU's share, at least 1 and at most 4 per GPU. One H200 with
-  16 cores peaked at 4 workers (6,067-6,343 req/s, p99 52-57 ms); a 2xH200 host with 32 cores at
-  4 per GPU (11,107 req/s, 1.96x one GPU). Beyond 4 the GPU, not the CPU, is the limit, and each
-  worker holds about 1.4 GiB of GPU memory.
-- CPU: one worker per 4 CPUs (at least 1), each with the cores split between the workers: one worker
-  with both threads served ResNet-50 as fast as two with one thread each on 2 cores.
+  16 cores served 6,067-6,343 req/s (p99 52-57 ms) with 4 workers and CUDA graphs; a 2xH200 host
+  with 32 cores 11,107 req/s with 4 per GPU (1.96x one GPU). Each worker holds about 1.4 GiB of
+  GPU memory.
+- CPU: one worker per 4 CPUs (at least 1), the cores split between the workers. On 2 cores one
+  worker with both threads answered a lone request in 43 ms against 72 ms for two one-thread
+  workers, and gave up 11% of the peak at 32 connections.
 Batch size and delay stay the model's own (resnet50: 32 and 1 ms, the best on every GPU host
 measured); Netty threads follow servekit.server.frontend_threads.
 """
