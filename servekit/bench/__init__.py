@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .runner import execute
+
+    # A SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the running server's group is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     plan = plan_from_args(args, argv)
     results = execute(plan)

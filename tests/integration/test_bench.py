@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -32,6 +37,7 @@ from servekit.bench.report import (
 from servekit.bench.runner import choose_levers, schedule
 from servekit.bench.serving import PEER_FIELD, start_litserve
 from servekit.bench.stock import archive_stock, index_to_name
+from servekit.client import wait_until
 from servekit.config import ModelConfig
 from servekit.errors import ConfigError
 from servekit.hooks import MODELS_DIR, BuildHook
@@ -316,6 +322,36 @@ def test_litserve_peer_classifies_digits_and_answers_bad_input_with_json(tmp_pat
     finally:
         serving.stop()
     assert server.group_members(serving.pgid) == []  # API servers and workers are gone too
+
+
+@pytest.mark.server
+def test_a_terminated_bench_stops_the_server_it_started(tmp_path):
+    """SIGTERM mid-run (kill, a CI timeout) unwinds the bench: the peer's whole process group goes too."""
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "servekit.bench", "--model", "digits", "--configs", "litserve", "--workers", "1"]
+    cmd += ["--batch", "4", "--concurrency", "2", "--duration", "60", "--no-micro", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def peers() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline", "create_time"]):
+            if p.info["create_time"] >= t0 - 1 and "servekit.bench.peer_app" in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        return found
+
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until the peer serves and the load runs
+            if "ready in" in line:
+                break
+        assert peers(), "the peer never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 128 + signal.SIGTERM
+        wait_until(lambda: not peers(), 30, what="the peer's processes to exit")
+    finally:
+        proc.kill()
+        for p in peers():
+            p.kill()
 
 
 def test_comparison_adds_litserve_columns_only_when_it_ran():
