@@ -122,10 +122,12 @@ def machine_meta(plan: Plan) -> dict[str, Any]:
     import torch
     import torchvision
 
-    try:
-        torchserve = version("torchserve")
-    except PackageNotFoundError:  # importable from a path without its metadata
-        torchserve = "unknown"
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # absent, or importable from a path without its metadata
+            return "unknown"
+
     return {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": plan.command,
@@ -137,7 +139,8 @@ def machine_meta(plan: Plan) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "torchserve": torchserve,
+        "torchserve": installed("torchserve"),
+        "litserve": installed("litserve"),
         "model": plan.model,
         "device": plan.device,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
