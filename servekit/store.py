@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -183,17 +184,28 @@ class Scan:
 
 
 class StoreScanner:
-    """Polls the store; a file counts once its size and mtime held still for ``settle`` seconds (two polls or more)."""
+    """Polls the store; a file counts once its size and mtime held still for ``settle`` seconds (two polls or
+    more), or at once when a file event says it was renamed into place (an atomic publish)."""
 
     def __init__(self, store: Path, settle: float):
         self.store = store
         self.settle = settle
         self._seen: dict[str, tuple[Stamp, float]] = {}
         self._inspected: dict[tuple[str, Stamp], Found] = {}
+        self._arrived: set[str] = set()
+        self._arrived_lock = threading.Lock()
+
+    def arrived(self, name: str) -> None:
+        """``name`` was just renamed into the store (``publish``): it is whole, so the next poll takes it
+        without waiting for it to settle. Called from a file-event thread."""
+        with self._arrived_lock:
+            self._arrived.add(name)
 
     def poll(self) -> Scan:
         """Look at the store once."""
         now = time.monotonic()
+        with self._arrived_lock:
+            arrived, self._arrived = self._arrived, set()
         current: dict[str, Stamp] = {}
         for path in self.store.iterdir():
             if is_candidate(path.name):
@@ -205,7 +217,9 @@ class StoreScanner:
         scan = Scan()
         for name, stamp in sorted(current.items()):
             seen = self._seen.get(name)
-            if seen is None or seen[0] != stamp:
+            if name in arrived:  # renamed into place whole: settled as it is now
+                seen = self._seen[name] = (stamp, now - self.settle)
+            elif seen is None or seen[0] != stamp:
                 self._seen[name] = (stamp, now)
                 scan.pending.append(self.store / name)
                 continue

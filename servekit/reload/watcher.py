@@ -108,12 +108,14 @@ class Watcher:
             from watchdog.observers import Observer
         except ImportError:  # pragma: no cover
             return None
-        wake = self.wake
+        wake, scanner = self.wake, self.scanner
 
         class Nudge(FileSystemEventHandler):
             def on_any_event(self, event):
-                paths = (event.src_path, getattr(event, "dest_path", "") or "")
-                if any(is_candidate(os.path.basename(os.fsdecode(p))) for p in paths):
+                names = [os.path.basename(os.fsdecode(p)) for p in (event.src_path, getattr(event, "dest_path", ""))]
+                if event.event_type == "moved" and is_candidate(names[1]):
+                    scanner.arrived(names[1])  # renamed into place: whole, no need to wait for it to settle
+                if any(is_candidate(n) for n in names if n):
                     wake.set()
 
         observer = Observer()

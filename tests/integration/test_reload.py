@@ -185,6 +185,18 @@ def test_scanner_takes_only_settled_readable_archives(tmp_path, archives):
     assert "not a valid model archive" in scan.bad[0].error
 
 
+def test_an_archive_renamed_into_place_counts_at_once(tmp_path, archives):
+    store = tmp_path / "store"
+    store.mkdir()
+    scanner = StoreScanner(store, settle=60.0)
+    publish(archives / "digits-v1.0.mar", store)
+    target = store / "digits-v1.0.mar"
+    assert scanner.poll().pending == [target], "without the file event it waits to settle"
+    scanner.arrived(target.name)
+    assert [(a.name, a.version) for a in scanner.poll().archives] == [("digits", "1.0")]
+    assert scanner.poll().archives, "it stays taken"
+
+
 def test_pins_hold_until_a_newer_version_arrives():
     assert choose_version([], None) is None
     assert choose_version(["1.0", "2.0", "10.0", "9.5"], None) == "10.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from servekit.reload.pins import Pin, VersionsFile
 from servekit.reload.switch import Reloader, SwitchOptions
 from servekit.reload.watcher import Watcher
 from servekit.server import ServerConfig
+from servekit.store import publish
 
 MIB = 1 << 20
 
@@ -221,3 +223,27 @@ def test_removed_archive_unregisters_its_version(setup):
     (store / "digits-v1.0.mar").unlink()
     tick(watcher)
     assert registered(fake) == ([], None)
+
+
+def test_an_archive_published_by_rename_is_taken_on_the_next_poll(setup, tmp_path):
+    """The file event of an atomic publish skips the settle wait; a file written in place still waits."""
+    store, make = setup
+    fake = FakeTorchServe()
+    watcher = make(fake)
+    watcher.scanner.settle = 60.0  # as if polls were slow: only the event can make v1 count at once
+    observer = watcher._observe()
+    assert observer is not None, "watchdog is a dependency"
+    try:
+        aside = tmp_path / "aside"
+        aside.mkdir()
+        publish(write_archive(aside, "digits", "1.0"), store)
+        assert watcher.wake.wait(10), "no file event woke the watcher"
+        threading.Event().wait(0.2)  # the event thread may still be handling the rename
+        watcher.tick()
+        assert registered(fake) == (["1.0"], "1.0")
+        write_archive(store, "digits", "2.0")  # written in place, no rename: it must settle first
+        watcher.tick()
+        assert registered(fake) == (["1.0"], "1.0")
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
