@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import available_cpus
 from ..server import parse_overrides
+from ..tuning import default_workers
 from .configs import CONFIGS
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -68,6 +70,10 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _workers(text: str) -> list[int] | str:
+    return "auto" if text.strip() == "auto" else _ints(text)
+
+
 def _configs(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in CONFIGS]
@@ -100,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         + "; ".join(f"{n} ({c.help})" for n, c in CONFIGS.items())
         + "; default: the profile's",
     )
-    p.add_argument("--workers", type=_ints, help="workers per device, e.g. 1,2")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        help="workers per device, e.g. 1,2; auto: what the server picks on this machine (servekit.tuning)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -115,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=_ints, help="TorchServe batchSize values, e.g. 8,32")
     p.add_argument("--delay", type=_ints, help="maxBatchDelay values in ms, e.g. 5")
-    p.add_argument("--stock-workers", type=_ints, help="workers for the stock runs (default: --workers)")
+    p.add_argument("--stock-workers", type=_workers, help="workers for the stock runs (default: --workers)")
     p.add_argument("--stock-batch", type=_ints, help="batch sizes for the stock runs (default: --batch)")
     p.add_argument("--concurrency", type=_ints, help="concurrent requests, e.g. 1,8,32")
     p.add_argument("--duration", type=float, help="measured seconds per concurrency level")
@@ -190,6 +200,14 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
     workers, batch, delay, gpus = pick("workers"), pick("batch"), pick("delay"), args.gpus or [1]
     if gpus != [1] and not on_gpu:
         raise SystemExit("servekit bench: --gpus applies to --device cuda")
+    cpus = available_cpus()
+
+    def per_device(counts: Any, g: int) -> list[int]:
+        """Workers per device at ``g`` GPUs; auto: what the server's default_workers_per_model=auto picks."""
+        if counts != "auto":
+            return counts
+        return [default_workers(cpus, g) // g] if on_gpu else [default_workers(cpus, 0)]
+
     stock_workers = pick("stock_workers") or workers
     stock_batch = pick("stock_batch") or batch
     overrides: dict[str, Any] = {}
@@ -199,8 +217,10 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         model=args.model,
         device=pick("device"),
         configs=configs,
-        points=[Point(w, b, d, g) for g in gpus for w in workers for b in batch for d in delay],
-        stock_points=[Point(w, b, d, g) for g in gpus for w in stock_workers for b in stock_batch for d in delay],
+        points=[Point(w, b, d, g) for g in gpus for w in per_device(workers, g) for b in batch for d in delay],
+        stock_points=[
+            Point(w, b, d, g) for g in gpus for w in per_device(stock_workers, g) for b in stock_batch for d in delay
+        ],
         concurrency=pick("concurrency"),
         duration=pick("duration"),
         warmup=pick("warmup"),

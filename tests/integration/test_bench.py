@@ -226,6 +226,15 @@ def test_quick_profile_and_overrides():
         plan_from_args(build_parser().parse_args(["--quick", "--configs", "ours,ours-eager"]), [])
 
 
+def test_auto_workers_are_what_the_server_would_pick(monkeypatch):
+    monkeypatch.setattr("servekit.bench.available_cpus", lambda: 16)
+    cpu = plan_from_args(build_parser().parse_args(["--quick", "--workers", "auto"]), [])
+    assert [p.workers for p in cpu.points] == [4] and [p.workers for p in cpu.stock_points] == [4]
+    gpu = plan_from_args(build_parser().parse_args(["--gpu", "--workers", "auto", "--gpus", "1,2"]), [])
+    # 16 CPUs: 4 workers on one GPU; 8 CPUs per GPU on two, so 2 on each (4 in all).
+    assert sorted({(p.workers, p.gpus) for p in gpu.points}) == [(2, 2), (4, 1)]
+
+
 def _ceiling(variant: str, amp: bool, frozen: bool, ips: float, batch: int = 8, cl: bool = True) -> dict:
     return {"variant": variant, "amp": amp, "channels_last": cl, "frozen": frozen, "batch": batch, "images_per_s": ips}
 
