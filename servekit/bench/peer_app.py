@@ -8,7 +8,6 @@ TorchServe + our handler: the pipeline is servekit's ImageClassifier, built once
 
 # No ``from __future__ import annotations``: LitServe reads decode_request's annotation as a class.
 import argparse
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,7 @@ from ..classify import ImageClassifier, load_labels
 from ..config import ClassifierOptions, ModelConfig
 from ..errors import RequestError
 from ..inference import prepare_process
-
-FIELD = "content"  # the multipart field that carries the image
-log = logging.getLogger(__name__)
+from .serving import PEER_FIELD as FIELD
 
 
 class ClassifierAPI(ls.LitAPI):

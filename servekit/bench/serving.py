@@ -23,7 +23,7 @@ from .loadgen import Target
 from .plan import Plan, Point
 from .procs import Roles, torchserve_role
 
-PEER_FIELD = "content"  # the multipart field the peer reads (servekit/bench/peer_app.py)
+PEER_FIELD = "content"  # the multipart field that carries the image to the peer (servekit/bench/peer_app.py)
 
 
 @contextlib.contextmanager
