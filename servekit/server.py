@@ -22,7 +22,7 @@ from .config import WORKERS_ENV, available_cpus, read_properties, write_properti
 from .errors import ConfigError
 from .java import find_java
 from .tokens import TokenFile
-from .tuning import default_workers, gpu_count
+from .tuning import WORKERS_KEY, resolve_auto
 
 PACKAGE = Path(__file__).resolve().parent
 # The template ships in the package; the store and the run dir are the working directory's, so an
@@ -93,21 +93,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(args.run_dir.resolve(), args.model_store.resolve(), args.config.resolve(), overrides)
 
 
-# Workers of a model whose model-config sets none; "auto" picks them from the machine (servekit.tuning).
-WORKERS_KEY = "default_workers_per_model"
-# Frontend thread pools that "auto" sizes from the CPUs (servekit.server.frontend_threads).
-FRONTEND_THREAD_KEYS = ("number_of_netty_threads", "netty_client_threads")
-
-
-def frontend_threads(cpus: int) -> int:
-    """Netty threads for ``cpus`` CPUs: 4, and one more per 4 CPUs beyond 16.
-
-    Four carry one GPU's ~6,000 req/s; with two GPUs on a 32-core host four capped the frontend at
-    9,710 req/s (1.59x one GPU) and eight gave 11,107 (1.96x), docs/performance.md.
-    """
-    return max(4, cpus // 4)
-
-
 @dataclass
 class ServerConfig:
     """Where the server keeps its state and how it is reached."""
@@ -128,11 +113,7 @@ class ServerConfig:
         if props.get("metrics_config", "METRICS_CONFIG") == "METRICS_CONFIG":
             props["metrics_config"] = str(METRICS_YAML)
         props.update(self.overrides)
-        for key in FRONTEND_THREAD_KEYS:
-            if props.get(key, "").strip() == "auto":
-                props[key] = str(frontend_threads(available_cpus()))
-        if props.get(WORKERS_KEY, "").strip() == "auto":
-            props[WORKERS_KEY] = str(default_workers(available_cpus(), gpu_count(props)))
+        resolve_auto(props, available_cpus())
         # Worker sockets and unpacked archives go under the run dir, so servers can coexist.
         tmpdir = f"-Djava.io.tmpdir={self.run_dir / 'tmp'}"
         props["vmargs"] = f"{props.get('vmargs', '')} {tmpdir}".strip()
@@ -173,7 +154,7 @@ class ServerConfig:
         return ManagementClient(self.address("management_address"), self.tokens)
 
 
-def _env(cfg: ServerConfig, java_home: Path, console: bool) -> dict[str, str]:
+def _env(cfg: ServerConfig, props: dict[str, str], java_home: Path, console: bool) -> dict[str, str]:
     env = dict(os.environ)
     env["JAVA_HOME"] = str(java_home)
     env["PATH"] = f"{java_home / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -189,7 +170,7 @@ def _env(cfg: ServerConfig, java_home: Path, console: bool) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TS_DISABLE_SYSTEM_METRICS", "false")
     # A handler whose model-config sets no worker count splits the CPUs by the count TorchServe starts.
-    env[WORKERS_ENV] = cfg.properties().get(WORKERS_KEY, "1")
+    env[WORKERS_ENV] = props.get(WORKERS_KEY, "1")
     return env
 
 
@@ -252,7 +233,8 @@ def start(
     java = find_java()
     log(f"java: {java.java} (Java {java.major}, from {java.source})")
     props_file = cfg.run_dir / "config.properties"
-    write_properties(cfg.properties(), props_file)
+    props = cfg.properties()
+    write_properties(props, props_file)
     (cfg.run_dir / "logs").mkdir(exist_ok=True)
     cfg.key_file.unlink(missing_ok=True)  # a stale key file would be mistaken for the new one
     # The launcher module runs the same code as the `torchserve` script, wherever it is installed.
@@ -276,7 +258,7 @@ def start(
     proc = subprocess.Popen(
         cmd,
         cwd=cfg.run_dir,
-        env=_env(cfg, java.home, console),
+        env=_env(cfg, props, java.home, console),
         stdout=out,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

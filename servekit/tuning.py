@@ -9,7 +9,7 @@ The rule (docs/performance.md, "LitServe side by side, and workers from the mach
   worker with both threads answered a lone request in 43 ms against 72 ms for two one-thread
   workers, and gave up 11% of the peak at 32 connections.
 Batch size and delay stay the model's own (resnet50: 32 and 1 ms, the best on every GPU host
-measured); Netty threads follow servekit.server.frontend_threads.
+measured). Netty threads: ``frontend_threads``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,29 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 
+# config.properties entries that ``auto`` fills from the machine (ServerConfig.properties).
+WORKERS_KEY = "default_workers_per_model"  # workers of a model whose model-config sets none
+FRONTEND_THREAD_KEYS = ("number_of_netty_threads", "netty_client_threads")
 CPUS_PER_WORKER = 4
 MAX_WORKERS_PER_GPU = 4
+
+
+def resolve_auto(props: dict[str, str], cpus: int) -> None:
+    """Replace every ``auto`` entry of ``props`` with its value for ``cpus`` CPUs and the GPUs TorchServe will use."""
+    for key in FRONTEND_THREAD_KEYS:
+        if props.get(key, "").strip() == "auto":
+            props[key] = str(frontend_threads(cpus))
+    if props.get(WORKERS_KEY, "").strip() == "auto":
+        props[WORKERS_KEY] = str(default_workers(cpus, gpu_count(props)))
+
+
+def frontend_threads(cpus: int) -> int:
+    """Netty threads for ``cpus`` CPUs: 4, and one more per 4 CPUs beyond 16.
+
+    Four carry one GPU's ~6,000 req/s; with two GPUs on a 32-core host four capped the frontend at
+    9,710 req/s (1.59x one GPU) and eight gave 11,107 (1.96x), docs/performance.md.
+    """
+    return max(4, cpus // 4)
 
 
 def default_workers(cpus: int, gpus: int) -> int:

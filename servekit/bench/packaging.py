@@ -122,7 +122,7 @@ def package(
 ) -> Packaged:
     """Archive one configuration (or, for the peer, write nothing: it loads our artifact itself)."""
     spec = CONFIGS[config]
-    if spec.ours or spec.server == "litserve":
+    if spec.our_points:  # our pipeline: our handler in TorchServe, or inside the peer
         if spec.ours:
             mar, raw = archive_ours(plan, art, config, point, workdir, slug)
             handler = "servekit servekit/handlers/image_classifier.py"

@@ -65,10 +65,10 @@ def busy_seconds() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def worker_env_threads(pgid: int, roles: Roles = torchserve_role) -> list[str | None]:
-    """OMP_NUM_THREADS as each worker process sees it."""
+def worker_env_threads(pgid: int) -> list[str | None]:
+    """OMP_NUM_THREADS as each TorchServe worker process sees it."""
     out = []
-    for p in worker_processes(pgid, roles):
+    for p in worker_processes(pgid):
         try:
             out.append(p.environ().get("OMP_NUM_THREADS"))
         except psutil.Error:

@@ -17,9 +17,10 @@ from filelock import FileLock
 
 from ..client import ManagementClient, ModelState, model_states
 from ..errors import ReloadError
-from ..server import WORKERS_KEY, ServerConfig
+from ..server import ServerConfig
 from ..store import Found
 from ..tslogs import describe, read_tail, relative_timeline, worker_timeline
+from ..tuning import WORKERS_KEY
 from .capacity import Probe, SystemProbe, check_room
 from .status import STATUS_FILE, Metrics, Status
 from .warmup import sample_of, warmup_problem

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from models.digits.model import encode, held_out
-from servekit import server
+from servekit import server, tuning
 from servekit.batch import Batch
 from servekit.config import ClassifierOptions, ConfigError, HandlerOptions, ImageOptions, ModelConfig
 from servekit.errors import ExportMismatch, InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -262,7 +262,7 @@ def test_torchserve_log_timeline_of_a_version(tmp_path):
 
 
 def test_frontend_threads_scale_with_the_cpus(tmp_path, monkeypatch):
-    assert [server.frontend_threads(c) for c in (1, 2, 16, 32, 64)] == [4, 4, 4, 8, 16]
+    assert [tuning.frontend_threads(c) for c in (1, 2, 16, 32, 64)] == [4, 4, 4, 8, 16]
     monkeypatch.setattr(server, "available_cpus", lambda: 48)
     props = server.ServerConfig(tmp_path / "run", tmp_path / "store").properties()
     assert props["number_of_netty_threads"] == props["netty_client_threads"] == "12"
