@@ -282,12 +282,22 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .runner import execute
+    from .serving import Terminated, stop_all, stopping
 
-    # A SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the running server's group is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    def terminate(signum: int, _frame: object) -> None:
+        # Stop the servers here, not in an unwinding finally: Python may run this handler inside a
+        # finalizer, which swallows the exception; then the next server start raises Terminated.
+        stop_all()
+        raise SystemExit(128 + signum)
 
+    signal.signal(signal.SIGTERM, terminate)
     plan = plan_from_args(args, argv)
-    results = execute(plan)
+    try:
+        results = execute(plan)
+    except Terminated:
+        return 128 + signal.SIGTERM
+    if stopping():  # the handler's exit was swallowed and no server start came after it
+        return 128 + signal.SIGTERM
     from .report import full_report
 
     print("\n" + full_report(results))

@@ -23,7 +23,7 @@ from .packaging import package, prepare_artifacts
 from .plan import Artifacts, Plan, Point, machine_meta
 from .procs import busy_seconds, group_cpu_seconds, worker_env_threads, worker_processes
 from .pyspy import Profiler
-from .serving import Serving, start_litserve, start_torchserve
+from .serving import Serving, Terminated, start_litserve, start_torchserve, stopping
 
 Log = Callable[[str], None]
 
@@ -44,6 +44,8 @@ def measure(plan: Plan, serving: Serving, workers: int, log: Log, label: str = "
         "machine": busy_seconds,
     }
     for conc in plan.concurrency:
+        if stopping():  # its server is gone (SIGTERM): no further window
+            raise Terminated()
         loadavg = os.getloadavg()[0]
         spy = Profiler(plan.out / "profiles", log) if plan.py_spy and conc == max(plan.concurrency) else None
         if spy:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,33 @@ from .plan import Plan, Point
 from .procs import Roles, torchserve_role
 
 PEER_FIELD = "content"  # the multipart field that carries the image to the peer (servekit/bench/peer_app.py)
+# Run dirs of the servers started and not stopped yet, so that a SIGTERM can stop them (stop_all).
+_running: set[Path] = set()
+_stopping = threading.Event()
+
+
+class Terminated(BaseException):
+    """The bench is stopping (SIGTERM): no more servers start. A BaseException, so no run records it as its failure."""
+
+
+def stop_all() -> None:
+    """Stop every server this process started, and refuse to start more (called from the SIGTERM handler)."""
+    _stopping.set()
+    for run_dir in list(_running):
+        server.stop(run_dir)
+        _running.discard(run_dir)
+
+
+def stopping() -> bool:
+    """Whether stop_all has been called."""
+    return _stopping.is_set()
+
+
+def _launched(run_dir: Path) -> None:
+    if _stopping.is_set():
+        server.stop(run_dir)
+        raise Terminated()
+    _running.add(run_dir)
 
 
 @contextlib.contextmanager
@@ -54,6 +82,7 @@ class Serving:
     def stop(self) -> None:
         """Stop the whole process group."""
         server.stop(self.run_dir)
+        _running.discard(self.run_dir)
 
 
 def start_torchserve(
@@ -67,6 +96,7 @@ def start_torchserve(
     cfg = server.ServerConfig(run_dir, mar.parent, overrides=overrides)
     with env_vars(env):
         proc = server.start(cfg, {plan.model: mar.name}, log=lambda *_: None)
+    _launched(run_dir)
     try:
         server.wait_ready(cfg, [plan.model], timeout=900, proc=proc)
 
@@ -124,6 +154,7 @@ def start_litserve(
             cmd, cwd=run_dir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
     (run_dir / server.PID_FILE).write_text(str(proc.pid))
+    _launched(run_dir)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:

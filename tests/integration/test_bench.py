@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from importlib.metadata import version
 
@@ -18,11 +19,11 @@ from urllib3 import encode_multipart_formdata
 
 from servekit import server
 from servekit.archive import ArchiveRequest, build_artifact
-from servekit.bench import PROFILES, build_parser, main, plan_from_args
+from servekit.bench import PROFILES, build_parser, main, plan_from_args, serving
 from servekit.bench.configs import CONFIGS
 from servekit.bench.gpu import GpuSampler
 from servekit.bench.images import synthetic_jpeg
-from servekit.bench.loadgen import LoadResult, split, summarize, valid_answer
+from servekit.bench.loadgen import LoadResult, Target, split, summarize, valid_answer
 from servekit.bench.packaging import ours_config
 from servekit.bench.plan import Point
 from servekit.bench.procs import worker_processes
@@ -35,7 +36,7 @@ from servekit.bench.report import (
     point_summary,
     runs_table,
 )
-from servekit.bench.runner import choose_levers, schedule
+from servekit.bench.runner import choose_levers, measure, schedule
 from servekit.bench.serving import PEER_FIELD, start_litserve
 from servekit.bench.stock import archive_stock, index_to_name
 from servekit.client import wait_until
@@ -356,12 +357,28 @@ def test_a_terminated_bench_stops_the_server_it_started(tmp_path):
                 break
         assert peers(), "the peer never started"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=90) == 128 + signal.SIGTERM
+        rc = proc.wait(timeout=90)
+        assert rc == 128 + signal.SIGTERM, proc.stdout.read()[-3000:]
         wait_until(lambda: not peers(), 30, what="the peer's processes to exit")
     finally:
         proc.kill()
         for p in peers():
             p.kill()
+
+
+def test_after_a_sigterm_no_server_starts_and_no_window_runs(tmp_path, monkeypatch):
+    """The handler's SystemExit can be swallowed (it may run inside a finalizer): the servers are stopped by
+    the handler itself, and the bench stops at its next server start or load window."""
+    monkeypatch.setattr(serving, "_stopping", threading.Event())
+    monkeypatch.setattr(serving, "_running", set())
+    serving.stop_all()
+    assert serving.stopping()
+    with pytest.raises(serving.Terminated):
+        serving._launched(tmp_path / "run")
+    assert not serving._running
+    plan = plan_from_args(build_parser().parse_args(["--model", "digits", "--concurrency", "1"]), [])
+    with pytest.raises(serving.Terminated):
+        measure(plan, serving.Serving(Target("http://127.0.0.1:1/", b"", {}), 0, tmp_path), 1, print)
 
 
 def test_comparison_adds_litserve_columns_only_when_it_ran():
