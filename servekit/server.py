@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import signal
 import socket
@@ -175,10 +176,30 @@ def _env(cfg: ServerConfig, props: dict[str, str], java_home: Path, console: boo
 
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nothing listens on right now, below the kernel's ephemeral range.
+
+    Port 0 would hand out an ephemeral port, which any outgoing connection (a load generator's, the
+    frontend's) may take before our server binds it: the soak's watcher once died that way with
+    "Address already in use". Ports below the range are only ever taken by listeners.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ConfigError(f"no free loopback port between 10000 and {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return max(low, 10100)
 
 
 def private_ports() -> dict[str, str]:
