@@ -128,7 +128,9 @@ def test_load_failure_on_synchronous_register(faults_server):
         resp = mgmt.register("loadfail-v1.0.mar", initial_workers=1, timeout=120)
         assert resp.status_code == 500, resp.text
         assert "Failed to start workers" in _message(resp)
-        assert LOAD_FAIL_MESSAGE in _log(faults_server, "model_log.log")
+        # TorchServe writes its logs asynchronously (async_logging): the line may land a moment later.
+        logged = lambda: LOAD_FAIL_MESSAGE in _log(faults_server, "model_log.log")  # noqa: E731
+        wait_until(logged, 30, what="the load failure in model_log.log")
         t0 = time.monotonic()
         answer = inf.predict("loadfail", digit_samples(1)[0][0], "image/png")
         assert answer.status_code == 503 and "no worker" in _message(answer)
