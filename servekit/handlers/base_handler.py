@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from servekit import load_errors
 from servekit.batch import Answers, Batch, Pipeline
 from servekit.config import HandlerOptions, ModelConfig
 from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, first_line
@@ -39,11 +40,22 @@ class BaseHandler:
 
     # -- load ---------------------------------------------------------------------------
     def initialize(self, context: Any) -> None:
-        """Load the artifact onto the assigned device, set threads, warm up, mark ready."""
+        """Load the artifact onto the assigned device, set threads, warm up, mark ready.
+
+        A failure is also recorded in servekit's load-error file: TorchServe may drop the traceback.
+        """
+        manifest = context.manifest.get("model", {})
+        self.model_name = manifest.get("modelName", self.model_name)
+        try:
+            self._load(context)
+        except Exception as exc:
+            load_errors.record(self.model_name, str(manifest.get("modelVersion", self.version)), exc)
+            raise
+
+    def _load(self, context: Any) -> None:
         t0 = time.perf_counter()
         props = context.system_properties
         self.model_dir = Path(props.get("model_dir", "."))
-        self.model_name = context.manifest.get("model", {}).get("modelName", self.model_name)
         self.config = ModelConfig.from_dict(getattr(context, "model_yaml_config", None) or {}, self.options_class)
         opts = self.config.handler
         self.version = opts.version

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import requests
 from filelock import FileLock
 
+from .. import load_errors
 from ..client import ManagementClient, ModelState, model_states
 from ..errors import ReloadError
 from ..server import ServerConfig
@@ -145,13 +146,14 @@ class Reloader:
             return time.monotonic()
 
         t = t0 = time.monotonic()
+        began = time.time()  # load errors recorded from here on are this switch's
         try:
             if newly:
-                self._register(found, workers)
+                self._register(found, workers, began)
                 t = step("register", t)
             else:
                 self._ensure_workers(model, version, workers)
-            self._wait_ready(model, version, workers)
+            self._wait_ready(model, version, workers, began)
             t = step("ready", t)
             self._warm_up(found)
             t = step("warmup", t)
@@ -216,17 +218,17 @@ class Reloader:
             log.debug("no TorchServe timeline for %s v%s: %s", model, version, exc)
             return {}
 
-    def _register(self, found: Found, workers: int) -> None:
+    def _register(self, found: Found, workers: int, began: float) -> None:
         resp = self.mgmt.register(
             found.file, initial_workers=workers, synchronous=True, timeout=self.options.ready_timeout + 30
         )
         if resp.status_code == 409:  # registered meanwhile (e.g. by hand): use it
             return
         if resp.status_code != 200:
-            detail = self._worker_error(found.name, found.version)
+            detail = self._worker_error(found.name, found.version, began)
             if detail is None:  # the frontend writes worker logs asynchronously
                 time.sleep(1.0)
-                detail = self._worker_error(found.name, found.version)
+                detail = self._worker_error(found.name, found.version, began)
             raise ReloadError(
                 f"register answered {resp.status_code}: {message_of(resp)}" + (f" (worker: {detail})" if detail else "")
             )
@@ -241,7 +243,7 @@ class Reloader:
                     f"scaling v{version} to {workers} workers answered {resp.status_code}: {message_of(resp)}"
                 )
 
-    def _wait_ready(self, model: str, version: str, workers: int) -> None:
+    def _wait_ready(self, model: str, version: str, workers: int, began: float) -> None:
         deadline = time.monotonic() + self.options.ready_timeout
         ready = 0
         while time.monotonic() < deadline:
@@ -252,7 +254,7 @@ class Reloader:
             if ready >= workers:
                 return
             time.sleep(0.25)
-        detail = self._worker_error(model, version)
+        detail = self._worker_error(model, version, began)
         raise ReloadError(
             f"{ready}/{workers} workers READY after {self.options.ready_timeout:.0f} s"
             + (f" (worker: {detail})" if detail else "")
@@ -265,9 +267,14 @@ class Reloader:
         if problem:
             raise ReloadError(problem)
 
-    def _worker_error(self, model: str, version: str) -> str | None:
+    def _worker_error(self, model: str, version: str, since: float) -> str | None:
+        """What the version's workers failed on: as a servekit handler recorded it, else from TorchServe's log."""
+        logs = self.cfg.run_dir / "logs"
+        recorded = load_errors.latest(logs, model, version, since)
+        if recorded:
+            return f"failed to load: {recorded[:300]}"
         try:
-            text = read_tail(self.cfg.run_dir / "logs" / "model_log.log", 2_000_000)
+            text = read_tail(logs / "model_log.log", 2_000_000)
         except OSError:
             return None
         return worker_error(text, model, version)
