@@ -12,6 +12,10 @@ from typing import Generic, Protocol, TypeVar
 
 from .errors import RequestError
 
+# A request body. TorchServe hands bodies over as bytearrays; they are passed on as they are, not
+# copied into bytes (a 168 KB copy per request showed as 4-7% of a GPU worker's CPU at peak).
+Body = bytes | bytearray
+
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -81,6 +85,6 @@ class Pipeline(Protocol):
         """Run the configured warm-up batches."""
         ...
 
-    def predict(self, bodies: Batch[bytes]) -> Answers:
+    def predict(self, bodies: Batch[Body]) -> Answers:
         """One answer or error per body, in order, and the seconds each stage took."""
         ...

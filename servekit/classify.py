@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import load_artifact
-from .batch import Answers, Batch
+from .batch import Answers, Batch, Body
 from .config import ClassifierOptions
 from .errors import RequestError
 from .inference import Engine
@@ -65,7 +65,7 @@ class ImageClassifier:
             then=lambda logits: self.engine.topk(logits, self.opts.topk),
         )
 
-    def predict(self, bodies: Batch[bytes]) -> Answers:
+    def predict(self, bodies: Batch[Body]) -> Answers:
         """Top-k for every item; an item that is already an error, or fails to decode, fails alone."""
         t0 = time.perf_counter()
         images, x = self.pre.prepare(bodies)

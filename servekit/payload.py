@@ -12,6 +12,7 @@ import base64
 import binascii
 from typing import Any
 
+from .batch import Body
 from .errors import InvalidInput, UnsupportedMediaType
 
 # Content types accepted for a request body; anything else is a 415.
@@ -36,7 +37,7 @@ def check_content_type(content_type: str) -> None:
         )
 
 
-def body_bytes(row: Any, content_type: str = "") -> bytes:
+def body_bytes(row: Any, content_type: str = "") -> Body:
     """The image bytes of one request row; raises a RequestError (400/415) that says what to send."""
     check_content_type(content_type)
     if isinstance(row, dict) and "body" in row and row["body"] is not None:
@@ -44,7 +45,7 @@ def body_bytes(row: Any, content_type: str = "") -> bytes:
     return _bytes(row)
 
 
-def _bytes(item: Any) -> bytes:
+def _bytes(item: Any) -> Body:
     if isinstance(item, dict):
         for key in _KEYS:
             if key in item and item[key] is not None:
@@ -56,10 +57,10 @@ def _bytes(item: Any) -> bytes:
             '\'data\', or JSON {"data": "<base64>"}'
         )
     if isinstance(item, (bytes, bytearray, memoryview)):
-        raw = bytes(item)
+        raw = bytes(item) if isinstance(item, memoryview) else item
         if not raw:
             raise InvalidInput("empty body: send a JPEG or PNG image")
-        if not raw.startswith(_MAGIC) and raw.lstrip()[:1] in (b"{", b"["):
+        if not raw.startswith(_MAGIC) and raw[:64].lstrip()[:1] in (b"{", b"["):
             raise InvalidInput("malformed JSON body")
         return raw
     if isinstance(item, str):

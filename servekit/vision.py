@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 
-from .batch import Batch
+from .batch import Batch, Body
 from .config import ImageOptions
 from .errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 
@@ -25,7 +25,7 @@ SUPPORTED = (JPEG, PNG)
 _MAGIC = {b"\xff\xd8\xff": JPEG, b"\x89PNG\r\n\x1a\n": PNG}
 
 
-def sniff_format(raw: bytes) -> str | None:
+def sniff_format(raw: Body) -> str | None:
     """JPEG or PNG from the magic bytes, else None."""
     for magic, fmt in _MAGIC.items():
         if raw.startswith(magic):
@@ -42,7 +42,7 @@ class ImageHeader:
     height: int
 
 
-def check_image(raw: bytes, opts: ImageOptions) -> ImageHeader:
+def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
     """Validate size, format and declared dimensions before any pixel is decoded."""
     if len(raw) > opts.max_image_bytes:
         raise PayloadTooLarge(f"image is {len(raw)} bytes; the limit is {opts.max_image_bytes} (max_image_bytes)")
@@ -66,12 +66,15 @@ def check_image(raw: bytes, opts: ImageOptions) -> ImageHeader:
     return ImageHeader(fmt, width, height)
 
 
-def as_uint8(raw: bytes) -> torch.Tensor:
+def as_uint8(raw: Body) -> torch.Tensor:
     """A uint8 view of ``raw`` without a copy (nvjpeg only reads it).
 
     torch warns that a view of immutable bytes must not be written to; nothing writes to it, and
     a bytearray copy of every request body would cost more than the decode's own CPU share.
+    TorchServe's bodies are bytearrays already, which need no warning filter.
     """
+    if isinstance(raw, bytearray):
+        return torch.frombuffer(raw, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(raw, dtype=torch.uint8)
@@ -103,15 +106,15 @@ class Preprocessor:
         self.decode_many([sample], [ImageHeader(JPEG, 64, 64)])
 
     # -- decoding -------------------------------------------------------------------------
-    def decode_cpu(self, raw: bytes) -> torch.Tensor:
+    def decode_cpu(self, raw: Body) -> torch.Tensor:
         """One image to a uint8 CHW tensor on the CPU."""
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        data = as_uint8(raw)
         try:
             return decode_image(data, mode=self.mode)
         except RuntimeError as exc:
             raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
 
-    def decode_many(self, raws: Sequence[bytes], headers: Sequence[ImageHeader]) -> list[torch.Tensor | RequestError]:
+    def decode_many(self, raws: Sequence[Body], headers: Sequence[ImageHeader]) -> list[torch.Tensor | RequestError]:
         """Decode a batch; JPEGs go to nvjpeg in one call on a GPU. Errors stay per item."""
         out: list[torch.Tensor | RequestError] = [None] * len(raws)  # type: ignore[list-item]
         jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG]
@@ -146,7 +149,7 @@ class Preprocessor:
             except RequestError as err:
                 return err
 
-    def prepare(self, bodies: Batch[bytes]) -> tuple[Batch[torch.Tensor], torch.Tensor | None]:
+    def prepare(self, bodies: Batch[Body]) -> tuple[Batch[torch.Tensor], torch.Tensor | None]:
         """Check each header, decode the batch, and stack the good images into one normalised NCHW tensor.
 
         Returns the batch (bad items failed, each with its own error) and the tensor of its live

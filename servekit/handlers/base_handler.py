@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from servekit import load_errors
-from servekit.batch import Answers, Batch, Pipeline
+from servekit.batch import Answers, Batch, Body, Pipeline
 from servekit.config import HandlerOptions, ModelConfig
 from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, first_line
 from servekit.inference import is_oom, prepare_process, select_device
@@ -84,7 +84,7 @@ class BaseHandler:
     def handle(self, data: list[Any], context: Any) -> list[str]:
         """One TorchServe batch: rows in, one JSON answer per row, order kept."""
         t0 = time.perf_counter()
-        bodies = Batch([self._body(row, context, i) for i, row in enumerate(data)])
+        bodies: Batch[Body] = Batch([self._body(row, context, i) for i, row in enumerate(data)])
         try:
             assert self.pipeline is not None, "handle() before initialize()"
             answers = self.pipeline.predict(bodies)
@@ -105,7 +105,7 @@ class BaseHandler:
         return out
 
     @staticmethod
-    def _body(row: Any, context: Any, idx: int) -> bytes | RequestError:
+    def _body(row: Any, context: Any, idx: int) -> Body | RequestError:
         """The body of one request row, or why it cannot be used (a RequestError: 400/415)."""
         try:
             ctype = context.get_request_header(idx, "Content-Type") or ""

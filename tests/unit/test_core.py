@@ -93,6 +93,8 @@ def test_grayscale_preprocess_matches_reference():
 def test_body_bytes_takes_raw_multipart_and_base64_and_names_the_header_to_send():
     raw = encode(natural_image(64, 48), "JPEG")
     assert body_bytes({"body": raw}, "image/jpeg") == raw
+    as_torchserve_gives_it = bytearray(raw)
+    assert body_bytes({"body": as_torchserve_gives_it}, "image/jpeg") is as_torchserve_gives_it  # not copied
     assert body_bytes({"data": raw}, "multipart/form-data; boundary=x") == raw
     assert body_bytes({"data": base64.b64encode(raw).decode()}, "application/json") == raw
     assert body_bytes({"instances": [{"b64": base64.b64encode(raw).decode()}]}) == raw
@@ -104,6 +106,8 @@ def test_body_bytes_takes_raw_multipart_and_base64_and_names_the_header_to_send(
         body_bytes({"text": "hello"})
     with pytest.raises(InvalidInput, match="malformed JSON"):
         body_bytes({"body": b'{"data": '})
+    with pytest.raises(InvalidInput, match="malformed JSON"):
+        body_bytes({"body": bytearray(b'\n  [1, 2')})
     with pytest.raises(UnsupportedMediaType, match="Content-Type: image/jpeg"):
         body_bytes({"x": "y"}, "application/x-www-form-urlencoded")
     with pytest.raises(UnsupportedMediaType, match="'text/plain' is not supported"):
