@@ -150,6 +150,7 @@ class Soak:
         self.stop = threading.Event()
         self.t0 = time.monotonic()
         self.watcher: subprocess.Popen | None = None
+        self.watcher_alive_at_end = False
 
     def now(self) -> float:
         """Seconds since the start of the load."""
@@ -198,6 +199,15 @@ class Soak:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+        metrics_url = f"http://127.0.0.1:{self.watcher_port}/metrics"
+        wait_until(lambda: self.watcher_running() and requests.get(metrics_url, timeout=5).ok, 120, what="the watcher")
+
+    def watcher_running(self) -> bool:
+        """True while the watcher runs; a watcher that exited stops the soak at once, with its output."""
+        if self.watcher is None or self.watcher.poll() is None:
+            return True
+        out = (self.cfg.run_dir / "logs" / "watcher.out").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the watcher exited with {self.watcher.returncode}:\n{out}")
 
     def log_cap_mb(self) -> float:
         """What the run dir's logs may hold: five log4j logs at size x (files + 1), the watcher's, and slack."""
@@ -262,6 +272,7 @@ class Soak:
         mgmt = self.cfg.management()
 
         def rolled_out() -> bool:
+            self.watcher_running()
             states = [s for s in model_states(mgmt) if s.name == MODEL]
             return [(s.version, s.default) for s in states] == [(version, True)] and states[0].ready_workers > 0
 
@@ -325,6 +336,7 @@ class Soak:
             for t in threads:
                 t.join(15)
             metrics = self._watcher_metrics()
+            self.watcher_alive_at_end = self.watcher is not None and self.watcher.poll() is None
             if self.watcher is not None:
                 self.watcher.terminate()
                 self.watcher.wait(30)
@@ -374,6 +386,7 @@ class Soak:
             "unhealthy_only_in_kill_window": all(window[0] - 10 <= t <= window[1] + 10 for t, _ in health_bad),
             "every_version_answered": answered <= seen,
             "keys_renewed": renewals >= 2 * max(1, int(self.args.duration // (self.args.key_minutes * 60)) - 1),
+            "watcher_alive_at_end": self.watcher_alive_at_end,
             "watcher_kept_polling": bool(gaps)
             and max(gaps) < 60
             and not metrics.get('servekit_watcher_polls_total{result="failure"}'),

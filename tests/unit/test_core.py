@@ -107,7 +107,7 @@ def test_body_bytes_takes_raw_multipart_and_base64_and_names_the_header_to_send(
     with pytest.raises(InvalidInput, match="malformed JSON"):
         body_bytes({"body": b'{"data": '})
     with pytest.raises(InvalidInput, match="malformed JSON"):
-        body_bytes({"body": bytearray(b'\n  [1, 2')})
+        body_bytes({"body": bytearray(b"\n  [1, 2")})
     with pytest.raises(UnsupportedMediaType, match="Content-Type: image/jpeg"):
         body_bytes({"x": "y"}, "application/x-www-form-urlencoded")
     with pytest.raises(UnsupportedMediaType, match="'text/plain' is not supported"):
