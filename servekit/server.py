@@ -18,6 +18,7 @@ from typing import IO
 
 import psutil
 
+from . import preload
 from .client import InferenceClient, ManagementClient, model_states, wait_until
 from .config import WORKERS_ENV, available_cpus, read_properties, write_properties
 from .errors import ConfigError
@@ -258,11 +259,13 @@ def start(
     write_properties(props, props_file)
     (cfg.run_dir / "logs").mkdir(exist_ok=True)
     cfg.key_file.unlink(missing_ok=True)  # a stale key file would be mistaken for the new one
-    # The launcher module runs the same code as the `torchserve` script, wherever it is installed.
+    # The launcher module runs the same code as the `torchserve` script, wherever it is installed;
+    # with preloaded workers it runs inside servekit.preload's launcher.
+    launcher = ["servekit.preload", "launch"] if preload.enabled() else ["ts.model_server"]
     cmd = [
         sys.executable,
         "-m",
-        "ts.model_server",
+        *launcher,
         "--start",
         "--foreground",
         "--ts-config",

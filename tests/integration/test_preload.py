@@ -1,0 +1,97 @@
+"""Preloaded workers (SERVEKIT_PRELOAD_WORKERS=1): forked from a preloader, served and replaced like plain ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from conftest import start_server
+from servekit import preload, server
+from servekit.client import wait_until
+from support.rel_support import assert_serves, worker_pids
+
+
+@pytest.fixture(scope="module")
+def preloaded(tmp_path_factory, archives):
+    os.environ[preload.ENV] = "1"
+    try:
+        srv = start_server(tmp_path_factory.mktemp("preload"), archives, {"digits": "digits-v1.0.mar"})
+    finally:
+        del os.environ[preload.ENV]
+    yield srv
+    server.stop(srv.cfg.run_dir)
+
+
+def _preloader(srv) -> psutil.Process:
+    group = os.getpgid(srv.proc.pid)
+    # Forked workers share the preloader's command line; the preloader is the launcher's child.
+    [proc] = [p for p in psutil.Process(srv.proc.pid).children() if p.cmdline()[-1:] == [str(_sock(srv))]]
+    assert os.getpgid(proc.pid) == group, "the preloader is not in the server's process group"
+    return proc
+
+
+def _sock(srv):
+    return srv.cfg.run_dir / preload.DIR / preload.SOCKET
+
+
+def test_workers_are_forked_from_the_preloader_and_classify(preloaded):
+    [pid] = worker_pids(preloaded.management, "digits")
+    assert psutil.Process(pid).ppid() == _preloader(preloaded).pid
+    assert_serves(preloaded.inference)
+    out = (preloaded.cfg.run_dir / "logs" / "torchserve.out").read_text(errors="replace")
+    assert "servekit preload: ready in" in out and "starting the worker plainly" not in out
+
+
+def test_a_killed_worker_is_replaced_by_a_new_fork(preloaded):
+    mgmt = preloaded.management
+    [old] = worker_pids(mgmt, "digits")
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: (p := worker_pids(mgmt, "digits")) and p != [old], 120, what="a replacement worker")
+    wait_until(lambda: mgmt.describe("digits")[0]["workers"][0]["status"] == "READY", 120, what="READY")
+    [new] = worker_pids(mgmt, "digits")
+    assert psutil.Process(new).ppid() == _preloader(preloaded).pid
+    assert_serves(preloaded.inference)
+
+
+def test_scaling_down_ends_the_forked_worker(preloaded):
+    mgmt = preloaded.management
+    assert mgmt.scale("digits", 2).status_code == 200
+    pids = worker_pids(mgmt, "digits")
+    assert len(pids) == 2
+    assert mgmt.scale("digits", 1).status_code == 200
+    gone = [p for p in pids if p not in worker_pids(mgmt, "digits")]
+    wait_until(
+        lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in gone),
+        30,
+        what="the removed worker to exit",
+    )
+    assert_serves(preloaded.inference)
+
+
+def test_without_the_preloader_workers_start_plainly(preloaded):
+    mgmt = preloaded.management
+    preloader = _preloader(preloaded)
+    preloader.kill()  # the launcher does not reap it: it stays a zombie
+    wait_until(lambda: preloader.status() == psutil.STATUS_ZOMBIE, 30, what="the preloader to die")
+    wait_until(lambda: len(worker_pids(mgmt, "digits")) >= 1, 120, what="the worker to come back")
+    wait_until(lambda: mgmt.describe("digits")[0]["workers"][0]["status"] == "READY", 180, what="a plain READY worker")
+    assert_serves(preloaded.inference)
+    out = (preloaded.cfg.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+    assert "starting the worker plainly" in out
+
+
+def test_stop_leaves_no_process(tmp_path, archives):
+    os.environ[preload.ENV] = "1"
+    try:
+        srv = start_server(tmp_path, archives, {"digits": "digits-v1.0.mar"})
+    finally:
+        del os.environ[preload.ENV]
+    group = os.getpgid(srv.proc.pid)
+    assert len(server.group_members(group)) >= 3  # launcher, preloader, frontend, stand-in, worker
+    assert server.stop(srv.cfg.run_dir)
+    time.sleep(0.5)
+    assert server.group_members(group) == []
