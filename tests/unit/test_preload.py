@@ -19,7 +19,8 @@ CLIENT = Path(preload_client.__file__)
 WORKER = """
 import os, sys, time
 print("argv", sys.argv[1:], "cwd", os.getcwd(), "env", os.environ.get("PRELOAD_TEST"), "pid", os.getpid(), flush=True)
-print("path0", sys.path[0] == os.path.dirname(os.path.abspath(sys.argv[0])), "extra", "/extra/dir" in sys.path, flush=True)
+here = os.path.dirname(os.path.abspath(sys.argv[0]))
+print("path0", sys.path[0] == here, "extra", "/extra/dir" in sys.path, flush=True)
 if sys.argv[1] == "sleep":
     time.sleep(600)
 sys.exit(int(sys.argv[1]))
