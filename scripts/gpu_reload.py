@@ -1,6 +1,6 @@
 """Time from publishing a new ResNet-50 archive to the first answer from it, under load (GPU figure).
 
-    python3 scripts/gpu_reload.py [--workers 4] [--clients 8] [--out gpu-reload.json]
+    python3 scripts/gpu_reload.py [--workers 4] [--clients 8] [--preload] [--out gpu-reload.json]
 
 Writes the report to --out (with TorchServe's step timeline for v2.0) and the server's and watcher's
 logs to <out stem>-logs/ beside it.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servekit import server  # noqa: E402
+from servekit import preload, server  # noqa: E402
 from servekit.archive import ArchiveRequest, archive  # noqa: E402
 from servekit.bench.images import synthetic_jpeg  # noqa: E402
 from servekit.client import InferenceClient  # noqa: E402
@@ -53,8 +54,11 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=1, help="GPUs TorchServe spreads the workers over")
     parser.add_argument("--warmup", default=None, help="warm-up batch sizes, e.g. 32 (default: model-config)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true")
+    parser.add_argument("--preload", action="store_true", help=f"preloaded workers ({preload.ENV}=1)")
     parser.add_argument("--out", type=Path, default=Path("gpu-reload.json"))
     args = parser.parse_args()
+    if args.preload:
+        os.environ[preload.ENV] = "1"
     handler: dict = {}
     if args.warmup:
         handler["warmup_batch_sizes"] = [int(b) for b in args.warmup.split(",")]
@@ -105,6 +109,7 @@ def main() -> int:
         "workers": args.workers,
         "gpus": args.gpus,
         "clients": args.clients,
+        "preload": preload.enabled(),
         "handler_overrides": handler,
         "publish_to_first_v2_s": round(first_v2 - published, 2) if first_v2 is not None else None,
         "responses": {f"{k[0]} v{k[1]}": n for k, n in seen.items()},

@@ -11,11 +11,20 @@ from .. import server
 
 # A server process's role: "frontend" (takes the HTTP requests), "workers" (run the model) or "other".
 Roles = Callable[[psutil.Process], str]
+PRELOADER = "servekit.preload"  # the module the preloader runs as
+STAND_IN = "preload_client.py"  # what TorchServe starts for each preloaded worker
 
 
 def torchserve_role(p: psutil.Process) -> str:
-    """A TorchServe process's role, from its command line."""
-    return process_role(p.cmdline())
+    """A TorchServe process's role, from its command line (a preloaded worker: from its parent's)."""
+    cmdline = p.cmdline()
+    if any(part.endswith(STAND_IN) for part in cmdline):  # names the worker script, but only waits for it
+        return "other"
+    if PRELOADER in cmdline:
+        # A fork keeps the preloader's command line: the preloader's children are the workers.
+        parent = p.parent()
+        return "workers" if parent is not None and parent.cmdline() == cmdline else "other"
+    return process_role(cmdline)
 
 
 def worker_processes(pgid: int, roles: Roles = torchserve_role) -> list[psutil.Process]:
@@ -66,7 +75,8 @@ def busy_seconds() -> float:
 
 
 def worker_env_threads(pgid: int) -> list[str | None]:
-    """OMP_NUM_THREADS as each TorchServe worker process sees it."""
+    """OMP_NUM_THREADS as each TorchServe worker process sees it (a preloaded worker: as the preloader saw it,
+    from the same server environment)."""
     out = []
     for p in worker_processes(pgid):
         try:

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import start_server
 from servekit import preload, server
+from servekit.bench.procs import torchserve_role, worker_processes
 from servekit.client import wait_until
 from support.rel_support import assert_serves, worker_pids
 
@@ -40,7 +41,11 @@ def _sock(srv):
 
 def test_workers_are_forked_from_the_preloader_and_classify(preloaded):
     [pid] = worker_pids(preloaded.management, "digits")
-    assert psutil.Process(pid).ppid() == _preloader(preloaded).pid
+    preloader = _preloader(preloaded)
+    assert psutil.Process(pid).ppid() == preloader.pid
+    # The bench tells them apart for its frontend/worker CPU split.
+    group = os.getpgid(preloaded.proc.pid)
+    assert [p.pid for p in worker_processes(group)] == [pid] and torchserve_role(preloader) == "other"
     assert_serves(preloaded.inference)
     out = (preloaded.cfg.run_dir / "logs" / "torchserve.out").read_text(errors="replace")
     assert "servekit preload: ready in" in out and "starting the worker plainly" not in out
