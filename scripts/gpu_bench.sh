@@ -13,6 +13,7 @@
 #   bash scripts/gpu_bench.sh gpus    # one GPU against all of them (2 on a two-GPU host), one run (~4 min)
 #   bash scripts/gpu_bench.sh peer    # ours, tuned stock and the LitServe peer at w4 b32, side by side (~5 min;
 #                                     # first put the peer's wheels in .gpu: bash scripts/gpu_peer_wheels.sh)
+#   bash scripts/gpu_bench.sh reload  # a 4-worker switch under load, plain then with preloaded workers (~2 min)
 #
 # Then, on any machine, merge the phases into one table and plot:
 #   python3 -m servekit.bench report ours/results.json stock/results.json --out bench-results/gpu
@@ -36,6 +37,11 @@ PY
 command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
+if [ "$phase" = reload ]; then
+  python3 scripts/gpu_reload.py --workers 4 --out "$out/reload-plain.json" 2>&1 | tail -n 40 | tee "$out/reload.log"
+  python3 scripts/gpu_reload.py --workers 4 --preload --out "$out/reload-preload.json" 2>&1 | tail -n 40 | tee -a "$out/reload.log"
+  exit 0
+fi
 case "$phase" in
   ours)  args=(--gpu --configs ours) ;;
   stock) args=(--gpu --configs stock,stock-tuned --no-micro) ;;
@@ -48,6 +54,6 @@ case "$phase" in
            --no-micro) ;;
   profile) args=(--gpu --configs ours,noop,stock-tuned --workers 4 --batch 32 --concurrency 1,128 --duration 12
            --no-micro --py-spy) ;;
-  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|profile]" >&2; exit 2 ;;
+  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|profile|reload]" >&2; exit 2 ;;
 esac
 python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"
