@@ -11,9 +11,9 @@ survive a fork, so each worker makes its own, as a plain worker does.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-import logging
 import os
 import runpy
 import selectors
@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from .preload_client import HEADER
-
-log = logging.getLogger(__name__)
 
 ENV = "SERVEKIT_PRELOAD_WORKERS"
 DIR = "preload"  # in the run dir: the socket and TorchServe's "python"
@@ -77,7 +75,7 @@ def launch(ts_args: list[str], wait_s: float = 120.0) -> int:
         runpy.run_module("ts.model_server", run_name="__main__", alter_sys=True)
         return 0
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 0
+        return _exit_code(exc)
     finally:
         preloader.terminate()
         try:
@@ -118,7 +116,7 @@ def serve(sock_path: Path, modules: tuple[str, ...] = MODULES) -> NoReturn:
                 if key.fileobj is listener:
                     _accept(listener, sel, workers, base_path)
                 else:
-                    _stand_in_readable(key.fileobj, workers)  # type: ignore[arg-type]
+                    _stand_in_readable(key.fileobj, key.data, sel)  # type: ignore[arg-type]
             _reap(sel, workers)
     finally:
         sock_path.unlink(missing_ok=True)
@@ -146,7 +144,7 @@ def _accept(listener: socket.socket, sel: selectors.BaseSelector, workers: dict[
     conn.settimeout(None)
     conn.sendall(f"pid:{pid}\n".encode())
     workers[pid] = conn
-    sel.register(conn, selectors.EVENT_READ)
+    sel.register(conn, selectors.EVENT_READ, data=pid)
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -165,16 +163,15 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), list(fds)
 
 
-def _stand_in_readable(conn: socket.socket, workers: dict[int, socket.socket]) -> None:
+def _stand_in_readable(conn: socket.socket, pid: int, sel: selectors.BaseSelector) -> None:
     """The stand-in only ever closes its end: TorchServe killed it, so its worker goes too."""
     try:
         if conn.recv(1):
             return
     except OSError:
         pass
-    for pid, c in workers.items():
-        if c is conn:
-            _kill(pid)
+    sel.unregister(conn)  # at EOF it stays readable: watching it until the reap would spin the loop
+    _kill(pid)
 
 
 def _reap(sel: selectors.BaseSelector, workers: dict[int, socket.socket]) -> None:
@@ -193,7 +190,8 @@ def _reap(sel: selectors.BaseSelector, workers: dict[int, socket.socket]) -> Non
             conn.sendall(f"exit:{128 - code if code < 0 else code}\n".encode())
         except OSError:
             pass
-        sel.unregister(conn)
+        with contextlib.suppress(KeyError):  # already unregistered when its stand-in went first
+            sel.unregister(conn)
         conn.close()
 
 
@@ -227,7 +225,7 @@ def _become_worker(request: dict, fds: list[int], inherited: list[socket.socket]
         runpy.run_path(argv[0], run_name="__main__")
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = _exit_code(exc)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -236,6 +234,11 @@ def _become_worker(request: dict, fds: list[int], inherited: list[socket.socket]
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The process exit code a SystemExit stands for (None is 0, a message is 1)."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 
 
 if __name__ == "__main__":
