@@ -38,8 +38,8 @@ command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 if [ "$phase" = reload ]; then
-  python3 scripts/gpu_reload.py --workers 4 --out "$out/reload-plain.json" 2>&1 | tail -n 40 | tee "$out/reload.log"
-  python3 scripts/gpu_reload.py --workers 4 --preload --out "$out/reload-preload.json" 2>&1 | tail -n 40 | tee -a "$out/reload.log"
+  python3 scripts/gpu_reload.py --workers 4 --no-preload --out "$out/reload-plain.json" 2>&1 | tail -n 40 | tee "$out/reload.log"
+  python3 scripts/gpu_reload.py --workers 4 --out "$out/reload-preload.json" 2>&1 | tail -n 40 | tee -a "$out/reload.log"
   exit 0
 fi
 case "$phase" in

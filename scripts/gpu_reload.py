@@ -1,6 +1,6 @@
 """Time from publishing a new ResNet-50 archive to the first answer from it, under load (GPU figure).
 
-    python3 scripts/gpu_reload.py [--workers 4] [--clients 8] [--preload] [--out gpu-reload.json]
+    python3 scripts/gpu_reload.py [--workers 4] [--clients 8] [--no-preload] [--out gpu-reload.json]
 
 Writes the report to --out (with TorchServe's step timeline for v2.0) and the server's and watcher's
 logs to <out stem>-logs/ beside it.
@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servekit import preload, server  # noqa: E402
+from servekit import health, preload, server  # noqa: E402
 from servekit.archive import ArchiveRequest, archive  # noqa: E402
 from servekit.bench.images import synthetic_jpeg  # noqa: E402
 from servekit.client import InferenceClient  # noqa: E402
@@ -54,11 +54,15 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, default=1, help="GPUs TorchServe spreads the workers over")
     parser.add_argument("--warmup", default=None, help="warm-up batch sizes, e.g. 32 (default: model-config)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true")
-    parser.add_argument("--preload", action="store_true", help=f"preloaded workers ({preload.ENV}=1)")
+    parser.add_argument(
+        "--preload",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"preloaded workers (the default; --no-preload sets {preload.ENV}=0)",
+    )
     parser.add_argument("--out", type=Path, default=Path("gpu-reload.json"))
     args = parser.parse_args()
-    if args.preload:
-        os.environ[preload.ENV] = "1"
+    os.environ[preload.ENV] = "1" if args.preload else "0"
     handler: dict = {}
     if args.warmup:
         handler["warmup_batch_sizes"] = [int(b) for b in args.warmup.split(",")]
@@ -73,7 +77,7 @@ def main() -> int:
     shutil.copy2(staging / "resnet50-v1.0.mar", store)
     cfg = server.ServerConfig(tmp / "run", store, overrides={**port_overrides(), "number_of_gpu": str(args.gpus)})
     proc = server.start(cfg, {"resnet50": "resnet50-v1.0.mar"})
-    server.wait_ready(cfg, ["resnet50"], timeout=600, proc=proc)
+    health.wait_ready(cfg, ["resnet50"], timeout=600, proc=proc)
     watcher_log = tmp / "watcher.log"
     with open(watcher_log, "wb") as out:
         watcher = subprocess.Popen(watch_command(cfg, "--interval", "0.5"), stdout=out, stderr=subprocess.STDOUT)

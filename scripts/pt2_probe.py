@@ -80,21 +80,30 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path("pt2-probe.json"))
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--attempts", default=",".join(ATTEMPTS), help=f"comma-separated, of {ATTEMPTS}")
     args = ap.parse_args()
+    attempts = [a for a in args.attempts.split(",") if a]
+    unknown = sorted(set(attempts) - set(ATTEMPTS))
+    if unknown:
+        ap.error(f"unknown attempts {unknown}; known: {ATTEMPTS}")
     import torch
 
     results: dict = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": args.device, "attempts": []}
     if args.device == "cuda" and torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name(0)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         pkg = Path(tmp) / "tiny.pt2"
-        results["attempts"].append(attempt("compile", pkg, args.device, args.timeout * 2))
-        if pkg.exists():
-            for what in ATTEMPTS:
-                results["attempts"].append(attempt(what, pkg, args.device, args.timeout))
-                print(json.dumps({k: v for k, v in results["attempts"][-1].items() if k != "output_tail"}))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+        for what in ["compile", *attempts]:
+            if what != "compile" and not pkg.exists():
+                break
+            results["attempts"].append(attempt(what, pkg, args.device, args.timeout * (2 if what == "compile" else 1)))
+            # Written after every attempt: a probe cut off by its caller keeps what it found.
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            done = results["attempts"][-1]
+            print(json.dumps({k: v for k, v in done.items() if k != "output_tail"}))
+            if done["returncode"] != 0:
+                print(done["output_tail"][-1500:])
     return 0
 
 

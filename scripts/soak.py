@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.digits.model import encode, held_out  # noqa: E402
-from servekit import server  # noqa: E402
+from servekit import health, server  # noqa: E402
 from servekit.archive import ArchiveRequest, archive  # noqa: E402
 from servekit.client import model_states, wait_until  # noqa: E402
 from servekit.hooks import MODELS_DIR  # noqa: E402
@@ -183,7 +183,7 @@ class Soak:
         os.environ["SERVEKIT_LOG_FILE_SIZE"] = self.args.log_file_size
         os.environ["SERVEKIT_LOG_FILES"] = str(self.args.log_files)
         proc = server.start(self.cfg, {MODEL: f"{MODEL}-v1.0.mar"}, log=lambda *_: None)
-        server.wait_ready(self.cfg, [MODEL], timeout=300, proc=proc)
+        health.wait_ready(self.cfg, [MODEL], timeout=300, proc=proc)
         logs = self.cfg.run_dir / "logs"
         self.watcher = subprocess.Popen(
             watch_command(

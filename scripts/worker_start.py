@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servekit import preload, server  # noqa: E402
+from servekit import health, preload, server  # noqa: E402
 from servekit.archive import ArchiveRequest, archive  # noqa: E402
 from servekit.client import wait_until  # noqa: E402
 from servekit.config import available_cpus  # noqa: E402
@@ -41,7 +41,7 @@ def measure(model: str, mar: Path, preloaded: bool, repeats: int) -> dict:
     t0 = time.monotonic()
     proc = server.start(cfg, {model: mar.name}, log=lambda *_: None)
     try:
-        server.wait_ready(cfg, [model], timeout=600, proc=proc)
+        health.wait_ready(cfg, [model], timeout=600, proc=proc)
         started = time.monotonic() - t0
         mgmt = cfg.management()
         times = []

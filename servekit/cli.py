@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from . import cli_args, gpu, server
+from . import cli_args, gpu, health, server
 from .client import Client, PredictionError
 from .errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, ConfigError, ServeKitError
 from .reload import watch_command
@@ -192,7 +192,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in wanted if m not in archives]
     if missing:
         raise ConfigError(f"no archive for {missing} in {cfg.model_store}: run `make archive` first")
-    proc = server.start(cfg, {m: archives[m].file for m in wanted}, console=args.foreground)
     stopping = False
 
     def on_signal(signum, _frame):
@@ -203,7 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     try:
-        server.wait_ready(cfg, wanted, timeout=args.timeout, proc=proc)
+        proc = server.start(cfg, {m: archives[m].file for m in wanted}, console=args.foreground)
+        health.wait_ready(cfg, wanted, timeout=args.timeout, proc=proc)
     except (TimeoutError, ConfigError) as exc:
         print(f"error: {exc}\n--- last lines of {cfg.run_dir}/logs/ts_log.log ---", file=sys.stderr)
         print(tail_lines(cfg.run_dir / "logs" / "ts_log.log", 40), file=sys.stderr)
@@ -234,9 +234,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    health = server.check_health(server.config_from_args(args), live=args.live)
-    print(health.detail)
-    return EXIT_OK if health.ok else EXIT_FAILED
+    found = health.check_health(server.config_from_args(args), live=args.live)
+    print(found.detail)
+    return EXIT_OK if found.ok else EXIT_FAILED
 
 
 def cmd_key(args: argparse.Namespace) -> int:

@@ -41,6 +41,8 @@ class HandlerOptions:
     # GPU only: replay the forward from CUDA graphs captured at load (servekit.cudagraphs).
     cuda_graphs: bool = True
     gpu_wait: str = "blocking"
+    # Read the frontend's messages through a buffer (handlers/frontend_reader.py) instead of a recv per field.
+    buffered_reads: bool = True
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty: nothing)."""
@@ -159,6 +161,12 @@ class ModelConfig:
             raise ConfigError(f"model-config keys {bad} must be integers")
         if data.get("minWorkers", 1) > data.get("maxWorkers", data.get("minWorkers", 1)):
             raise ConfigError("minWorkers must not exceed maxWorkers")
+        if data.get("maxBatchDelay") == 0 and data.get("batchSize", 1) > 1:
+            # Model.pollBatch stops collecting once the delay left is <= 0, and an archive's 0 reads as unset.
+            raise ConfigError(
+                "maxBatchDelay 0 does not batch: TorchServe 0.12 reads it from an archive as 100 ms, and where it "
+                "takes 0 it sends batches of at most 2 (docs/performance.md); use 1 or more"
+            )
         return cls(raw=data, handler=options.from_dict(data.get("handler")))
 
     @classmethod

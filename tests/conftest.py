@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servekit import server  # noqa: E402
+from servekit import health, server  # noqa: E402
 from servekit.archive import ArchiveRequest, archive  # noqa: E402
 from servekit.hooks import MODELS_DIR  # noqa: E402
 
@@ -71,7 +71,7 @@ def start_server(tmp: Path, archives_dir: Path, models: dict[str, str], **overri
     cfg = server.ServerConfig(tmp / "run", store, overrides={**port_overrides(), **overrides})
     proc = server.start(cfg, models, log=lambda *_: None)
     try:
-        server.wait_ready(cfg, list(models), timeout=300, proc=proc)
+        health.wait_ready(cfg, list(models), timeout=300, proc=proc)
     except Exception:
         log = cfg.run_dir / "logs" / "torchserve.out"
         print(log.read_text()[-5000:] if log.exists() else "no log")

@@ -109,6 +109,14 @@ CONFIGS: dict[str, BenchConfig] = {
             gpu_only=True,
             handler={"cuda_graphs": False, "gpu_wait": "auto"},
         ),
+        BenchConfig(
+            "ours-unbuffered",
+            "our handler with TorchServe's own per-field socket reads",
+            ours=True,
+            color="tab:olive",
+            column="unbuffered",
+            handler={"buffered_reads": False},
+        ),
         BenchConfig("stock", "TorchServe's image_classifier, its default threads", ours=False, color="tab:red"),
         BenchConfig(
             "stock-tuned",

@@ -17,7 +17,7 @@ import requests
 import yaml
 from urllib3 import encode_multipart_formdata
 
-from .. import server
+from .. import health, server
 from ..client import model_states, wait_until
 from ..errors import ConfigError
 from .loadgen import Target
@@ -98,7 +98,7 @@ def start_torchserve(
         proc = server.start(cfg, {plan.model: mar.name}, log=lambda *_: None)
     _launched(run_dir)
     try:
-        server.wait_ready(cfg, [plan.model], timeout=900, proc=proc)
+        health.wait_ready(cfg, [plan.model], timeout=900, proc=proc)
 
         def all_ready() -> bool:
             states = [s for s in model_states(cfg.management()) if s.name == plan.model and s.default]

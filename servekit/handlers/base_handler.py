@@ -14,6 +14,7 @@ from servekit import load_errors
 from servekit.batch import Answers, Batch, Body, Pipeline
 from servekit.config import HandlerOptions, ModelConfig
 from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, first_line
+from servekit.handlers.frontend_reader import install as install_frontend_reader
 from servekit.inference import is_oom, prepare_process, select_device
 from servekit.payload import body_bytes
 
@@ -59,6 +60,8 @@ class BaseHandler:
         self.config = ModelConfig.from_dict(getattr(context, "model_yaml_config", None) or {}, self.options_class)
         opts = self.config.handler
         self.version = opts.version
+        if opts.buffered_reads:
+            install_frontend_reader()
         device = select_device(props.get("gpu_id"))
         prepare_process(opts, device, self.config.max_workers, self.config.batch_size)
         serialized = context.manifest.get("model", {}).get("serializedFile")

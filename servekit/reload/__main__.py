@@ -16,7 +16,8 @@ import requests
 from filelock import Timeout
 
 from ..errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, ConfigError, ServeKitError
-from ..server import add_server_args, check_health, config_from_args
+from ..health import check_health
+from ..server import add_server_args, config_from_args
 from ..store import read_store, version_key
 from ..tokens import KeyRenewer
 from . import http

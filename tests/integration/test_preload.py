@@ -1,4 +1,4 @@
-"""Preloaded workers (SERVEKIT_PRELOAD_WORKERS=1): forked from a preloader, served and replaced like plain ones."""
+"""Preloaded workers (the default): forked from a preloader, served and replaced like plain ones; and plain ones."""
 
 from __future__ import annotations
 
@@ -100,3 +100,19 @@ def test_stop_leaves_no_process(tmp_path, archives):
     assert server.stop(srv.cfg.run_dir)
     time.sleep(0.5)
     assert server.group_members(group) == []
+
+
+def test_preloading_off_starts_workers_plainly(tmp_path, archives):
+    os.environ[preload.ENV] = "0"
+    try:
+        srv = start_server(tmp_path, archives, {"digits": "digits-v1.0.mar"})
+    finally:
+        del os.environ[preload.ENV]
+    try:
+        [pid] = worker_pids(srv.management, "digits")
+        cmdline = psutil.Process(pid).cmdline()
+        assert any(arg.endswith("model_service_worker.py") for arg in cmdline), cmdline
+        assert not (srv.cfg.run_dir / preload.DIR).exists()
+        assert_serves(srv.inference)
+    finally:
+        server.stop(srv.cfg.run_dir)

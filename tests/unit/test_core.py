@@ -65,6 +65,13 @@ def test_model_config_reads_yaml_off_as_amp_off(tmp_path):
         ModelConfig.load(cfg_file)
 
 
+def test_a_zero_batch_delay_is_refused_where_it_would_stop_batching():
+    with pytest.raises(ConfigError, match="maxBatchDelay 0 does not batch"):
+        ModelConfig.from_dict({"batchSize": 32, "maxBatchDelay": 0})
+    assert ModelConfig.from_dict({"batchSize": 1, "maxBatchDelay": 0}).batch_size == 1  # nothing to batch
+    assert ModelConfig.from_dict({"batchSize": 32, "maxBatchDelay": 1}).raw["maxBatchDelay"] == 1
+
+
 # -- decoding and preprocessing ----------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_preprocess_matches_torchvision_reference(fmt):
