@@ -18,13 +18,18 @@ from support.rel_support import assert_serves, worker_pids
 
 @pytest.fixture(scope="module")
 def preloaded(tmp_path_factory, archives):
-    os.environ[preload.ENV] = "1"
-    try:
-        srv = start_server(tmp_path_factory.mktemp("preload"), archives, {"digits": "digits-v1.0.mar"})
-    finally:
-        del os.environ[preload.ENV]
+    srv = _start(tmp_path_factory.mktemp("preload"), archives, "1")
     yield srv
     server.stop(srv.cfg.run_dir)
+
+
+def _start(tmp, archives, setting: str):
+    """A digits server started with SERVEKIT_PRELOAD_WORKERS=``setting``."""
+    os.environ[preload.ENV] = setting
+    try:
+        return start_server(tmp, archives, {"digits": "digits-v1.0.mar"})
+    finally:
+        del os.environ[preload.ENV]
 
 
 def _preloader(srv) -> psutil.Process:
@@ -90,11 +95,7 @@ def test_without_the_preloader_workers_start_plainly(preloaded):
 
 
 def test_stop_leaves_no_process(tmp_path, archives):
-    os.environ[preload.ENV] = "1"
-    try:
-        srv = start_server(tmp_path, archives, {"digits": "digits-v1.0.mar"})
-    finally:
-        del os.environ[preload.ENV]
+    srv = _start(tmp_path, archives, "1")
     group = os.getpgid(srv.proc.pid)
     assert len(server.group_members(group)) >= 3  # launcher, preloader, frontend, stand-in, worker
     assert server.stop(srv.cfg.run_dir)
@@ -103,11 +104,7 @@ def test_stop_leaves_no_process(tmp_path, archives):
 
 
 def test_preloading_off_starts_workers_plainly(tmp_path, archives):
-    os.environ[preload.ENV] = "0"
-    try:
-        srv = start_server(tmp_path, archives, {"digits": "digits-v1.0.mar"})
-    finally:
-        del os.environ[preload.ENV]
+    srv = _start(tmp_path, archives, "0")
     try:
         [pid] = worker_pids(srv.management, "digits")
         cmdline = psutil.Process(pid).cmdline()
