@@ -169,7 +169,9 @@ def test_load_failure_retries_are_bounded(faults_server):
             return bool(older) and older[-1] == seen[-1][1]
 
         wait_until(settled, 60, what="worker restarts to stop")
-        assert 2 <= seen[-1][1] <= 4, f"{seen[-1][1]} load attempts"
+        # TorchServe retries after 1, 1, 2, 3 s while less than maxRetryTimeoutInSec (5) has passed since
+        # the first failure: 5 attempts when a load fails at once (a preloaded worker), fewer when it is slow.
+        assert 2 <= seen[-1][1] <= 5, f"{seen[-1][1]} load attempts"
         assert inf.ping().status_code == 500
         assert "Retry worker" in _log(faults_server, "ts_log.log")
         assert_serves(inf)
