@@ -11,7 +11,6 @@ import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -229,26 +228,17 @@ def test_archives_are_stored_uncompressed(archives):
         assert json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"] == "model.pt"
 
 
-WORKER_KEYS = ("minWorkers", "maxWorkers")
-
-
-def _with_config(src: Path, folder: Path, edit) -> Path:
-    """A copy of archive ``src`` in ``folder`` whose model-config.yaml ``edit`` changed in place."""
-    mar = folder / src.name
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(mar, "w", zipfile.ZIP_STORED) as dst:
-        for info in zin.infolist():
-            data = zin.read(info)
-            if info.filename == "model-config.yaml":
-                raw = yaml.safe_load(data)
-                edit(raw)
-                data = yaml.safe_dump(raw).encode()
-            dst.writestr(info, data)
-    return mar
-
-
 def test_a_model_without_a_worker_count_gets_the_machines_default(tmp_path, archives, monkeypatch):
     """default_workers_per_model=auto: the count comes from the machine, and each worker splits the CPUs by it."""
-    mar = _with_config(archives / "digits-v1.0.mar", tmp_path, lambda raw: [raw.pop(k, None) for k in WORKER_KEYS])
+    mar = tmp_path / "digits-v1.0.mar"
+    with zipfile.ZipFile(archives / "digits-v1.0.mar") as src, zipfile.ZipFile(mar, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "model-config.yaml":
+                raw = yaml.safe_load(data)
+                raw.pop("minWorkers", None), raw.pop("maxWorkers", None)
+                data = yaml.safe_dump(raw).encode()
+            dst.writestr(info, data)
     # As on an 8-CPU machine without a GPU: auto is one worker per 4 CPUs.
     monkeypatch.setattr("servekit.server.available_cpus", lambda: 8)
     monkeypatch.setattr("servekit.tuning._nvidia_smi_gpus", lambda: 0)
