@@ -107,14 +107,25 @@ def serve(sock_path: Path, modules: tuple[str, ...] = MODULES) -> NoReturn:
     os.replace(aside, sock_path)  # appears only once it accepts
     print(f"servekit preload: ready in {time.perf_counter() - t0:.1f} s ({', '.join(modules)})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # A worker's exit wakes the loop at once: its stand-in must end together with it, as a plain
+    # worker's process would, or TorchServe sees the connection close well before the process exit.
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
     workers: dict[int, socket.socket] = {}  # worker pid -> its stand-in's connection
     try:
         while True:
-            for key, _ in sel.select(timeout=0.2):
+            for key, _ in sel.select(timeout=1.0):
                 if key.fileobj is listener:
-                    _accept(listener, sel, workers, base_path)
+                    _accept(listener, sel, workers, base_path, [wake_r, wake_w])
+                elif key.fileobj is wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        wake_r.recv(4096)
                 else:
                     _stand_in_readable(key.fileobj, key.data, sel)  # type: ignore[arg-type]
             _reap(sel, workers)
@@ -124,7 +135,13 @@ def serve(sock_path: Path, modules: tuple[str, ...] = MODULES) -> NoReturn:
             _kill(pid)
 
 
-def _accept(listener: socket.socket, sel: selectors.BaseSelector, workers: dict[int, socket.socket], path: list[str]):
+def _accept(
+    listener: socket.socket,
+    sel: selectors.BaseSelector,
+    workers: dict[int, socket.socket],
+    path: list[str],
+    own: list[socket.socket],
+) -> None:
     conn, _ = listener.accept()
     conn.settimeout(5)  # a stand-in sends at once; anything else must not hold up the next fork for long
     try:
@@ -138,7 +155,8 @@ def _accept(listener: socket.socket, sel: selectors.BaseSelector, workers: dict[
     pid = os.fork()
     if pid == 0:
         sel.close()
-        _become_worker(request, fds, [listener, conn, *workers.values()], path)
+        signal.set_wakeup_fd(-1)
+        _become_worker(request, fds, [listener, conn, *own, *workers.values()], path)
     for fd in fds:
         os.close(fd)
     conn.settimeout(None)
