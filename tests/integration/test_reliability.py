@@ -125,7 +125,13 @@ def test_corrupt_archives_are_rejected(faults_server, archives):
 
 
 def test_load_failure_on_synchronous_register(faults_server):
-    """TorchServe tries once, answers 500, and keeps the version registered with no worker (503)."""
+    """TorchServe tries once and answers 500; the version is then gone (404) or left with no worker (503).
+
+    Which of the two is a race inside TorchServe 0.12: the register's error callback unregisters the
+    version on the worker's own thread, and when the worker process is still alive the kill wait is
+    interrupted ("WorkerThread interrupted during waitFor") and the version is put back with no worker.
+    Either way nothing retries, the server stays healthy and the other models keep serving.
+    """
     mgmt, inf = faults_server.management, faults_server.inference
     fault_archive(faults_server.cfg.model_store, "loadfail", "rel_load_fail_handler.py")
     try:
@@ -137,14 +143,20 @@ def test_load_failure_on_synchronous_register(faults_server):
         assert failure.error == f"RuntimeError: {LOAD_FAIL_MESSAGE}" and failure.version == "1.0"
         t0 = time.monotonic()
         answer = inf.predict("loadfail", digit_samples(1)[0][0], "image/png")
-        assert answer.status_code == 503 and "no worker" in _message(answer)
+        assert answer.status_code in (404, 503), answer.text
+        registered = answer.status_code == 503
+        assert ("no worker" if registered else "not found") in _message(answer).lower()
         assert time.monotonic() - t0 < 5
+        if registered:
+            [state] = [s for s in model_states(mgmt) if s.name == "loadfail"]
+            assert state.workers == 0, state
         time.sleep(5)  # no retry happens behind the scenes
         assert len(_load_attempts(faults_server, "loadfail")) == 1
         assert inf.ping().status_code == 200
         assert_serves(inf)
     finally:
-        assert mgmt.unregister("loadfail").status_code == 200
+        assert mgmt.unregister("loadfail").status_code in (200, 404)
+    assert "loadfail" not in {s.name for s in model_states(mgmt)}
 
 
 def test_load_failure_retries_are_bounded(faults_server):
