@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from .. import preload
 from ..archive import ArchiveRequest, archive, build_artifact
 from ..config import ClassifierOptions, ModelConfig
 from ..hooks import MODELS_DIR, BuildHook
@@ -137,6 +138,7 @@ def package(
             "handler_options": raw["handler"],
             "model_config": {k: v for k, v in raw.items() if k != "handler"},
         }
+        facts["preloaded"] = spec.ours and preload.enabled()
         artifact = art.for_ours(config, bool(plan.freeze))
         return Packaged(opts.threads(point.total_workers), {}, opts.topk, facts, mar, artifact, raw)
     mar, raw = archive_stock(plan, art, config, point, workdir, slug)
@@ -148,4 +150,6 @@ def package(
         "model_config": {k: v for k, v in raw.items() if k != "handler"},
     }
     threads = point.tuned_threads() if spec.tuned_threads else default_threads
-    return Packaged(threads, {"OMP_NUM_THREADS": str(threads)}, 5, facts, mar)
+    # Stock is TorchServe as shipped: its workers start plainly, not from servekit's preloader.
+    env = {"OMP_NUM_THREADS": str(threads), preload.ENV: "0"}
+    return Packaged(threads, env, 5, {**facts, "preloaded": False}, mar)

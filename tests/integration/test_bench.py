@@ -436,6 +436,7 @@ def test_bench_end_to_end_smoke(tmp_path):
     assert int8["config"] == "ours-int8" and "error" not in int8 and int8["amp"] == "int8"
     assert int8["points"][0]["errors"] == 0 and int8["points"][0]["rps"] > 0
     assert run["model_config"]["batchSize"] == 4 and run["threads_per_worker"] >= 1
+    assert run["preloaded"] and not peer["preloaded"]  # ours starts workers from the preloader by default
     # The LitServe peer: same points, its own CPU split (API servers vs inference workers).
     assert peer["config"] == "litserve" and "error" not in peer and peer["api_servers"] == 1
     (peer_point,) = peer["points"]
