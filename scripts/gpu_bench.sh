@@ -14,6 +14,10 @@
 #   bash scripts/gpu_bench.sh peer    # ours, tuned stock and the LitServe peer at w4 b32, side by side (~5 min;
 #                                     # first put the peer's wheels in .gpu: bash scripts/gpu_peer_wheels.sh)
 #   bash scripts/gpu_bench.sh reload  # a 4-worker switch under load, plain then with preloaded workers (~2 min)
+#   bash scripts/gpu_bench.sh reader  # ours against ours-unbuffered (TorchServe's own reader and parser), w4 b32,
+#                                     # c=1 and 256, with the frontend/worker CPU split (~4 min)
+#   bash scripts/gpu_bench.sh stages  # a worker's stages outside TorchServe, and nvjpeg with 1 and 4 decoding
+#                                     # processes, plain and one at a time (scripts/gpu_stages.py, ~1.5 min)
 #
 # Then, on any machine, merge the phases into one table and plot:
 #   python3 -m servekit.bench report ours/results.json stock/results.json --out bench-results/gpu
@@ -37,6 +41,10 @@ PY
 command -v nvidia-smi >/dev/null || { echo "nvidia-smi not found" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
+if [ "$phase" = stages ]; then
+  python3 scripts/gpu_stages.py --out "$out/stages.json" 2>&1 | grep -v Warning | tee "$out/stages.log"
+  exit 0
+fi
 if [ "$phase" = reload ]; then
   python3 scripts/gpu_reload.py --workers 4 --no-preload --out "$out/reload-plain.json" 2>&1 | tail -n 40 | tee "$out/reload.log"
   python3 scripts/gpu_reload.py --workers 4 --out "$out/reload-preload.json" 2>&1 | tail -n 40 | tee -a "$out/reload.log"
@@ -52,8 +60,10 @@ case "$phase" in
            --freeze --no-micro) ;;
   peer)  args=(--gpu --configs ours,stock-tuned,litserve --workers 4 --batch 32 --concurrency 1,128,256 --freeze
            --no-micro) ;;
+  reader) args=(--gpu --configs ours,ours-unbuffered --workers 4 --batch 32 --concurrency 1,256 --duration 10
+           --freeze --no-micro) ;;
   profile) args=(--gpu --configs ours,noop,stock-tuned --workers 4 --batch 32 --concurrency 1,128 --duration 12
            --no-micro --py-spy) ;;
-  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|profile|reload]" >&2; exit 2 ;;
+  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|profile|reader|stages|reload]" >&2; exit 2 ;;
 esac
 python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import warnings
@@ -11,26 +10,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 
 from .batch import Batch, Body
 from .config import ImageOptions
 from .errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
+from .imageheader import JPEG, dimensions, sniff_format
 
 log = logging.getLogger(__name__)
-
-JPEG, PNG = "JPEG", "PNG"
-SUPPORTED = (JPEG, PNG)
-_MAGIC = {b"\xff\xd8\xff": JPEG, b"\x89PNG\r\n\x1a\n": PNG}
-
-
-def sniff_format(raw: Body) -> str | None:
-    """JPEG or PNG from the magic bytes, else None."""
-    for magic, fmt in _MAGIC.items():
-        if raw.startswith(magic):
-            return fmt
-    return None
 
 
 @dataclass(frozen=True)
@@ -49,13 +36,7 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
     fmt = sniff_format(raw)
     if fmt is None:
         raise UnsupportedMediaType("not a JPEG or PNG image")
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            width, height = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInput(f"cannot read the {fmt} header: {exc}") from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - PIL's own limit
-        raise PayloadTooLarge(str(exc)) from None
+    width, height = dimensions(raw, fmt)
     if width < 1 or height < 1:
         raise InvalidInput(f"image has no pixels ({width}x{height})")
     if width * height > opts.max_image_pixels:

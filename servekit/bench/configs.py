@@ -111,7 +111,7 @@ CONFIGS: dict[str, BenchConfig] = {
         ),
         BenchConfig(
             "ours-unbuffered",
-            "our handler with TorchServe's own per-field socket reads",
+            "our handler with TorchServe's own per-field socket reads and message parser",
             ours=True,
             color="tab:olive",
             column="unbuffered",

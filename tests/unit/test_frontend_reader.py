@@ -10,7 +10,7 @@ import pytest
 from ts.protocol import otf_message_handler as otf
 
 from servekit.handlers import frontend_reader
-from servekit.handlers.frontend_reader import BufferedFrontend
+from servekit.handlers.frontend_reader import BatchParser, BufferedFrontend
 
 END = struct.pack("!i", -1)
 
@@ -30,9 +30,11 @@ def _batch(bodies: list[bytes]) -> bytes:
     return b"I" + b"".join(_request(i, b) for i, b in enumerate(bodies)) + END
 
 
-def _parse(reader, messages: list[bytes], monkeypatch) -> list:
-    """Send ``messages`` back to back over a real socket pair and parse them with ``reader``."""
+def _parse(reader, messages: list[bytes], monkeypatch, parser=None) -> list:
+    """Send ``messages`` back to back over a real socket pair and parse them with ``reader`` (and ``parser``)."""
     monkeypatch.setattr(otf, "_retrieve_buffer", reader)
+    if parser is not None:
+        monkeypatch.setattr(otf, "_retrieve_inference_msg", parser)
     a, b = socket.socketpair()
     sender = threading.Thread(target=lambda: [a.sendall(m) for m in messages])
     sender.start()
@@ -57,6 +59,58 @@ def test_batches_parse_exactly_as_with_torchserves_reader(monkeypatch):
     assert len(second) == 6 and third[0]["parameters"][0]["value"] == b"tiny"
 
 
+def _ours(messages: list[bytes], monkeypatch) -> list:
+    frontend = BufferedFrontend(otf._retrieve_buffer)
+    return _parse(frontend, messages, monkeypatch, BatchParser(frontend, otf._retrieve_inference_msg))
+
+
+@pytest.mark.parametrize("decode", [None, "true", "false"])
+def test_the_batch_parser_returns_what_torchserves_parser_returns(monkeypatch, decode):
+    if decode is None:
+        monkeypatch.delenv("TS_DECODE_INPUT_REQUEST", raising=False)
+    else:
+        monkeypatch.setenv("TS_DECODE_INPUT_REQUEST", decode)
+    items = [
+        (bytes(range(256)) * 700, "image/jpeg"),
+        (b'{"instances": [[1, 2], {"a": "\\u00e9"}]}', "application/json"),
+        (b"{not json", "application/json"),
+        ("caf\u00e9".encode(), "text/plain; charset=utf-8"),
+        (b"\xff\xfe not utf-8", "text/csv"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json"),  # too deep for json: kept raw
+        (b"", "application/octet-stream"),
+    ]
+    requests = [_request(i, body, ctype) for i, (body, ctype) in enumerate(items)]
+    messages = [b"I" + b"".join(requests) + END, b"I" + requests[0] + END, b"I" + END]
+    original = otf._retrieve_inference_msg
+    ours = _ours(messages, monkeypatch)
+    monkeypatch.setattr(otf, "_retrieve_inference_msg", original)
+    theirs = _parse(otf._retrieve_buffer, messages, monkeypatch)
+    assert ours == theirs
+    (_, batch), (_, one), (_, empty) = ours
+    assert len(batch) == len(items) and len(one) == 1 and empty == []
+    values = [r["parameters"][0]["value"] for r in batch]
+    assert isinstance(values[0], bytearray) and values[0] == items[0][0]  # bodies: bytearray, as from TorchServe
+    if decode != "false":
+        assert values[1] == {"instances": [[1, 2], {"a": "\u00e9"}]} and values[3] == "caf\u00e9"
+        assert values[2] == b"{not json" and values[4] == items[4][0] and values[5] == items[5][0]
+    assert [h["name"] for h in batch[2]["headers"]] == [b"Host", b"Content-Type", b"X-Id"]
+
+
+def test_a_frontend_gone_mid_batch_ends_the_worker(monkeypatch):
+    whole = b"I" + _request(0, b"x" * 5000) + END
+    for cut in (3, 30, len(whole) - 100, len(whole) - 2):
+        a, b = socket.socketpair()
+        a.sendall(whole[:cut])
+        a.close()
+        frontend = BufferedFrontend(otf._retrieve_buffer)
+        monkeypatch.setattr(otf, "_retrieve_buffer", frontend)
+        monkeypatch.setattr(otf, "_retrieve_inference_msg", BatchParser(frontend, lambda conn: []))
+        with pytest.raises(SystemExit) as exit_info:
+            otf.retrieve_msg(b)
+        assert exit_info.value.code == 0, cut
+        b.close()
+
+
 def test_a_frontend_gone_mid_message_ends_the_worker_as_torchserve_does():
     a, b = socket.socketpair()
     a.sendall(_field(b"only part of a message")[:10])
@@ -75,6 +129,9 @@ def test_install_only_on_the_tested_torchserve(monkeypatch):
     monkeypatch.setattr(frontend_reader.ts, "__version__", "0.13.0")
     assert not frontend_reader.install() and otf._retrieve_buffer is original
     monkeypatch.setattr(frontend_reader.ts, "__version__", frontend_reader.TESTED_VERSION)
+    monkeypatch.setattr(otf, "_retrieve_inference_msg", otf._retrieve_inference_msg)
     assert frontend_reader.install() and isinstance(otf._retrieve_buffer, BufferedFrontend)
-    installed = otf._retrieve_buffer
+    installed, parser = otf._retrieve_buffer, otf._retrieve_inference_msg
+    assert isinstance(parser, BatchParser) and parser.frontend is installed
     assert frontend_reader.install() and otf._retrieve_buffer is installed  # once per process
+    assert otf._retrieve_inference_msg is parser
