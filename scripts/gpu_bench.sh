@@ -14,8 +14,9 @@
 #   bash scripts/gpu_bench.sh peer    # ours, tuned stock and the LitServe peer at w4 b32, side by side (~5 min;
 #                                     # first put the peer's wheels in .gpu: bash scripts/gpu_peer_wheels.sh)
 #   bash scripts/gpu_bench.sh reload  # a 4-worker switch under load, plain then with preloaded workers (~2 min)
-#   bash scripts/gpu_bench.sh reader  # ours against ours-unbuffered (TorchServe's own reader and parser), w4 b32,
-#                                     # c=1 and 256, with the frontend/worker CPU split (~4 min)
+#   bash scripts/gpu_bench.sh workercpu # ours, ours-unbuffered (TorchServe's own reader and parser) and
+#                                     # ours-serial-decode (one nvjpeg decode at a time per GPU), w4 b32, c=1 and
+#                                     # 256, with the frontend/worker CPU split (~6 min)
 #   bash scripts/gpu_bench.sh stages  # a worker's stages outside TorchServe, and nvjpeg with 1 and 4 decoding
 #                                     # processes, plain and one at a time (scripts/gpu_stages.py, ~1.5 min)
 #
@@ -60,10 +61,10 @@ case "$phase" in
            --freeze --no-micro) ;;
   peer)  args=(--gpu --configs ours,stock-tuned,litserve --workers 4 --batch 32 --concurrency 1,128,256 --freeze
            --no-micro) ;;
-  reader) args=(--gpu --configs ours,ours-unbuffered --workers 4 --batch 32 --concurrency 1,256 --duration 10
-           --freeze --no-micro) ;;
+  workercpu) args=(--gpu --configs ours,ours-unbuffered,ours-serial-decode --workers 4 --batch 32
+           --concurrency 1,256 --duration 10 --freeze --no-micro) ;;
   profile) args=(--gpu --configs ours,noop,stock-tuned --workers 4 --batch 32 --concurrency 1,128 --duration 12
            --no-micro --py-spy) ;;
-  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|profile|reader|stages|reload]" >&2; exit 2 ;;
+  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|profile|workercpu|stages|reload]" >&2; exit 2 ;;
 esac
 python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"

@@ -92,6 +92,8 @@ class ImageOptions(HandlerOptions):
     """Options of handlers that take JPEG/PNG images: decoding limits and preprocessing."""
 
     decode_device: str = "auto"
+    # GPU only: the workers on one GPU run nvjpeg's batched decode one at a time (servekit.gpulock).
+    serial_gpu_decode: bool = False
     channels: int = 3
     resize: int = 256
     crop: int = 224

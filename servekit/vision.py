@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
@@ -15,6 +16,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 from .batch import Batch, Body
 from .config import ImageOptions
 from .errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
+from .gpulock import GpuLock
 from .imageheader import JPEG, dimensions, sniff_format
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,12 @@ class Preprocessor:
             torch.channels_last if opts.channels_last and device.type == "cuda" else torch.contiguous_format
         )
         self.gpu_decode = device.type == "cuda" and opts.decode_device in ("auto", "cuda")
+        # The lock's wait parks the worker; nvjpeg's own wait keeps a core busy (servekit.gpulock).
+        self.decode_lock: contextlib.AbstractContextManager[object] = (
+            GpuLock(device.index or 0, "nvjpeg")
+            if self.gpu_decode and opts.serial_gpu_decode
+            else contextlib.nullcontext()
+        )
         self._gpu_decode_failed = False
 
     def warmup(self) -> None:
@@ -102,7 +110,8 @@ class Preprocessor:
         if self.gpu_decode and not self._gpu_decode_failed and jpeg_idx:
             datas = [as_uint8(raws[i]) for i in jpeg_idx]
             try:
-                decoded = decode_jpeg(datas, mode=self.mode, device=self.device)
+                with self.decode_lock:
+                    decoded = decode_jpeg(datas, mode=self.mode, device=self.device)
                 for i, img in zip(jpeg_idx, decoded):
                     out[i] = img
             except RuntimeError as exc:

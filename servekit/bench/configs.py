@@ -117,6 +117,15 @@ CONFIGS: dict[str, BenchConfig] = {
             column="unbuffered",
             handler={"buffered_reads": False},
         ),
+        BenchConfig(
+            "ours-serial-decode",
+            "our handler with one nvjpeg decode at a time per GPU across its workers",
+            ours=True,
+            color="tab:pink",
+            column="serial decode",
+            gpu_only=True,
+            handler={"serial_gpu_decode": True},
+        ),
         BenchConfig("stock", "TorchServe's image_classifier, its default threads", ours=False, color="tab:red"),
         BenchConfig(
             "stock-tuned",
