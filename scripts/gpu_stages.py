@@ -11,7 +11,6 @@ check through PIL (what servekit used before) and nvjpeg's decode by chroma subs
 from __future__ import annotations
 
 import argparse
-import fcntl
 import io
 import json
 import multiprocessing
@@ -36,6 +35,7 @@ from servekit.batch import Batch  # noqa: E402
 from servekit.bench.images import synthetic_jpeg  # noqa: E402
 from servekit.classify import ImageClassifier  # noqa: E402
 from servekit.config import ClassifierOptions, ModelConfig  # noqa: E402
+from servekit.gpulock import GpuLock  # noqa: E402
 from servekit.gpuwait import set_gpu_wait  # noqa: E402
 from servekit.hooks import MODELS_DIR  # noqa: E402
 from servekit.inference import prepare_process  # noqa: E402
@@ -81,16 +81,13 @@ def contended_decode(args: tuple[int, float, str, str]) -> dict[str, float]:
 
     if not lock:
         return timed(decode, calls, 32, torch.cuda.synchronize)
-    with open(lock, "a+") as f:
+    gpu_lock = GpuLock(0, "nvjpeg", lock)  # what serial_gpu_decode takes around the decode
 
-        def locked() -> None:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                decode()
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def locked() -> None:
+        with gpu_lock:
+            decode()
 
-        return timed(locked, calls, 32, torch.cuda.synchronize)
+    return timed(locked, calls, 32, torch.cuda.synchronize)
 
 
 def pil_header(raw: bytearray) -> tuple[int, int]:
@@ -141,7 +138,7 @@ def main() -> None:
     out["nvjpeg_b32_contended"] = {}
     ctx = multiprocessing.get_context("spawn")
     max_procs = max(int(x) for x in args.procs.split(","))
-    lock = str(Path(tempfile.gettempdir()) / "servekit-decode.lock")
+    lock = tempfile.mkdtemp(prefix="servekit-stages-")
     runs = [(int(x), "blocking", "") for x in args.procs.split(",")] + [(max_procs, "blocking", lock)]
     for procs, wait, locked in runs + [(max_procs, "spin", "")] * (not args.contention_only):
         t0 = time.time()
