@@ -28,13 +28,12 @@ import http.client
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -43,6 +42,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from soak_report import report  # noqa: E402
 
 from models.digits.model import encode, held_out  # noqa: E402
 from servekit import health, server  # noqa: E402
@@ -341,7 +342,7 @@ class Soak:
                 self.watcher.terminate()
                 self.watcher.wait(30)
             server.stop(self.cfg.run_dir, log=lambda *_: None)
-        return self.report(ours, raw, sum(c.refusals for c in raw_clients), metrics)
+        return report(self, ours, raw, sum(c.refusals for c in raw_clients), metrics)
 
     def _watcher_metrics(self) -> dict[str, float]:
         try:
@@ -353,95 +354,6 @@ class Soak:
             for line in text.splitlines()
             if line.startswith(("servekit_key_renewals_total", "servekit_watcher_polls_total"))
         }
-
-    def report(self, ours: CheckedLoad, raw: CheckedLoad, refusals: int, metrics: dict[str, float]) -> dict:
-        ev = self.events
-        window = (ev["kill"] - 0.5, ev["worker_ready"] + 1.0)
-
-        def outside(items: list[tuple[float, float]]) -> int:
-            return sum(1 for start, end in items if not (window[0] <= end and start <= window[1]))
-
-        outcomes = {"servekit": ours.snapshot(), "raw": raw.snapshot()}
-        failures = {k: [o for o in v if not o.ok] for k, v in outcomes.items()}
-        latencies = sorted((o.end - o.start) * 1000 for v in outcomes.values() for o in v if o.ok)
-        answered = {v for v, _ in self.published} | {"1.0"}
-        seen = {o.version for v in outcomes.values() for o in v if o.ok}
-        health_bad = [(t, d) for t, ok, d in self.health if not ok]
-        renewals = sum(v for k, v in metrics.items() if "renewals_total" in k and 'result="success"' in k)
-        gaps = [b - a for a, b in zip(self._beats(), self._beats()[1:])]
-        # Memory is compared where the server is in the same state: just before each publish
-        # (one version serving, all events of the cycle over), and at the end.
-        marks = [t for _, t in self.published[1:]] + [self.args.duration]
-        points = [max((s for s in self.rss if s.t < m), key=lambda s: s.t) for m in marks if self.rss]
-        points = [p for p in points if p.t > ev["recovered"] + 10] or points[-1:]
-
-        def flat(key: str, slack: float, allowance: float) -> bool | None:
-            values = [getattr(p, key) for p in points]
-            return values[-1] <= values[0] * (1 + slack) + allowance if len(values) >= 2 else None
-
-        checks = {
-            "every_request_answered": all(o.status is not None for v in outcomes.values() for o in v),
-            "failures_only_in_kill_window": all(outside([(o.start, o.end) for o in f]) == 0 for f in failures.values()),
-            "raw_client_never_refused_twice": not any("InvalidKey" in o.error for o in failures["raw"]),
-            "unhealthy_only_in_kill_window": all(window[0] - 10 <= t <= window[1] + 10 for t, _ in health_bad),
-            "every_version_answered": answered <= seen,
-            "keys_renewed": renewals >= 2 * max(1, int(self.args.duration // (self.args.key_minutes * 60)) - 1),
-            "watcher_alive_at_end": self.watcher_alive_at_end,
-            "watcher_kept_polling": bool(gaps)
-            and max(gaps) < 60
-            and not metrics.get('servekit_watcher_polls_total{result="failure"}'),
-            "logs_under_cap": max(s.logs_mb for s in self.rss) <= self.log_cap_mb(),
-            # The JVM keeps sizing its heap (G1's adaptive young generation) and compiling code for its
-            # first minutes: 20-50 MB of growth that then holds (docs/soak.md), not a leak.
-            "frontend_rss_flat": flat("frontend_mb", 0.05, 50.0),
-            "worker_rss_flat": flat("workers_mb", 0.05, 20.0),
-            "watcher_rss_flat": flat("watcher_mb", 0.0, 10.0),
-            "watcher_rss_under_150_mb": max(s.watcher_mb for s in self.rss) <= 150,
-        }
-        return {
-            "duration_s": self.args.duration,
-            "threads": self.args.threads + 1,
-            "key_minutes": self.args.key_minutes,
-            "publish_every_s": self.args.publish_every,
-            "requests": {k: len(v) for k, v in outcomes.items()},
-            "failed": {k: len(v) for k, v in failures.items()},
-            "raw_client_refusals": refusals,
-            "throughput_rps": round(sum(len(v) for v in outcomes.values()) / self.args.duration, 1),
-            "latency_ms": {
-                "p50": round(statistics.median(latencies), 1) if latencies else None,
-                "p99": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
-                "max": round(latencies[-1], 1) if latencies else None,
-            },
-            "published": [
-                {"version": v, "at_s": round(t, 1), "done_s": round(ev.get(f"v{v}_done", -1), 1)}
-                for v, t in self.published
-            ],
-            "events_s": {k: round(v, 2) for k, v in ev.items()},
-            "kill_window_s": [round(window[0], 2), round(window[1], 2)],
-            "recovery_s": round(ev["recovered"] - ev["kill"], 2),
-            "key_renewals": renewals,
-            "watcher_heartbeats": len(self.heartbeats),
-            "max_heartbeat_gap_s": round(max(gaps), 1) if gaps else None,
-            "health_checks": len(self.health),
-            "unhealthy": health_bad,
-            "logs_mb": {"max": max(s.logs_mb for s in self.rss), "cap": round(self.log_cap_mb(), 1)},
-            "rss_mb": {
-                key: {
-                    "max": max(getattr(s, key) for s in self.rss),
-                    "compared": [[p.t, getattr(p, key)] for p in points],
-                }
-                for key in ("frontend_mb", "workers_mb", "watcher_mb")
-            },
-            "checks": checks,
-            "passed": all(v is not False for v in checks.values()),
-            "failures": {k: [asdict(o) for o in v[:50]] for k, v in failures.items()},
-            "rss_samples": [asdict(s) for s in self.rss],
-        }
-
-    def _beats(self) -> list[float]:
-        from datetime import datetime
-
-        return [datetime.fromisoformat(b).timestamp() for b in self.heartbeats]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
