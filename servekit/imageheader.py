@@ -44,27 +44,27 @@ def _png(raw: Body) -> tuple[int, int]:
 
 
 def _jpeg(raw: Body) -> tuple[int, int]:
-    view, end, i = memoryview(raw), len(raw), 2
+    end, i = len(raw), 2
     while i < end:
-        if view[i] != 0xFF:
+        if raw[i] != 0xFF:
             raise InvalidInput(f"cannot read the JPEG header: no marker at byte {i}")
-        while i < end and view[i] == 0xFF:  # a marker may be preceded by fill bytes
+        while i < end and raw[i] == 0xFF:  # a marker may be preceded by fill bytes
             i += 1
         if i >= end:
             break
-        marker = view[i]
+        marker = raw[i]
         i += 1
         if marker in _STANDALONE:
             continue
         if marker in (_SOS, _EOI) or i + 2 > end:
             break
-        (length,) = struct.unpack_from(">H", view, i)
+        (length,) = struct.unpack_from(">H", raw, i)
         if length < 2:
             raise InvalidInput(f"cannot read the JPEG header: segment {marker:#04x} has length {length}")
         if marker in _SOF:
             if i + 7 > end:
                 break
-            height, width = struct.unpack_from(">HH", view, i + 3)
+            height, width = struct.unpack_from(">HH", raw, i + 3)
             return width, height
         i += length
     raise InvalidInput("cannot read the JPEG header: no frame header before the image data")
