@@ -48,6 +48,7 @@ from soak_report import report  # noqa: E402
 from models.digits.model import encode, held_out  # noqa: E402
 from servekit import health, server  # noqa: E402
 from servekit.archive import ArchiveRequest, archive  # noqa: E402
+from servekit.bench.procs import PRELOADER, torchserve_role  # noqa: E402
 from servekit.client import model_states, wait_until  # noqa: E402
 from servekit.hooks import MODELS_DIR  # noqa: E402
 from servekit.loadcheck import CheckedLoad  # noqa: E402
@@ -131,6 +132,7 @@ class Sample:
     workers: int
     watcher_mb: float
     logs_mb: float
+    preloader_mb: float = 0.0  # the process preloaded workers are forked from (0: plain workers)
 
 
 class Soak:
@@ -220,17 +222,21 @@ class Soak:
         pgid = server.read_pid(self.cfg.run_dir)
         logs = self.cfg.run_dir / "logs"
         while not self.stop.is_set():
-            frontend = workers = 0.0
+            frontend = workers = preloader = 0.0
             count = 0
             for pid in server.group_members(pgid):
                 try:
                     p = psutil.Process(pid)
                     rss = p.memory_info().rss / 1e6
-                    if "java" in p.name():
+                    # The workers that run the model: forks of the preloader, or TorchServe's own.
+                    role = torchserve_role(p)
+                    if role == "frontend":
                         frontend += rss
-                    elif "model_service_worker" in " ".join(p.cmdline()):
+                    elif role == "workers":
                         workers += rss
                         count += 1
+                    elif PRELOADER in p.cmdline() and "launch" not in p.cmdline():
+                        preloader += rss
                 except psutil.Error:
                     continue
             try:
@@ -246,6 +252,7 @@ class Soak:
                     count,
                     round(watcher, 1),
                     round(size, 2),
+                    round(preloader, 1),
                 )
             )
             try:

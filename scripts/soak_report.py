@@ -52,6 +52,9 @@ def report(soak: Any, ours: CheckedLoad, raw: CheckedLoad, refusals: int, metric
         # first minutes: 20-50 MB of growth that then holds (docs/soak.md), not a leak.
         "frontend_rss_flat": flat("frontend_mb", 0.05, 50.0),
         "worker_rss_flat": flat("workers_mb", 0.05, 20.0),
+        # The memory compared is the model workers' own: at least one was found at every point.
+        "workers_measured": bool(points) and all(p.workers >= 1 for p in points),
+        "preloader_rss_flat": flat("preloader_mb", 0.0, 10.0) if any(s.preloader_mb for s in soak.rss) else None,
         "watcher_rss_flat": flat("watcher_mb", 0.0, 10.0),
         "watcher_rss_under_150_mb": max(s.watcher_mb for s in soak.rss) <= 150,
     }
@@ -86,7 +89,7 @@ def report(soak: Any, ours: CheckedLoad, raw: CheckedLoad, refusals: int, metric
                 "max": max(getattr(s, key) for s in soak.rss),
                 "compared": [[p.t, getattr(p, key)] for p in points],
             }
-            for key in ("frontend_mb", "workers_mb", "watcher_mb")
+            for key in ("frontend_mb", "workers_mb", "watcher_mb", "preloader_mb")
         },
         "checks": checks,
         "passed": all(v is not False for v in checks.values()),
