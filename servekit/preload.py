@@ -130,6 +130,10 @@ def serve(sock_path: Path, modules: tuple[str, ...] = MODULES) -> NoReturn:
                     _stand_in_readable(key.fileobj, key.data, sel)  # type: ignore[arg-type]
             _reap(sel, workers)
     finally:
+        # The workers killed below signal their exit while this process shuts down and closes the
+        # wake-up socket: writing to it then would only print an error.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sock_path.unlink(missing_ok=True)
         for pid in workers:
             _kill(pid)

@@ -101,6 +101,8 @@ def test_stop_leaves_no_process(tmp_path, archives):
     assert server.stop(srv.cfg.run_dir)
     time.sleep(0.5)
     assert server.group_members(group) == []
+    out = (srv.cfg.run_dir / "logs" / "torchserve.out").read_text(errors="replace")
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-2000:]  # a clean shutdown
 
 
 def test_preloading_off_starts_workers_plainly(tmp_path, archives):
