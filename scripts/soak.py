@@ -48,7 +48,7 @@ from soak_report import report  # noqa: E402
 from models.digits.model import encode, held_out  # noqa: E402
 from servekit import health, server  # noqa: E402
 from servekit.archive import ArchiveRequest, archive  # noqa: E402
-from servekit.bench.procs import PRELOADER, torchserve_role  # noqa: E402
+from servekit.bench.procs import torchserve_role  # noqa: E402
 from servekit.client import model_states, wait_until  # noqa: E402
 from servekit.hooks import MODELS_DIR  # noqa: E402
 from servekit.loadcheck import CheckedLoad  # noqa: E402
@@ -235,7 +235,7 @@ class Soak:
                     elif role == "workers":
                         workers += rss
                         count += 1
-                    elif PRELOADER in p.cmdline() and "launch" not in p.cmdline():
+                    elif role == "preloader":
                         preloader += rss
                 except psutil.Error:
                     continue

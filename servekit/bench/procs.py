@@ -9,7 +9,8 @@ import psutil
 
 from .. import server
 
-# A server process's role: "frontend" (takes the HTTP requests), "workers" (run the model) or "other".
+# A server process's role: "frontend" (takes the HTTP requests), "workers" (run the model), "preloader"
+# (what preloaded workers are forked from) or "other".
 Roles = Callable[[psutil.Process], str]
 PRELOADER = "servekit.preload"  # the module the preloader runs as
 STAND_IN = "preload_client.py"  # what TorchServe starts for each preloaded worker
@@ -23,7 +24,10 @@ def torchserve_role(p: psutil.Process) -> str:
     if PRELOADER in cmdline:
         # A fork keeps the preloader's command line: the preloader's children are the workers.
         parent = p.parent()
-        return "workers" if parent is not None and parent.cmdline() == cmdline else "other"
+        if parent is not None and parent.cmdline() == cmdline:
+            return "workers"
+        # `python -m servekit.preload launch ...` starts TorchServe; `... <socket>` is the preloader.
+        return "other" if cmdline[cmdline.index(PRELOADER) + 1 :][:1] == ["launch"] else "preloader"
     return process_role(cmdline)
 
 

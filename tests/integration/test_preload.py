@@ -50,7 +50,8 @@ def test_workers_are_forked_from_the_preloader_and_classify(preloaded):
     assert psutil.Process(pid).ppid() == preloader.pid
     # The bench tells them apart for its frontend/worker CPU split.
     group = os.getpgid(preloaded.proc.pid)
-    assert [p.pid for p in worker_processes(group)] == [pid] and torchserve_role(preloader) == "other"
+    assert [p.pid for p in worker_processes(group)] == [pid] and torchserve_role(preloader) == "preloader"
+    assert torchserve_role(psutil.Process(preloaded.proc.pid)) == "other"  # the launcher
     assert_serves(preloaded.inference)
     out = (preloaded.cfg.run_dir / "logs" / "torchserve.out").read_text(errors="replace")
     assert "servekit preload: ready in" in out and "starting the worker plainly" not in out
