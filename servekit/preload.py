@@ -2,8 +2,8 @@
 then forks each worker TorchServe asks for, so a new worker skips seconds of imports.
 
 A worker's start is mostly imports (about 3 s per worker on 2 cores; 9-10 s of a 4-worker switch
-on a busy GPU host), and a hot reload starts a whole new set of workers. Unless
-``SERVEKIT_PRELOAD_WORKERS=0``, the server is started through :func:`launch`: the preloader runs in
+on a busy GPU host), and a hot reload starts a whole new set of workers. With
+``SERVEKIT_PRELOAD_WORKERS=1`` the server is started through :func:`launch`: the preloader runs in
 the server's process group, and TorchServe's "python" is a small script that runs
 ``preload_client.py`` (see there). The preloader never touches CUDA: a CUDA context does not
 survive a fork, so each worker makes its own, as a plain worker does.
@@ -43,8 +43,11 @@ SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM
 
 
 def enabled(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
-    """Whether the server should start its workers through the preloader (on unless the variable says off)."""
-    return env.get(ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    """Whether the server should start its workers through the preloader (off unless the variable says on).
+
+    Off by default: a SIGKILLed preloaded worker can leave requests it held unanswered (docs/reload.md).
+    """
+    return env.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def launch(ts_args: list[str], wait_s: float = 120.0) -> int:

@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 from urllib3 import encode_multipart_formdata
 
-from servekit import server
+from servekit import preload, server
 from servekit.archive import ArchiveRequest, build_artifact
 from servekit.bench import PROFILES, build_parser, main, plan_from_args, serving
 from servekit.bench.configs import CONFIGS
@@ -436,7 +436,7 @@ def test_bench_end_to_end_smoke(tmp_path):
     assert int8["config"] == "ours-int8" and "error" not in int8 and int8["amp"] == "int8"
     assert int8["points"][0]["errors"] == 0 and int8["points"][0]["rps"] > 0
     assert run["model_config"]["batchSize"] == 4 and run["threads_per_worker"] >= 1
-    assert run["preloaded"] and not peer["preloaded"]  # ours starts workers from the preloader by default
+    assert run["preloaded"] is preload.enabled() and peer["preloaded"] is False  # what started the workers
     # The LitServe peer: same points, its own CPU split (API servers vs inference workers).
     assert peer["config"] == "litserve" and "error" not in peer and peer["api_servers"] == 1
     (peer_point,) = peer["points"]
