@@ -2,8 +2,8 @@
 then forks each worker TorchServe asks for, so a new worker skips seconds of imports.
 
 A worker's start is mostly imports (about 3 s per worker on 2 cores; 9-10 s of a 4-worker switch
-on a busy GPU host), and a hot reload starts a whole new set of workers. With
-``SERVEKIT_PRELOAD_WORKERS=1`` the server is started through :func:`launch`: the preloader runs in
+on a busy GPU host), and a hot reload starts a whole new set of workers. Unless
+``SERVEKIT_PRELOAD_WORKERS=0``, the server is started through :func:`launch`: the preloader runs in
 the server's process group, and TorchServe's "python" is a small script that runs
 ``preload_client.py`` (see there). The preloader never touches CUDA: a CUDA context does not
 survive a fork, so each worker makes its own, as a plain worker does.
@@ -25,16 +25,20 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
 from .preload_client import HEADER
+from .preload_hold import Hold, install_in_worker
 
 ENV = "SERVEKIT_PRELOAD_WORKERS"
 DIR = "preload"  # in the run dir: the socket and TorchServe's "python"
 SOCKET = "preload.sock"
 # What every worker imports before it can load a model; a handler's own imports come on top.
 MODULES = ("torch", "torchvision", "ts.model_service_worker", "servekit.handlers.image_classifier")
+OTF = "ts.protocol.otf_message_handler"  # imported by TorchServe's worker: where the hold hooks in
 MAX_REQUEST = 4 << 20
 MAX_SOCKET_PATH = 100  # a Unix socket's path must fit in 108 bytes
 # Imports must leave the preloader with one thread: a fork copies only the calling thread, so a
@@ -43,11 +47,8 @@ SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM
 
 
 def enabled(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
-    """Whether the server should start its workers through the preloader (off unless the variable says on).
-
-    Off by default: a SIGKILLed preloaded worker can leave requests it held unanswered (docs/reload.md).
-    """
-    return env.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether the server should start its workers through the preloader (on unless the variable says off)."""
+    return env.get(ENV, "").strip().lower() not in ("0", "false", "no", "off")
 
 
 def launch(ts_args: list[str], wait_s: float = 120.0) -> int:
@@ -117,59 +118,125 @@ def serve(sock_path: Path, modules: tuple[str, ...] = MODULES) -> NoReturn:
     wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
-    workers: dict[int, socket.socket] = {}  # worker pid -> its stand-in's connection
+    loop = _Loop(listener, base_path, [wake_r, wake_w])
     try:
         while True:
-            for key, _ in sel.select(timeout=1.0):
-                if key.fileobj is listener:
-                    _accept(listener, sel, workers, base_path, [wake_r, wake_w])
-                elif key.fileobj is wake_r:
+            for key, _ in loop.sel.select(timeout=1.0):
+                if key.fileobj is wake_r:
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(4096)
                 else:
-                    _stand_in_readable(key.fileobj, key.data, sel)  # type: ignore[arg-type]
-            _reap(sel, workers)
+                    key.data()
+            loop.reap()
     finally:
         # The workers killed below signal their exit while this process shuts down and closes the
         # wake-up socket: writing to it then would only print an error.
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sock_path.unlink(missing_ok=True)
-        for pid in workers:
+        loop.stop()
+
+
+@dataclass
+class _Worker:
+    stand_in: socket.socket  # the stand-in's connection: it closes when TorchServe kills the stand-in
+    hold: Hold
+
+
+class _Loop:
+    """The preloader's state: its listener, the live workers and the connections held for dead ones."""
+
+    def __init__(self, listener: socket.socket, path: list[str], own: list[socket.socket]) -> None:
+        self.listener, self.path, self.own = listener, path, own
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(listener, selectors.EVENT_READ, data=self.accept)
+        self.sel.register(own[0], selectors.EVENT_READ)
+        self.workers: dict[int, _Worker] = {}
+        self.held: set[Hold] = set()
+
+    def accept(self) -> None:
+        """Fork a worker for the stand-in that connected."""
+        conn, _ = self.listener.accept()
+        conn.settimeout(5)  # a stand-in sends at once; anything else must not hold up the next fork for long
+        try:
+            request, fds = _receive(conn)
+        except (OSError, ValueError) as exc:
+            print(f"servekit preload: bad request: {exc}", file=sys.stderr, flush=True)
+            conn.close()
+            return
+        hold = Hold()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self.sel.close()
+            signal.set_wakeup_fd(-1)
+            inherited = [self.listener, conn, hold.ours, *self.own, *self._sockets()]
+            _become_worker(request, fds, inherited, self.path, hold)
+        for fd in fds:
+            os.close(fd)
+        hold.forked()
+        conn.settimeout(None)
+        conn.sendall(f"pid:{pid}\n".encode())
+        self.workers[pid] = _Worker(conn, hold)
+        self.sel.register(conn, selectors.EVENT_READ, data=partial(self._stand_in_gone, pid, conn))
+        self.sel.register(hold.ours, selectors.EVENT_READ, data=partial(self._handed, hold))
+
+    def _sockets(self) -> list[socket.socket]:
+        held = [s for h in self.held for s in h.sockets()]
+        return [*held, *(s for w in self.workers.values() for s in (w.stand_in, *w.hold.sockets()))]
+
+    def _stand_in_gone(self, pid: int, conn: socket.socket) -> None:
+        """The stand-in only ever closes its end: TorchServe killed it, so its worker goes too."""
+        try:
+            if conn.recv(1):
+                return
+        except OSError:
+            pass
+        self.sel.unregister(conn)  # at EOF it stays readable: watching it until the reap would spin the loop
+        _kill(pid)
+
+    def _handed(self, hold: Hold) -> None:
+        if not hold.receive():
+            self.sel.unregister(hold.ours)  # the worker closed its end: nothing more will come
+
+    def _release(self, hold: Hold) -> None:
+        """The frontend sent a batch to the dead worker (or closed): closing now gets the batch answered."""
+        if hold.conn is not None:
+            self.sel.unregister(hold.conn)
+        hold.close()
+        self.held.discard(hold)
+
+    def reap(self) -> None:
+        """Collect exited workers: tell their stand-ins the exit code, and close or hold their connections."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            with contextlib.suppress(OSError):
+                worker.stand_in.sendall(f"exit:{128 - code if code < 0 else code}\n".encode())
+            for s in (worker.stand_in, worker.hold.ours):
+                with contextlib.suppress(KeyError, ValueError):  # already unregistered, or closed
+                    self.sel.unregister(s)
+            worker.stand_in.close()
+            hold = worker.hold
+            if not hold.release_now() and hold.conn is not None:
+                self.held.add(hold)
+                self.sel.register(hold.conn, selectors.EVENT_READ, data=partial(self._release, hold))
+
+    def stop(self) -> None:
+        """Kill every worker and drop every held connection."""
+        for pid in self.workers:
             _kill(pid)
-
-
-def _accept(
-    listener: socket.socket,
-    sel: selectors.BaseSelector,
-    workers: dict[int, socket.socket],
-    path: list[str],
-    own: list[socket.socket],
-) -> None:
-    conn, _ = listener.accept()
-    conn.settimeout(5)  # a stand-in sends at once; anything else must not hold up the next fork for long
-    try:
-        request, fds = _receive(conn)
-    except (OSError, ValueError) as exc:
-        print(f"servekit preload: bad request: {exc}", file=sys.stderr, flush=True)
-        conn.close()
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        sel.close()
-        signal.set_wakeup_fd(-1)
-        _become_worker(request, fds, [listener, conn, *own, *workers.values()], path)
-    for fd in fds:
-        os.close(fd)
-    conn.settimeout(None)
-    conn.sendall(f"pid:{pid}\n".encode())
-    workers[pid] = conn
-    sel.register(conn, selectors.EVENT_READ, data=pid)
+        for hold in [*self.held, *(w.hold for w in self.workers.values())]:
+            hold.close()
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -188,38 +255,6 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(body), list(fds)
 
 
-def _stand_in_readable(conn: socket.socket, pid: int, sel: selectors.BaseSelector) -> None:
-    """The stand-in only ever closes its end: TorchServe killed it, so its worker goes too."""
-    try:
-        if conn.recv(1):
-            return
-    except OSError:
-        pass
-    sel.unregister(conn)  # at EOF it stays readable: watching it until the reap would spin the loop
-    _kill(pid)
-
-
-def _reap(sel: selectors.BaseSelector, workers: dict[int, socket.socket]) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        conn = workers.pop(pid, None)
-        if conn is None:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        try:
-            conn.sendall(f"exit:{128 - code if code < 0 else code}\n".encode())
-        except OSError:
-            pass
-        with contextlib.suppress(KeyError):  # already unregistered when its stand-in went first
-            sel.unregister(conn)
-        conn.close()
-
-
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -227,12 +262,17 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _become_worker(request: dict, fds: list[int], inherited: list[socket.socket], base_path: list[str]) -> NoReturn:
+def _become_worker(
+    request: dict, fds: list[int], inherited: list[socket.socket], base_path: list[str], hold: Hold
+) -> NoReturn:
     """In the forked child: take the stand-in's stdio, environment and directory, then run the worker script."""
     code = 1
     try:
         for s in inherited:
             s.close()
+        otf = sys.modules.get(OTF)
+        if otf is not None:  # preloaded with TorchServe's worker: hand its frontend connection over
+            install_in_worker(hold.theirs, hold.flag, otf)
         for target, fd in zip((0, 1, 2), fds):
             os.dup2(fd, target)
             os.close(fd)

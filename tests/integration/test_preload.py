@@ -13,7 +13,7 @@ from conftest import start_server
 from servekit import preload, server
 from servekit.bench.procs import torchserve_role, worker_processes
 from servekit.client import wait_until
-from support.rel_support import assert_serves, worker_pids
+from support.rel_support import assert_serves, digit_samples, worker_pids
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,14 @@ def test_workers_are_forked_from_the_preloader_and_classify(preloaded):
 
 
 def test_a_killed_worker_is_replaced_by_a_new_fork(preloaded):
+    """An idle worker's death shows when the next batch comes: that batch is answered "Worker died.", then a new fork serves."""
     mgmt = preloaded.management
     [old] = worker_pids(mgmt, "digits")
     os.kill(old, signal.SIGKILL)
+    time.sleep(0.5)
+    body, _ = digit_samples(1)[0]
+    resp = preloaded.cfg.inference(timeout=30).predict("digits", body, "image/png")
+    assert resp.status_code in (500, 507) and "Worker died" in resp.text, (resp.status_code, resp.text[:300])
     wait_until(lambda: (p := worker_pids(mgmt, "digits")) and p != [old], 120, what="a replacement worker")
     wait_until(lambda: mgmt.describe("digits")[0]["workers"][0]["status"] == "READY", 120, what="READY")
     [new] = worker_pids(mgmt, "digits")

@@ -105,6 +105,6 @@ def test_a_bad_request_is_refused_and_the_preloader_keeps_serving(preloader, tmp
 
 def test_switch_is_read_from_the_environment():
     assert preload.enabled({preload.ENV: "1"}) and preload.enabled({preload.ENV: "true"})
-    assert not preload.enabled({}) and not preload.enabled({preload.ENV: ""})  # off by default
+    assert preload.enabled({}) and preload.enabled({preload.ENV: ""})  # on by default
     assert not preload.enabled({preload.ENV: "0"}) and not preload.enabled({preload.ENV: " Off "})
     assert not preload.enabled({preload.ENV: "false"}) and not preload.enabled({preload.ENV: "no"})
