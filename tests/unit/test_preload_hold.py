@@ -1,4 +1,4 @@
-"""The preloader's hold on a dead worker's frontend connection, with a forked worker and a socketpair as the frontend."""
+"""The preloader's hold on a dead worker's frontend connection: a forked worker, a socketpair as the frontend."""
 
 from __future__ import annotations
 
