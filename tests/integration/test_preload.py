@@ -58,7 +58,7 @@ def test_workers_are_forked_from_the_preloader_and_classify(preloaded):
 
 
 def test_a_killed_worker_is_replaced_by_a_new_fork(preloaded):
-    """A worker that dies idle is noticed at the next batch, which is answered "Worker died."; then a new fork serves."""
+    """A worker that dies idle is noticed at the next batch, answered "Worker died."; then a new fork serves."""
     mgmt = preloaded.management
     [old] = worker_pids(mgmt, "digits")
     os.kill(old, signal.SIGKILL)
