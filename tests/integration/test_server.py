@@ -163,6 +163,16 @@ def test_metrics_report_handler_stage_timings(digits_server, digits_images):
     assert items and float(items[0].rsplit(" ", 1)[1]) >= 3, items
 
 
+def test_ts_log_keeps_the_worker_lifecycle_not_a_line_per_request(digits_server, digits_images):
+    for img, _ in digits_images[:5]:
+        assert digits_server.inference.predict("digits", encode(img, "PNG"), "image/png").status_code == 200
+    log = (digits_server.cfg.run_dir / "logs" / "ts_log.log").read_text(errors="replace")
+    assert "Flushing req.cmd LOAD" in log and "WORKER_MODEL_LOADED" in log  # what the watcher reads
+    assert "Sending response for jobId" not in log and "Waiting time ns" not in log
+    access = (digits_server.cfg.run_dir / "logs" / "access_log.log").read_text(errors="replace")
+    assert access.count("/predictions/digits") >= 5  # each request is still logged, once, in the access log
+
+
 def test_effective_config_is_secure_by_default(digits_server):
     props = digits_server.cfg.properties()
     assert props["disable_token_authorization"] == "false"
