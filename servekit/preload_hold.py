@@ -77,8 +77,9 @@ class Hold:
 
 
 def _readable(conn: socket.socket) -> bool:
-    ready, _, _ = select.select([conn], [], [], 0)
-    return bool(ready)
+    poll = select.poll()  # not select(): it fails on descriptors past 1024
+    poll.register(conn, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def install_in_worker(keeper: socket.socket, flag: mmap.mmap, otf: Any) -> None:
@@ -88,17 +89,21 @@ def install_in_worker(keeper: socket.socket, flag: mmap.mmap, otf: Any) -> None:
     ``retrieve_msg`` when it starts, so this runs before it.
     """
     original = otf.retrieve_msg
-    handed: list[int] = []
+    waits: list[select.poll] = []
 
     def retrieve_msg(conn: socket.socket) -> Any:
-        if not handed:
-            handed.append(conn.fileno())
+        if not waits:
+            waits.append(select.poll())
+            waits[0].register(conn, select.POLLIN)
             with contextlib.suppress(OSError):  # without the preloader the worker still serves
                 socket.send_fds(keeper, [b"c"], [conn.fileno()])
             keeper.close()
         flag[0] = IDLE  # the previous reply is sent
-        message = original(conn)
-        flag[0] = BUSY  # the frontend now waits for this message's reply
-        return message
+        # Busy from the message's first byte, not its last: once the worker has read all of it the
+        # socket is quiet, and a death mid-parse must still count as holding a request. The frontend
+        # sends nothing more until it has the reply, so no message is ever read ahead into a buffer.
+        waits[0].poll()
+        flag[0] = BUSY
+        return original(conn)
 
     otf.retrieve_msg = retrieve_msg

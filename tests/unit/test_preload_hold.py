@@ -19,14 +19,14 @@ def _fake_otf() -> types.SimpleNamespace:
     return types.SimpleNamespace(retrieve_msg=lambda conn: conn.recv(1))
 
 
-def _worker(hold: Hold, frontend: socket.socket, conn: socket.socket, messages: int) -> int:
+def _worker(hold: Hold, frontend: socket.socket, conn: socket.socket, messages: int, otf=None) -> int:
     """Fork a worker that reads ``messages`` messages through the hook, then waits to be killed."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
             hold.ours.close()
             frontend.close()
-            otf = _fake_otf()
+            otf = otf or _fake_otf()
             install_in_worker(hold.theirs, hold.flag, otf)
             for _ in range(messages):
                 otf.retrieve_msg(conn)
@@ -94,6 +94,22 @@ def test_a_worker_that_dies_with_a_request_closes_the_connection_at_once(pair):
     _kill(pid)
     assert hold.release_now()
     assert _closed(frontend, 5), "the frontend waits for a reply from a dead worker"
+
+
+def test_a_worker_that_dies_parsing_a_message_counts_as_holding_it(pair):
+    frontend, conn = pair
+    hold = Hold()
+    # The whole message is read off the socket, and the worker dies before the parse returns.
+    parsing = types.SimpleNamespace(retrieve_msg=lambda conn: (conn.recv(1), time.sleep(60)))
+    frontend.sendall(b"m")
+    pid = _worker(hold, frontend, conn, messages=1, otf=parsing)
+    deadline = time.monotonic() + 5
+    while hold.flag[0] != BUSY and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    _kill(pid)
+    assert hold.release_now(), "held while the frontend waits for the reply to a message already read"
+    assert _closed(frontend, 5)
 
 
 def test_a_worker_that_never_connected_leaves_nothing_held():
