@@ -200,10 +200,9 @@ class _Loop:
         if not hold.receive():
             self.sel.unregister(hold.ours)  # the worker closed its end: nothing more will come
 
-    def _release(self, hold: Hold) -> None:
+    def _release(self, hold: Hold, held: socket.socket) -> None:
         """The frontend sent a batch to the dead worker (or closed): closing now gets the batch answered."""
-        if hold.conn is not None:
-            self.sel.unregister(hold.conn)
+        self.sel.unregister(held)
         hold.close()
         self.held.discard(hold)
 
@@ -226,10 +225,10 @@ class _Loop:
                 with contextlib.suppress(KeyError, ValueError):  # already unregistered, or closed
                     self.sel.unregister(s)
             worker.stand_in.close()
-            hold = worker.hold
-            if not hold.release_now() and hold.conn is not None:
-                self.held.add(hold)
-                self.sel.register(hold.conn, selectors.EVENT_READ, data=partial(self._release, hold))
+            held = worker.hold.release_now()
+            if held is not None:
+                self.held.add(worker.hold)
+                self.sel.register(held, selectors.EVENT_READ, data=partial(self._release, worker.hold, held))
 
     def stop(self) -> None:
         """Kill every worker and drop every held connection."""

@@ -55,17 +55,14 @@ class Hold:
                 socket.close(fd)
         return bool(fds)
 
-    def release_now(self) -> bool:
-        """After the worker's exit: close the connection now if that is safe; True when nothing is left held."""
+    def release_now(self) -> socket.socket | None:
+        """After the worker's exit: close the connection now if that is safe; else return it, still held."""
         self.receive()  # a connection handed over just before the exit is still in flight
         self.ours.close()
-        if self.conn is None:
+        if self.conn is None or self.flag[0] == BUSY or _readable(self.conn):
             self.close()
-            return True
-        if self.flag[0] == BUSY or _readable(self.conn):
-            self.close()
-            return True
-        return False
+            return None
+        return self.conn
 
     def close(self) -> None:
         """Close the held connection (TorchServe then answers the batch it sent) and the busy byte."""

@@ -74,7 +74,8 @@ def test_a_worker_that_dies_idle_keeps_the_connection_until_the_frontend_sends(p
     time.sleep(0.2)
     assert hold.flag[0] == IDLE
     _kill(pid)
-    assert not hold.release_now(), "closed while TorchServe may still be gathering a batch"
+    held = hold.release_now()
+    assert held is not None and held is hold.conn, "closed while TorchServe may still be gathering a batch"
     assert not _closed(frontend, 0.3), "the connection closed with the worker"
     frontend.sendall(b"next batch")
     assert select.select([hold.conn], [], [], 5)[0], "the preloader would not see the frontend's batch"
@@ -92,7 +93,7 @@ def test_a_worker_that_dies_with_a_request_closes_the_connection_at_once(pair):
         time.sleep(0.01)
     assert hold.flag[0] == BUSY
     _kill(pid)
-    assert hold.release_now()
+    assert hold.release_now() is None
     assert _closed(frontend, 5), "the frontend waits for a reply from a dead worker"
 
 
@@ -108,7 +109,7 @@ def test_a_worker_that_dies_parsing_a_message_counts_as_holding_it(pair):
         time.sleep(0.01)
     time.sleep(0.1)
     _kill(pid)
-    assert hold.release_now(), "held while the frontend waits for the reply to a message already read"
+    assert hold.release_now() is None, "held while the frontend waits for the reply to a message already read"
     assert _closed(frontend, 5)
 
 
@@ -119,7 +120,7 @@ def test_a_worker_that_never_connected_leaves_nothing_held():
         os._exit(0)
     hold.forked()
     os.waitpid(pid, 0)
-    assert hold.release_now() and hold.sockets() == []
+    assert hold.release_now() is None and hold.sockets() == []
 
 
 def test_without_the_preloader_the_worker_still_reads(pair):
