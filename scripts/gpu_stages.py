@@ -96,12 +96,36 @@ def pil_header(raw: bytearray) -> tuple[int, int]:
         return im.size
 
 
+def every_algorithm(
+    artifact: Path, opts: ClassifierOptions, device: torch.device, calls: int, sync: Callable[[], None]
+) -> dict:
+    """The graphed forward at batch 1 and 32 when cuDNN's autotuner tries every algorithm (limit 0, not 10)."""
+    default = torch.backends.cudnn.benchmark_limit
+    torch.backends.cudnn.benchmark_limit = 0
+    try:
+        clf = ImageClassifier(artifact, opts, device)
+        t0 = time.perf_counter()
+        clf.warmup()
+        row: dict = {"warmup_s": round(time.perf_counter() - t0, 2)}
+        for b in (1, 32):
+            x = torch.zeros((b, 3, opts.crop, opts.crop), device=device, dtype=clf.engine.input_dtype)
+            x = x.contiguous(memory_format=clf.pre.memory_format)
+            row[f"b{b}"] = timed(lambda x=x: clf.engine.forward(x), calls, b, sync)
+        return row
+    finally:
+        torch.backends.cudnn.benchmark_limit = default
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,32")
     p.add_argument("--calls", type=int, default=60)
     p.add_argument("--procs", default="1,4", help="processes decoding at once, for the contention rows")
     p.add_argument("--contention-only", action="store_true", help="stop after the contention rows")
+    p.add_argument("--no-contention", action="store_true", help="skip the contention rows")
+    p.add_argument(
+        "--benchmark-limit", action="store_true", help="also time the forward with cuDNN trying every algorithm"
+    )
     p.add_argument("--out", type=Path, default=Path("stages.json"))
     args = p.parse_args()
     device = torch.device("cuda", 0)
@@ -133,6 +157,10 @@ def main() -> None:
         datas = [as_uint8(bytearray(buf.getvalue())) for _ in range(32)]
         row = timed(lambda datas=datas: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device), args.calls, 32, sync)
         out["nvjpeg_b32"][name] = {"bytes": len(buf.getvalue()), **row}
+        if sub == 2:  # the same bitstreams from page-locked host memory
+            pinned = [d.pin_memory() for d in datas]
+            row = timed(lambda p=pinned: decode_jpeg(p, mode=ImageReadMode.RGB, device=device), args.calls, 32, sync)
+            out["nvjpeg_b32"][f"{name} pinned input"] = {"bytes": len(buf.getvalue()), **row}
     print(json.dumps(out["nvjpeg_b32"]), flush=True)
 
     out["nvjpeg_b32_contended"] = {}
@@ -140,7 +168,9 @@ def main() -> None:
     max_procs = max(int(x) for x in args.procs.split(","))
     lock = tempfile.mkdtemp(prefix="servekit-stages-")
     runs = [(int(x), "blocking", "") for x in args.procs.split(",")] + [(max_procs, "blocking", lock)]
-    for procs, wait, locked in runs + [(max_procs, "spin", "")] * (not args.contention_only):
+    for procs, wait, locked in (runs + [(max_procs, "spin", "")] * (not args.contention_only)) * (
+        not args.no_contention
+    ):
         t0 = time.time()
         with ctx.Pool(procs) as pool:
             rows = pool.map(contended_decode, [(args.calls * 2, t0 + 8, wait, locked)] * procs)
@@ -160,6 +190,9 @@ def main() -> None:
         t0 = time.perf_counter()
         clf.warmup()
         out["warmup_s"] = round(time.perf_counter() - t0, 2)
+        if args.benchmark_limit:
+            out["forward_all_cudnn_algorithms"] = every_algorithm(artifact, opts, device, args.calls, sync)
+            print(json.dumps(out["forward_all_cudnn_algorithms"]), flush=True)
     out["stages"] = {}
     for b in (int(x) for x in args.batches.split(",")):
         bodies = [bytearray(jpeg) for _ in range(b)]

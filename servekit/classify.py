@@ -14,7 +14,7 @@ from .artifacts import load_artifact
 from .batch import Answers, Batch, Body
 from .config import ClassifierOptions
 from .errors import RequestError
-from .inference import Engine
+from .inference import Engine, topk_head, unpack_topk
 from .vision import Preprocessor
 
 
@@ -45,7 +45,7 @@ class ImageClassifier:
         labels: list[str] | None = None,
     ):
         self.opts = opts
-        self.engine = Engine(load_artifact(artifact, device), opts)
+        self.engine = Engine(load_artifact(artifact, device), opts, head=topk_head(opts.topk))
         self.pre = Preprocessor(opts, device, dtype=self.engine.input_dtype)
         self.labels = labels
 
@@ -55,26 +55,25 @@ class ImageClassifier:
         return self.engine.device
 
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
-        """Decode once and run the configured batch sizes (forward and top-k) once at load."""
+        """Decode once and run the configured batch sizes (forward and top-k, graphed together on a GPU) at load."""
         self.pre.warmup()
         shape = (self.opts.channels, self.opts.crop, self.opts.crop)
         self.engine.warmup(
             batch_sizes or self.opts.warmup_batch_sizes,
             shape,
             self.pre.memory_format,
-            then=lambda logits: self.engine.topk(logits, self.opts.topk),
         )
 
     def predict(self, bodies: Batch[Body]) -> Answers:
         """Top-k for every item; an item that is already an error, or fails to decode, fails alone."""
         t0 = time.perf_counter()
-        images, x = self.pre.prepare(bodies)
+        images, x = self.pre.prepare(bodies, into=self.engine.input_buffer)
         t1 = time.perf_counter()
         seconds = {"decode": t1 - t0}
         if x is None:
             return Answers(images.slots, seconds)  # type: ignore[arg-type]
         try:
-            top = self.engine.topk(self.engine.forward(x), self.opts.topk)
+            top = unpack_topk(self.engine.infer(x, to_host=True))
         except RequestError as err:
             return Answers(images.fail_all(err).slots, seconds)  # type: ignore[arg-type]
         t2 = time.perf_counter()

@@ -5,6 +5,9 @@ costs the worker more CPU than the GPU spends running them at small batches, and
 batch-1 request's latency. A captured graph replays them all with one call. Batches are padded up
 to the next captured size (powers of two up to the largest warm-up size), so a handful of graphs
 cover every batch TorchServe can send; a larger batch runs eagerly.
+
+A graph may also hold what the caller does with the logits on the device (e.g. softmax and top-k):
+at batch 1 those few kernels cost more to launch than to run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ import torch
 from .errors import first_line
 
 log = logging.getLogger(__name__)
+
+# What a captured function returns: the logits first (the one output the check compares), then
+# whatever else was captured with them.
+Outputs = tuple[torch.Tensor, ...]
+Run = Callable[[torch.Tensor], Outputs]
 
 # Replayed logits may differ from eager ones only by kernel choice (fp16 rounding), not by meaning.
 MAX_REL_ERROR = 2e-2
@@ -51,7 +59,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 class GraphedForward:
     """``fn`` replayed from CUDA graphs: pads a batch into its bucket's static input, replays, slices."""
 
-    def __init__(self, graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]]):
+    def __init__(self, graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Outputs]]):
         self.graphs = graphs
         self.sizes = sorted(graphs)
 
@@ -60,26 +68,37 @@ class GraphedForward:
         """The largest batch a graph holds."""
         return self.sizes[-1]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Logits for ``x``, or None when no graph holds its batch (the caller runs eagerly)."""
+    def input_for(self, n: int) -> torch.Tensor | None:
+        """The static input rows a batch of ``n`` is replayed from (write it there to save a copy), or None."""
+        size = bucket_for(n, self.sizes)
+        return None if size is None else self.graphs[size][1][:n]
+
+    def __call__(self, x: torch.Tensor, output: int = 0, to_host: bool = False) -> torch.Tensor | None:
+        """Output ``output`` (0: the logits) for ``x``; None when no graph holds its batch (run it eagerly).
+
+        ``to_host``: a copy on the CPU instead of one on the device.
+        """
         n = x.shape[0]
         size = bucket_for(n, self.sizes)
         if size is None:
             return None
-        graph, static_in, static_out = self.graphs[size]
+        graph, static_in, static_outs = self.graphs[size]
         # The static tensors were made in inference mode: they may only be written in it.
         with torch.inference_mode():
             # Rows past n keep an earlier batch's pixels: per-sample layers make them harmless, and
             # their outputs are dropped.
-            static_in[:n].copy_(x)
+            rows = static_in[:n]
+            if x.data_ptr() != rows.data_ptr() or x.stride() != rows.stride():
+                rows.copy_(x)
             graph.replay()
-            # A copy: the next replay overwrites the static output.
-            return static_out[:n].clone()
+            # A copy either way: the next replay overwrites the static output.
+            out = static_outs[output][:n]
+            return out.cpu() if to_host else out.clone()
 
     @classmethod
     def capture(
         cls,
-        run: Callable[[torch.Tensor], torch.Tensor],
+        run: Run,
         sizes: Sequence[int],
         make_input: Callable[[int], torch.Tensor],
         device: torch.device,
@@ -87,7 +106,7 @@ class GraphedForward:
         """Capture ``run`` for each size and check one replay against eager; None (logged once) if either fails."""
         if device.type != "cuda":
             return None
-        graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, Outputs]] = {}
         pool = None
         try:
             # One input buffer: each graph reads the first rows of it (replays never overlap).
@@ -104,9 +123,9 @@ class GraphedForward:
                 torch.cuda.current_stream(device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=side):
-                    static_out = run(static_in)
+                    static_outs = run(static_in)
                 pool = graph.pool()
-                graphs[size] = (graph, static_in, static_out)
+                graphs[size] = (graph, static_in, static_outs)
             graphed = cls(graphs)
             error = graphed.check(run, make_input(graphed.max_batch).normal_())
         except RuntimeError as exc:
@@ -123,8 +142,9 @@ class GraphedForward:
             return None
         return graphed
 
-    def check(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
-        """Relative error of a replay against the eager forward on ``x``."""
+    def check(self, run: Run, x: torch.Tensor) -> float:
+        """Relative error of a replay's logits against the eager forward's on ``x`` (top-k indices may
+        legitimately swap near-ties, so only the logits are compared)."""
         got = self(x)
         assert got is not None
-        return relative_error(got, run(x))
+        return relative_error(got, run(x)[0])

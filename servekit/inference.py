@@ -11,7 +11,7 @@ import torch
 
 from .artifacts import LoadedModel
 from .config import AMP_CHOICES, HandlerOptions
-from .cudagraphs import GraphedForward, buckets
+from .cudagraphs import GraphedForward, Outputs, buckets
 from .errors import ConfigError, ModelError, OutOfMemory, first_line
 from .gpuwait import set_gpu_wait
 
@@ -74,10 +74,34 @@ class TopK:
     probs: list[list[float]]
 
 
-class Engine:
-    """A model on its device with its dtype, ready for batches."""
+def topk_head(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A head for :meth:`Engine.warmup`: softmax + top-k of each row, packed as one (N, 2, k) float tensor."""
 
-    def __init__(self, model: LoadedModel, opts: HandlerOptions):
+    def head(logits: torch.Tensor) -> torch.Tensor:
+        probs, idx = torch.softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+        # Indices travel as float32 beside the probabilities (one transfer): exact below 2**24 classes.
+        return torch.stack([probs, idx.to(probs.dtype)], 1)
+
+    return head
+
+
+def unpack_topk(packed: torch.Tensor) -> TopK:
+    """A :func:`topk_head` output as lists, brought to the host in one transfer if it is not there yet."""
+    # Python lists at once: at batch 1, each torch call on the small CPU tensor costs more than the lists.
+    rows = packed.cpu().tolist()
+    return TopK(indices=[list(map(int, row[1])) for row in rows], probs=[row[0] for row in rows])
+
+
+class Engine:
+    """A model on its device with its dtype, ready for batches.
+
+    ``head``: a step on the logits that stays on the device (e.g. :func:`topk_head`); :meth:`infer`
+    returns its output, and on a GPU it is captured in the same graphs as the forward.
+    """
+
+    def __init__(
+        self, model: LoadedModel, opts: HandlerOptions, head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ):
         self.model = model
         self.opts = opts
         self.device = model.device
@@ -90,6 +114,7 @@ class Engine:
         gpu_amp = self.amp if self.device.type == "cuda" else None
         self.input_dtype = model.input_dtype or gpu_amp or torch.float32
         self.graphs: GraphedForward | None = None
+        self.head = head
 
     def _autocast(self, cache: bool = True):
         if self.amp is None:
@@ -101,11 +126,35 @@ class Engine:
         with torch.inference_mode(), self._autocast(cache):
             return self.model(batch)
 
+    def _captured(self, batch: torch.Tensor) -> Outputs:
+        """What a graph holds: the logits, and the head's output when there is a head."""
+        logits = self._eager(batch, cache=False)
+        return (logits,) if self.head is None else (logits, self.head(logits))
+
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits for a preprocessed batch; out-of-memory becomes :class:`OutOfMemory` (507)."""
+        return self._run(batch, with_head=False)
+
+    def infer(self, batch: torch.Tensor, to_host: bool = False) -> torch.Tensor:
+        """The head's output for a preprocessed batch (the logits without a head); ``to_host``: on the CPU."""
+        return self._run(batch, with_head=True, to_host=to_host)
+
+    def input_buffer(self, n: int) -> torch.Tensor | None:
+        """Where a batch of ``n`` may be preprocessed into so that a graph replays it without a copy, or None."""
+        return self.graphs.input_for(n) if self.graphs is not None else None
+
+    def _run(self, batch: torch.Tensor, with_head: bool, to_host: bool = False) -> torch.Tensor:
+        head = self.head if with_head else None
         try:
-            out = self.graphs(batch) if self.graphs is not None else None
-            return out if out is not None else self._eager(batch)
+            out = self.graphs(batch, int(head is not None), to_host) if self.graphs is not None else None
+            if out is None:
+                out = self._eager(batch)
+                if head is not None:
+                    with torch.inference_mode():
+                        out = head(out)
+                if to_host:
+                    out = out.cpu()
+            return out
         except Exception as exc:
             if is_oom(exc):
                 if self.device.type == "cuda":
@@ -118,22 +167,18 @@ class Engine:
     def topk(self, logits: torch.Tensor, k: int) -> TopK:
         """Softmax + top-k on the device, then one transfer to the host."""
         with torch.inference_mode():
-            logits = logits.float()
-            k = min(k, logits.shape[-1])
-            probs, idx = torch.softmax(logits, dim=-1).topk(k, dim=-1)
-            both = torch.stack([probs, idx.to(probs.dtype)], 0).cpu()
-        return TopK(indices=both[1].long().tolist(), probs=both[0].tolist())
+            return unpack_topk(topk_head(k)(logits))
 
     def warmup(
         self,
         batch_sizes: Sequence[int],
         sample_shape: tuple[int, ...],
         memory_format: torch.memory_format,
-        then: Callable[[torch.Tensor], object] | None = None,
     ) -> None:
-        """Run each batch size once (and ``then`` on its output) so the first request pays no compile or allocation.
+        """Run each batch size once (with the head) so the first request pays no compile or allocation.
 
-        On a GPU with ``cuda_graphs``, then capture the forward for batch sizes up to the largest one.
+        On a GPU with ``cuda_graphs``, then capture the forward, and the head with it, for batch sizes
+        up to the largest one.
         """
 
         def sample(bs: int) -> torch.Tensor:
@@ -141,18 +186,14 @@ class Engine:
             return x.contiguous(memory_format=memory_format)
 
         for bs in batch_sizes:
-            out = self.forward(sample(bs))
-            if then is not None:
-                then(out)
+            self.infer(sample(bs))
         if self.device.type != "cuda":
             return
         torch.cuda.synchronize(self.device)
         if self.opts.cuda_graphs and self.model.graphable:
             eager_mib = torch.cuda.memory_reserved(self.device) / 2**20
             with torch.inference_mode():
-                self.graphs = GraphedForward.capture(
-                    lambda x: self._eager(x, cache=False), buckets(max(batch_sizes)), sample, self.device
-                )
+                self.graphs = GraphedForward.capture(self._captured, buckets(max(batch_sizes)), sample, self.device)
             if self.graphs is not None:
                 # The eager warm-up's cached blocks: the graphs have their own pool now.
                 torch.cuda.empty_cache()

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,9 @@ from .gpulock import GpuLock
 from .imageheader import JPEG, dimensions, sniff_format
 
 log = logging.getLogger(__name__)
+
+# Where to write a preprocessed batch of n images (None: a new tensor).
+Into = Callable[[int], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ class Preprocessor:
         self.mode = ImageReadMode.GRAY if opts.channels == 1 else ImageReadMode.RGB
         mean = torch.tensor(opts.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
         inv_std = 1.0 / (torch.tensor(opts.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
-        self.mean = mean.to(device)
         self.inv_std = inv_std.to(device)
+        self.shift = (-mean * inv_std).to(device)  # (x - mean) * inv_std == x * inv_std + shift
         self.memory_format = (
             torch.channels_last if opts.channels_last and device.type == "cuda" else torch.contiguous_format
         )
@@ -139,16 +142,16 @@ class Preprocessor:
             except RequestError as err:
                 return err
 
-    def prepare(self, bodies: Batch[Body]) -> tuple[Batch[torch.Tensor], torch.Tensor | None]:
+    def prepare(self, bodies: Batch[Body], into: Into | None = None) -> tuple[Batch[torch.Tensor], torch.Tensor | None]:
         """Check each header, decode the batch, and stack the good images into one normalised NCHW tensor.
 
         Returns the batch (bad items failed, each with its own error) and the tensor of its live
-        items in order (None when none is left).
+        items in order (None when none is left). ``into``: see :meth:`to_batch`.
         """
         checked = bodies.map(lambda raw: (raw, check_image(raw, self.opts)))
         images = checked.map_all(lambda items: self.decode_many([r for r, _ in items], [h for _, h in items]))
         live = images.live()
-        return images, (self.to_batch(live) if live else None)
+        return images, (self.to_batch(live, into) if live else None)
 
     # -- geometry and normalisation ----------------------------------------------------
     def resize_crop(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -167,21 +170,34 @@ class Preprocessor:
         left = int(round((nw - c) / 2.0))
         return x[:, :, top : top + c, left : left + c]
 
-    def to_batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One normalised NCHW batch on the model's device; same-sized images are resized together."""
+    @torch.inference_mode()  # a graph's input is an inference tensor: it may only be written in this mode
+    def to_batch(self, images: Sequence[torch.Tensor], into: Into | None = None) -> torch.Tensor:
+        """One normalised NCHW batch on the model's device; same-sized images are resized together.
+
+        ``into(n)`` may name the tensor to write a batch of ``n`` to (e.g. a CUDA graph's input).
+        Few kernels on purpose: at batch 1 their launches, not their work, are the cost.
+        """
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault((int(img.shape[-2]), int(img.shape[-1])), []).append(i)
-        c = self.opts.crop
-        x = torch.empty((len(images), self.opts.channels, c, c), device=self.device)
-        for idx in groups.values():
-            stacked = torch.stack([images[i].to(self.device, non_blocking=True) for i in idx])
-            x[torch.tensor(idx, device=self.device) if len(idx) < len(images) else slice(None)] = self.resize_crop(
-                stacked
-            )
-        x = x.clamp_(0, 255).round_()
-        x = (x - self.mean) * self.inv_std
-        return x.to(dtype=self.dtype, memory_format=self.memory_format).contiguous(memory_format=self.memory_format)
+        if len(groups) == 1:  # the usual case: the crop is written once, by the clamp
+            x = self.resize_crop(self._stack(images)).clamp(0, 255)
+        else:
+            c = self.opts.crop
+            x = torch.empty((len(images), self.opts.channels, c, c), device=self.device)
+            for idx in groups.values():
+                x[torch.tensor(idx, device=self.device)] = self.resize_crop(self._stack([images[i] for i in idx]))
+            x.clamp_(0, 255)
+        out = into(len(images)) if into is not None else None
+        if out is None or out.shape != x.shape or out.dtype != self.dtype:
+            out = torch.empty(x.shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
+        # (round(x) - mean) / std in one kernel, written straight in the model's dtype and layout.
+        return torch.addcmul(self.shift, x.round_(), self.inv_std, out=out)
+
+    def _stack(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(images) == 1:
+            return images[0].to(self.device, non_blocking=True).unsqueeze(0)
+        return torch.stack([img.to(self.device, non_blocking=True) for img in images])
 
 
 def reference_transform(opts: ImageOptions):

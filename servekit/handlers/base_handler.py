@@ -14,12 +14,15 @@ from servekit import load_errors
 from servekit.batch import Answers, Batch, Body, Pipeline
 from servekit.config import HandlerOptions, ModelConfig
 from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, first_line
+from servekit.handlers.batch_metrics import BatchMetrics
 from servekit.handlers.frontend_reader import install as install_frontend_reader
 from servekit.inference import is_oom, prepare_process, select_device
 from servekit.payload import body_bytes
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
+# One encoder for every answer: json.dumps builds a new one per call when given any option.
+_encode_answer = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class BaseHandler:
@@ -38,6 +41,7 @@ class BaseHandler:
         self.version = "unknown"
         self.model_name = "model"
         self.model_dir = Path(".")
+        self.metrics = BatchMetrics(self.model_name)
 
     # -- load ---------------------------------------------------------------------------
     def initialize(self, context: Any) -> None:
@@ -47,6 +51,7 @@ class BaseHandler:
         """
         manifest = context.manifest.get("model", {})
         self.model_name = manifest.get("modelName", self.model_name)
+        self.metrics = BatchMetrics(self.model_name)
         try:
             self._load(context)
         except Exception as exc:
@@ -103,8 +108,8 @@ class BaseHandler:
                 context.set_response_status(res.status, _reason(res.message), idx=i)
                 out.append(json.dumps({"code": res.status, "type": type(res).__name__, "message": res.message}))
             else:
-                out.append(json.dumps(res, separators=(",", ":")))
-        self._metrics(context, answers, time.perf_counter() - t0)
+                out.append(_encode_answer(res))
+        self.metrics.submit(getattr(context, "metrics", None), answers, time.perf_counter() - t0)
         return out
 
     @staticmethod
@@ -118,29 +123,6 @@ class BaseHandler:
             return body_bytes(row, ctype)
         except RequestError as err:
             return err
-
-    def _metrics(self, context: Any, answers: Answers, seconds: float) -> None:
-        """Per batch: each stage's and the handler's seconds (histograms), items and failed items (counters)."""
-        metrics = getattr(context, "metrics", None)
-        if metrics is None:
-            return
-        from ts.metrics.dimension import Dimension  # only inside TorchServe
-        from ts.metrics.metric_type_enum import MetricTypes
-
-        def emit(name: str, value: float, unit: str, kind: MetricTypes) -> None:
-            # A fresh list each time: TorchServe's metric API appends to the list it is given.
-            dims = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
-            metrics.add_metric(name, value, unit=unit, dimensions=dims, metric_type=kind)
-
-        try:
-            for stage, value in answers.stage_seconds.items():
-                emit(f"servekit_{stage}_seconds", value, "seconds", MetricTypes.HISTOGRAM)
-            emit("servekit_handler_seconds", seconds, "seconds", MetricTypes.HISTOGRAM)
-            emit("servekit_items", len(answers.results), "count", MetricTypes.COUNTER)
-            if answers.failed:
-                emit("servekit_item_errors", answers.failed, "count", MetricTypes.COUNTER)
-        except Exception:  # metrics must never fail a request
-            log.debug("metrics emission failed", exc_info=True)
 
 
 def entry_point(handler_class: type[BaseHandler]) -> Any:

@@ -18,7 +18,7 @@ from servekit import server, tuning
 from servekit.batch import Batch
 from servekit.config import ClassifierOptions, ConfigError, HandlerOptions, ImageOptions, ModelConfig
 from servekit.errors import ExportMismatch, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from servekit.inference import Engine, amp_dtype
+from servekit.inference import Engine, amp_dtype, topk_head, unpack_topk
 from servekit.java import find_java, parse_java_version
 from servekit.parity import check_parity
 from servekit.payload import body_bytes
@@ -152,6 +152,18 @@ def test_topk_orders_classes_and_probabilities():
     assert top.probs[0] == pytest.approx(expected[[1, 3, 2]].tolist(), rel=1e-6)
 
 
+def test_the_top_k_head_packs_what_topk_returns():
+    from servekit.artifacts import LoadedModel
+
+    engine = Engine(LoadedModel(_Fixed(), "torchscript", CPU, autocast=True), HandlerOptions(), head=topk_head(3))
+    engine.warmup([1, 2], (3, 4, 4), torch.contiguous_format)
+    x = torch.zeros(2, 3, 4, 4)
+    assert engine.forward(x).shape == (2, 4)  # the logits stay reachable beside the head
+    packed = engine.infer(x)
+    assert packed.shape == (2, 2, 3)
+    assert unpack_topk(packed) == engine.topk(engine.forward(x), 3)
+
+
 def test_fp16_amp_is_a_gpu_setting():
     assert amp_dtype("fp16", CPU) is None
     assert amp_dtype("bf16", CPU) is torch.bfloat16
@@ -226,6 +238,19 @@ def test_batch_of_mixed_sizes_keeps_order():
     batch = pre.to_batch(imgs)
     for i, img in enumerate(imgs):
         assert torch.allclose(batch[i], pre.to_batch([img])[0], atol=1e-5), i
+
+
+def test_a_batch_is_written_where_into_says():
+    """What a CUDA graph's static input gets: an inference tensor, written in place, equal to a fresh batch."""
+    pre = Preprocessor(ImageOptions(), CPU)
+    imgs = [pre.decode_cpu(encode(natural_image(500, 375, seed=i), "PNG")) for i in range(2)]
+    with torch.inference_mode():
+        static = torch.zeros(4, 3, 224, 224)
+    asked = []
+    batch = pre.to_batch(imgs, into=lambda n: asked.append(n) or static[:n])
+    assert asked == [2] and batch.data_ptr() == static.data_ptr()
+    assert torch.equal(batch, pre.to_batch(imgs))
+    assert torch.equal(pre.to_batch(imgs, into=lambda n: None), batch)  # nowhere given: a new tensor
 
 
 def test_checked_load_judges_status_body_and_label():

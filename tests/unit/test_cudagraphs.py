@@ -13,7 +13,7 @@ from servekit.config import ClassifierOptions, HandlerOptions
 from servekit.cudagraphs import GraphedForward, bucket_for, buckets, relative_error
 from servekit.errors import ConfigError
 from servekit.gpuwait import WAIT_FLAGS, set_gpu_wait
-from servekit.inference import Engine
+from servekit.inference import Engine, topk_head, unpack_topk
 from servekit.vision import Preprocessor
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,7 +40,7 @@ def test_relative_error():
 
 
 def test_no_capture_on_the_cpu():
-    assert GraphedForward.capture(lambda x: x, [1], lambda n: torch.zeros(n, 1), torch.device("cpu")) is None
+    assert GraphedForward.capture(lambda x: (x,), [1], lambda n: torch.zeros(n, 1), torch.device("cpu")) is None
 
 
 def test_gpu_wait_is_checked_up_front():
@@ -130,11 +130,45 @@ def test_graphed_engine_matches_eager_at_every_batch_size(amp):
 
 
 @needs_cuda
+def test_the_top_k_head_is_replayed_with_the_forward():
+    device = torch.device("cuda", 0)
+    module = _small_net(device)
+    opts = ClassifierOptions(amp="off", warmup_batch_sizes=(1, 8), crop=16, resize=16)
+    engine = Engine(LoadedModel(module, "torchscript", device, autocast=True, graphable=True), opts, head=topk_head(3))
+    engine.warmup(opts.warmup_batch_sizes, (3, 16, 16), torch.contiguous_format)
+    assert engine.graphs is not None
+    for n in (1, 3, 9):
+        x = torch.randn(n, 3, 16, 16, device=device)
+        got = unpack_topk(engine.infer(x))
+        with torch.inference_mode():
+            want = engine.topk(module(x), 3)
+        assert got.indices == want.indices
+        assert got.probs == pytest.approx(want.probs, rel=1e-4)
+
+
+@needs_cuda
+def test_a_batch_preprocessed_into_the_graph_input_replays_without_a_copy():
+    device = torch.device("cuda", 0)
+    opts = ClassifierOptions(amp="off", warmup_batch_sizes=(1, 4), crop=16, resize=16)
+    engine = Engine(LoadedModel(_small_net(device), "torchscript", device, True, True), opts, head=topk_head(3))
+    engine.warmup(opts.warmup_batch_sizes, (3, 16, 16), torch.contiguous_format)
+    x = torch.randn(3, 3, 16, 16, device=device)
+    want = unpack_topk(engine.infer(x))
+    rows = engine.input_buffer(3)
+    assert rows is not None and rows.shape == x.shape
+    with torch.inference_mode():
+        rows.copy_(x)
+    got = unpack_topk(engine.infer(rows, to_host=True))
+    assert got.indices == want.indices and got.probs == pytest.approx(want.probs)
+    assert engine.input_buffer(5) is None  # above the largest graph: no buffer, an eager run
+
+
+@needs_cuda
 def test_a_model_that_cannot_be_captured_runs_eagerly(caplog):
     device = torch.device("cuda", 0)
 
-    def host_sync(x: torch.Tensor) -> torch.Tensor:
-        return x * float(x.sum().item() != 0.5)  # .item() syncs: not allowed in a capture
+    def host_sync(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x * float(x.sum().item() != 0.5),)  # .item() syncs: not allowed in a capture
 
     with caplog.at_level(logging.WARNING, logger="servekit.cudagraphs"):
         graphed = GraphedForward.capture(host_sync, [1, 2], lambda n: torch.zeros(n, 4, device=device), device)
