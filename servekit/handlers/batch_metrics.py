@@ -24,6 +24,9 @@ except ImportError:  # pragma: no cover - servekit's core runs without TorchServ
     Dimension = MetricTypes = None
 
 log = logging.getLogger(__name__)
+# Batches whose metrics may wait to be written. The frontend reads the worker's output; should it
+# stop, the writes block, and a bounded queue drops metrics (said once) instead of growing.
+QUEUED_BATCHES = 1024
 
 
 class BatchMetrics:
@@ -31,8 +34,9 @@ class BatchMetrics:
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self._queue: queue.SimpleQueue[tuple[Any, dict[str, float], int, int, float]] = queue.SimpleQueue()
+        self._queue: queue.Queue[tuple[Any, dict[str, float], int, int, float]] = queue.Queue(QUEUED_BATCHES)
         self._pid = 0  # the process whose thread drains the queue (a forked worker starts its own)
+        self.dropped = 0
 
     def submit(self, metrics: Any, answers: Answers, seconds: float) -> None:
         """Queue one batch's metrics for ``metrics`` (the context's metric cache; None: nothing to do)."""
@@ -40,12 +44,20 @@ class BatchMetrics:
             return
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            threading.Thread(target=self._drain, name="servekit-metrics", daemon=True).start()
-        self._queue.put((metrics, dict(answers.stage_seconds), len(answers.results), answers.failed, seconds))
+            self._queue = queue.Queue(QUEUED_BATCHES)  # nothing of a parent's queue or its locks
+            threading.Thread(target=self._drain, args=(self._queue,), name="servekit-metrics", daemon=True).start()
+        try:
+            self._queue.put_nowait(
+                (metrics, dict(answers.stage_seconds), len(answers.results), answers.failed, seconds)
+            )
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("metrics are written slower than batches arrive; dropping them until the queue drains")
 
-    def _drain(self) -> None:
+    def _drain(self, pending: queue.Queue[tuple[Any, dict[str, float], int, int, float]]) -> None:
         while True:
-            metrics, stages, items, failed, seconds = self._queue.get()
+            metrics, stages, items, failed, seconds = pending.get()
             try:
                 for stage, value in stages.items():
                     self._emit(metrics, f"servekit_{stage}_seconds", value, "seconds", MetricTypes.HISTOGRAM)
