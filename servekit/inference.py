@@ -75,7 +75,7 @@ class TopK:
 
 
 def topk_head(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A head for :meth:`Engine.warmup`: softmax + top-k of each row, packed as one (N, 2, k) float tensor."""
+    """A head for :class:`Engine`: softmax + top-k of each row, packed as one (N, 2, k) float tensor."""
 
     def head(logits: torch.Tensor) -> torch.Tensor:
         probs, idx = torch.softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)

@@ -50,8 +50,7 @@ class BaseHandler:
         A failure is also recorded in servekit's load-error file: TorchServe may drop the traceback.
         """
         manifest = context.manifest.get("model", {})
-        self.model_name = manifest.get("modelName", self.model_name)
-        self.metrics = BatchMetrics(self.model_name)
+        self.model_name = self.metrics.model_name = manifest.get("modelName", self.model_name)
         try:
             self._load(context)
         except Exception as exc:
