@@ -11,6 +11,7 @@ check through PIL (what servekit used before) and nvjpeg's decode by chroma subs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -123,6 +124,7 @@ def main() -> None:
     p.add_argument("--procs", default="1,4", help="processes decoding at once, for the contention rows")
     p.add_argument("--contention-only", action="store_true", help="stop after the contention rows")
     p.add_argument("--no-contention", action="store_true", help="skip the contention rows")
+    p.add_argument("--gpu-wait", help="override the model-config's gpu_wait (blocking, spin, yield, auto)")
     p.add_argument(
         "--benchmark-limit", action="store_true", help="also time the forward with cuDNN trying every algorithm"
     )
@@ -132,6 +134,8 @@ def main() -> None:
     config = ModelConfig.load(MODELS_DIR / "resnet50" / "model-config.yaml", ClassifierOptions)
     opts = config.handler
     assert isinstance(opts, ClassifierOptions)
+    if args.gpu_wait:
+        opts = dataclasses.replace(opts, gpu_wait=args.gpu_wait)
     prepare_process(opts, device, WORKERS, config.batch_size)
     sync = torch.cuda.synchronize
     out: dict = {

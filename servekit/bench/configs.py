@@ -126,6 +126,15 @@ CONFIGS: dict[str, BenchConfig] = {
             gpu_only=True,
             handler={"serial_gpu_decode": True},
         ),
+        BenchConfig(
+            "ours-spin",
+            "our handler with CUDA waits spinning instead of blocking (GPU only): the latency/CPU trade-off",
+            ours=True,
+            color="tab:brown",
+            column="spin",
+            gpu_only=True,
+            handler={"gpu_wait": "spin"},
+        ),
         BenchConfig("stock", "TorchServe's image_classifier, its default threads", ours=False, color="tab:red"),
         BenchConfig(
             "stock-tuned",
