@@ -97,26 +97,6 @@ def pil_header(raw: bytearray) -> tuple[int, int]:
         return im.size
 
 
-def every_algorithm(
-    artifact: Path, opts: ClassifierOptions, device: torch.device, calls: int, sync: Callable[[], None]
-) -> dict:
-    """The graphed forward at batch 1 and 32 when cuDNN's autotuner tries every algorithm (limit 0, not 10)."""
-    default = torch.backends.cudnn.benchmark_limit
-    torch.backends.cudnn.benchmark_limit = 0
-    try:
-        clf = ImageClassifier(artifact, opts, device)
-        t0 = time.perf_counter()
-        clf.warmup()
-        row: dict = {"warmup_s": round(time.perf_counter() - t0, 2)}
-        for b in (1, 32):
-            x = torch.zeros((b, 3, opts.crop, opts.crop), device=device, dtype=clf.engine.input_dtype)
-            x = x.contiguous(memory_format=clf.pre.memory_format)
-            row[f"b{b}"] = timed(lambda x=x: clf.engine.forward(x), calls, b, sync)
-        return row
-    finally:
-        torch.backends.cudnn.benchmark_limit = default
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,32")
@@ -125,9 +105,6 @@ def main() -> None:
     p.add_argument("--contention-only", action="store_true", help="stop after the contention rows")
     p.add_argument("--no-contention", action="store_true", help="skip the contention rows")
     p.add_argument("--gpu-wait", help="override the model-config's gpu_wait (blocking, spin, yield, auto)")
-    p.add_argument(
-        "--benchmark-limit", action="store_true", help="also time the forward with cuDNN trying every algorithm"
-    )
     p.add_argument("--out", type=Path, default=Path("stages.json"))
     args = p.parse_args()
     device = torch.device("cuda", 0)
@@ -194,9 +171,6 @@ def main() -> None:
         t0 = time.perf_counter()
         clf.warmup()
         out["warmup_s"] = round(time.perf_counter() - t0, 2)
-        if args.benchmark_limit:
-            out["forward_all_cudnn_algorithms"] = every_algorithm(artifact, opts, device, args.calls, sync)
-            print(json.dumps(out["forward_all_cudnn_algorithms"]), flush=True)
     out["stages"] = {}
     for b in (int(x) for x in args.batches.split(",")):
         bodies = [bytearray(jpeg) for _ in range(b)]

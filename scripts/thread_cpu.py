@@ -4,7 +4,7 @@
 
 Waits until ``--log`` contains ``--after`` (the bench's "ready in" line: the server is up and its
 first window starts), sleeps ``--delay`` seconds (the bench's warm-up), then reads every worker
-thread's user and system time from /proc at the start and end of a ``--seconds`` window. Prints
+thread's user and system time (psutil) at the start and end of a ``--seconds`` window. Prints
 JSON: per worker process, each thread's name and CPU seconds in the window, busiest first.
 Workers are found as the bench finds them (``servekit.bench.procs.torchserve_role``).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,6 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from servekit.bench.procs import torchserve_role  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def workers() -> list[psutil.Process]:
@@ -39,17 +36,15 @@ def workers() -> list[psutil.Process]:
     return found
 
 
-def thread_times(pid: int) -> dict[int, tuple[str, float]]:
-    """Each thread of ``pid``: its name and user + system CPU seconds so far."""
+def thread_times(proc: psutil.Process) -> dict[int, tuple[str, float]]:
+    """Each thread of ``proc``: its name and user + system CPU seconds so far."""
     out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for t in proc.threads():
         try:
-            stat = (task / "stat").read_text()
-        except OSError:
+            name = psutil.Process(t.id).name()  # on Linux a thread id opens as a process: its own name
+        except psutil.Error:
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+        out[t.id] = (name, t.user_time + t.system_time)
     return out
 
 
@@ -64,11 +59,11 @@ def main() -> None:
         time.sleep(0.2)
     time.sleep(args.delay)
     procs = workers()
-    before = {w.pid: thread_times(w.pid) for w in procs}
+    before = {w.pid: thread_times(w) for w in procs}
     time.sleep(args.seconds)
     report = {}
     for w in procs:
-        after = thread_times(w.pid)
+        after = thread_times(w)
         rows = [
             {"tid": tid, "name": name, "cpu_s": round(cpu - before[w.pid].get(tid, (name, 0.0))[1], 3)}
             for tid, (name, cpu) in after.items()
