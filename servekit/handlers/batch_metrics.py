@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # Batches whose metrics may wait to be written. The frontend reads the worker's output; should it
 # stop, the writes block, and a bounded queue drops metrics (said once) instead of growing.
 QUEUED_BATCHES = 1024
+# One batch's metrics as queued: the metric cache, stage seconds, items, failed items, handler seconds.
+Pending = tuple[Any, dict[str, float], int, int, float]
 
 
 class BatchMetrics:
@@ -34,7 +36,7 @@ class BatchMetrics:
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self._queue: queue.Queue[tuple[Any, dict[str, float], int, int, float]] = queue.Queue(QUEUED_BATCHES)
+        self._queue: queue.Queue[Pending] = queue.Queue(QUEUED_BATCHES)
         self._pid = 0  # the process whose thread drains the queue (a forked worker starts its own)
         self.dropped = 0
 
@@ -55,7 +57,7 @@ class BatchMetrics:
             if self.dropped == 1:
                 log.warning("metrics are written slower than batches arrive; dropping them until the queue drains")
 
-    def _drain(self, pending: queue.Queue[tuple[Any, dict[str, float], int, int, float]]) -> None:
+    def _drain(self, pending: queue.Queue[Pending]) -> None:
         while True:
             metrics, stages, items, failed, seconds = pending.get()
             try:
