@@ -17,6 +17,13 @@ from servekit.archive import ArchiveRequest, archive  # noqa: E402
 from servekit.hooks import MODELS_DIR  # noqa: E402
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item, so a fixture can tell whether its test failed."""
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())
+
+
 def port_overrides() -> dict[str, str]:
     """Fresh loopback ports for a test server (see servekit.server.private_ports)."""
     return server.private_ports()

@@ -79,6 +79,17 @@ def cluster(image, archives, tmp_path_factory):
         c.teardown()
 
 
+@pytest.fixture(autouse=True)
+def logs_on_failure(request, cluster):
+    """After a failed test, the tail of every pod's server and proxy logs (a dead worker says why there)."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for pod in cluster.pods:
+            for which in ("servekit", "proxy"):
+                print(f"--- {pod.container(which)} ---\n{pod.logs(which)[-6000:]}")
+
+
 def _post(pod, key: str | None, body: bytes, content_type: str = "image/png", path: str = "/predictions/digits"):
     headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
     return requests.post(pod.url + path, data=body, headers=headers, timeout=60)
