@@ -14,6 +14,7 @@ watcher on the pod's loopback (tests/support/pods.py says what podman 4.3 needs 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -230,6 +231,9 @@ def test_key_rotation_needs_no_restart(cluster):
 
 
 def test_logs_go_to_the_container_output(cluster):
+    for each in cluster.pods:  # each pod's workers are its own (pods sharing a run dir would swap them)
+        hosts = set(re.findall(r"#hostname:([\w.-]+),", each.logs("servekit")))
+        assert hosts == {f"{each.name}-pod-0"}, f"{each.name}'s TorchServe heard from workers on {hosts}"
     pod = cluster.pods[0]
     server = pod.logs("servekit")
     assert "org.pytorch.serve" in server and "MODEL_LOG" in server, server[-2000:]  # TorchServe, its workers

@@ -6,8 +6,11 @@ container. It does not mount Secret volumes (it crashes) and copies ConfigMaps o
 as the kubelet would: the Secret's files are projected into a host folder (edited in place to
 rotate keys, as the kubelet swaps a Secret's files), one more key comes from a podman secret by
 ``secretKeyRef`` (which podman supports), and the versions ConfigMap is a host folder too
-(edited to roll versions out). CPU limits are cut to fit the 2-core test machine, and the
-containerPorts dropped: podman 4.3 would publish them on the host's own ports, so two pods clash.
+(edited to roll versions out). podman 4.3 also makes an emptyDir the named volume of the
+volume's own name, one for every pod that names it: two pods would share their run dir and /tmp,
+so their TorchServes would bind each other's worker sockets. Each pod's emptyDirs are volumes of
+its own instead. CPU limits are cut to fit the 2-core test machine, and the containerPorts
+dropped: podman 4.3 would publish them on the host's own ports, so two pods clash.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class Cluster:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     pods: list[Pod] = field(default_factory=list)
     configmap_volumes: set[str] = field(default_factory=set)
+    scratch_volumes: list[str] = field(default_factory=list)  # the pods' emptyDirs
 
     @property
     def volume(self) -> str:
@@ -143,7 +147,20 @@ class Cluster:
                 v["hostPath"] = {"path": str(self.versions_file.parent), "type": "Directory"}
             elif "persistentVolumeClaim" in v:
                 v["persistentVolumeClaim"]["claimName"] = self.volume
+            elif "emptyDir" in v:
+                del v["emptyDir"]
+                v["persistentVolumeClaim"] = {"claimName": f"{name}-{v['name']}"}
         return yaml.safe_dump(dep), yaml.safe_dump_all(configmaps)
+
+    def scratch(self, pod_text: str) -> None:
+        """A pod's own empty volumes for its emptyDirs, writable by every user as the kubelet makes them."""
+        for v in yaml.safe_load(pod_text)["spec"]["template"]["spec"]["volumes"]:
+            claim = v.get("persistentVolumeClaim", {}).get("claimName", "")
+            if claim and claim != self.volume:
+                podman("volume", "create", claim)
+                self.scratch_volumes.append(claim)
+                mountpoint = podman("volume", "inspect", claim, "--format", "{{.Mountpoint}}").stdout.strip()
+                os.chmod(mountpoint, 0o777)
 
     def play(self, rendered: str, names: list[str]) -> None:
         """Play one pod per name."""
@@ -152,6 +169,7 @@ class Cluster:
             pod_text, cm_text = self.pod_yaml(rendered, name)
             pod_file.write_text(pod_text)
             cm_file.write_text(cm_text)
+            self.scratch(pod_text)
             podman("kube", "play", "--configmap", str(cm_file), str(pod_file), timeout=300)
             # podman makes a named volume per ConfigMap and keeps it after the pod is gone.
             self.configmap_volumes |= {d["metadata"]["name"] for d in _docs(cm_text)}
@@ -184,6 +202,6 @@ class Cluster:
     def teardown(self) -> None:
         for pod in self.pods:
             podman("pod", "rm", "--force", f"{pod.name}-pod-0", check=False, timeout=120)
-        for volume in (self.volume, *sorted(self.configmap_volumes)):
+        for volume in (self.volume, *self.scratch_volumes, *sorted(self.configmap_volumes)):
             podman("volume", "rm", "--force", volume, check=False)
         podman("secret", "rm", self.secret, check=False)
