@@ -67,9 +67,12 @@ class Batch(Generic[T]):
 
 @dataclass
 class Answers:
-    """What a pipeline returns for a batch: one answer (JSON-ready) or error per item, and stage times."""
+    """What a pipeline returns for a batch: one answer or error per item, and stage times.
 
-    results: list[dict | RequestError]
+    An answer is JSON-ready (a dict) or already JSON text (a str).
+    """
+
+    results: list[dict | str | RequestError]
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -107,7 +107,7 @@ class BaseHandler:
                 context.set_response_status(res.status, _reason(res.message), idx=i)
                 out.append(json.dumps({"code": res.status, "type": type(res).__name__, "message": res.message}))
             else:
-                out.append(_encode_answer(res))
+                out.append(res if isinstance(res, str) else _encode_answer(res))
         self.metrics.submit(getattr(context, "metrics", None), answers, time.perf_counter() - t0)
         return out
 

@@ -24,4 +24,4 @@ class ImageClassifierHandler(BaseHandler):
         opts = config.handler
         assert isinstance(opts, ClassifierOptions)
         labels = load_labels(self.model_dir / opts.labels) if opts.labels else None
-        return ImageClassifier(artifact, opts, device, labels)
+        return ImageClassifier(artifact, opts, device, labels, as_json=True)  # answers go out as they are

@@ -195,6 +195,30 @@ def test_classifier_keeps_order_and_fails_bad_items_alone(tmp_path):
     assert results[0] == results[2] and len(results[0]["predictions"]) == opts.topk
     probs = [p["probability"] for p in results[0]["predictions"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    # As a server sends them: the same answers, already JSON text; errors stay errors.
+    as_json = ImageClassifier(path, opts, CPU, [str(i) for i in range(10)], as_json=True)
+    texts = as_json.predict(Batch([good, b"not an image"])).results
+    assert isinstance(texts[0], str) and json.loads(texts[0]) == results[0]
+    assert isinstance(texts[1], UnsupportedMediaType)
+
+
+def test_top_k_json_writes_what_the_encoder_writes():
+    from servekit.classify import ImageClassifier, TopKJson
+
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    labels = ['say "cheese"', "back\\slash", "caf\u00e9 \u732b", "tab\there", "plain"]
+    cases = [
+        ([0, 1, 2], [0.9999999, 1e-07, 0.0]),
+        ([3, 4, 7], [0.5, 0.25, 1.0]),  # 7: past the labels, answered by its index
+        ([2, 9], [float("nan"), float("inf")]),
+        ([4], [1 / 3]),
+    ]
+    for names in (labels, None):
+        fast = TopKJson(names)
+        dicts = ImageClassifier.__new__(ImageClassifier)
+        dicts.labels = names
+        for indices, probs in cases:
+            assert fast.encode(indices, probs) == encode(dicts.format(indices, probs)), (names, indices)
 
 
 # -- Java, tokens, versions --------------------------------------------------------------
