@@ -8,7 +8,10 @@ watcher on the pod's loopback (tests/support/pods.py says what podman 4.3 needs 
   - under load at both pods: v2 published with the publish Job's command, the versions file
     pointed at v2: both pods serve v2 within 30 s; pointed back at v1: both serve v1; 0 failures;
   - a key rotated in the Secret: old and new both work, then the old one gets 401, TorchServe untouched;
-  - the logs of TorchServe, the watcher and the proxy are in `podman logs` (kubectl logs).
+  - the logs of TorchServe, the watcher and the proxy are in `podman logs` (kubectl logs), and each
+    pod's TorchServe hears only from its own workers;
+  - a crashed server container is restarted in its pod and serves again from the run dir its last
+    run left behind, preloaded, while the other pod carries on.
 """
 
 from __future__ import annotations
@@ -225,9 +228,7 @@ def test_key_rotation_needs_no_restart(cluster):
         resp = _post(pod, KEY_2, body)
         assert resp.status_code == 200 and resp.json()["predictions"][0]["label"] == label
     assert {pod.name: pod.java_pid() for pod in cluster.pods} == pids, "TorchServe was restarted"
-    for pod in cluster.pods:
-        restarts = podman("inspect", pod.container("servekit"), "--format", "{{.RestartCount}}").stdout.strip()
-        assert restarts == "0"
+    assert all(pod.restarts() == 0 for pod in cluster.pods)
 
 
 def test_logs_go_to_the_container_output(cluster):
@@ -244,3 +245,30 @@ def test_logs_go_to_the_container_output(cluster):
     assert "client keys changed (added ['key-2']" in proxy
     status = json.loads(podman("exec", pod.container("servekit"), "cat", "/run/servekit/reload-status.json").stdout)
     assert status["watcher"]["state"] == "running" and status["watcher"]["failed_polls"] == 0
+
+
+def test_a_crashed_server_container_restarts_and_serves_from_the_same_run_dir(cluster):
+    """The kubelet restarts a crashed container inside its pod, and the pod's run dir (an emptyDir)
+    keeps what the last run left: pid files, the preloader's and the workers' sockets, the config,
+    the watcher's status. None of it may stop the new run; the other pod never notices."""
+    body, label = digit_samples(1)[0]
+    pod, other = cluster.pods
+    name = pod.container("servekit")
+    left = podman("exec", name, "ls", "-A", "/run/servekit", "/run/servekit/preload", "/run/servekit/tmp").stdout
+    assert "preload.sock" in left and ".ts.sock." in left and "server.pid" in left, left
+    top = [line.split(None, 2) for line in podman("top", name, "pid", "ppid", "args").stdout.splitlines()[1:]]
+    serve = next(pid for pid, ppid, args in top if ppid == "1" and "servekit serve" in args)  # tini's child
+    podman("exec", name, "sh", "-c", f"kill -KILL {serve}")  # the server's main process dies: tini exits with it
+    wait_until(lambda: pod.restarts() >= 1, 60, what="podman to restart the container")
+    wait_until(lambda: _post(pod, KEY_2, body).status_code == 200, 180, what="the restarted container to serve")
+    resp = _post(pod, KEY_2, body)
+    assert resp.json()["predictions"][0]["label"] == label and resp.headers["X-Model-Version"] == "1.0"
+    ready = wait_until(
+        lambda: (r := requests.get(pod.url + "/healthz/ready", timeout=10)).status_code == 200 and r,
+        60,
+        what="the restarted pod to be ready (its watcher up again)",
+    )
+    assert "digits v1.0" in ready.json()["detail"]
+    said = [line for line in pod.logs("servekit").splitlines() if line.startswith("servekit preload: ")]
+    assert len(said) >= 2 and all(" ready in " in line for line in said), said  # both runs preloaded
+    assert other.restarts() == 0 and _post(other, KEY_2, body).status_code == 200

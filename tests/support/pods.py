@@ -66,6 +66,10 @@ class Pod:
         proc = podman("logs", self.container(which), check=False, timeout=60)
         return proc.stdout + proc.stderr
 
+    def restarts(self, which: str = "servekit") -> int:
+        """How many times podman restarted the container (by the pod's restartPolicy)."""
+        return int(podman("inspect", self.container(which), "--format", "{{.RestartCount}}").stdout.strip())
+
     def java_pid(self) -> str:
         """The PID (in the pod) of TorchServe's frontend."""
         top = podman("top", self.container("servekit"), "pid", "args").stdout.splitlines()
