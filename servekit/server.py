@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import random
 import re
@@ -36,6 +37,9 @@ METRICS_YAML = PACKAGE / "metrics.yaml"
 # TorchServe's log4j2 configuration: size-capped rolling files, console output switched by env.
 LOG_CONFIG = PACKAGE / "log4j2.xml"
 PID_FILE = "server.pid"
+# Held (flock) by the server's launcher while it runs. The pid file cannot tell that a run dir is
+# shared with another container, whose processes this one cannot see; the lock can.
+LOCK_FILE = "server.lock"
 
 
 def default_paths() -> tuple[Path, Path, Path]:
@@ -252,6 +256,31 @@ def start(
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if read_pid(cfg.run_dir):
         raise ConfigError(f"a server started from {cfg.run_dir} is already running (make stop / servekit stop)")
+    lock = hold_run_dir(cfg.run_dir)
+    try:
+        return _launch(cfg, models, log, console, lock)
+    finally:
+        os.close(lock)  # the launcher holds the lock from here on, until it exits
+
+
+def hold_run_dir(run_dir: Path) -> int:
+    """A descriptor holding the run dir's lock; ConfigError when another server holds it."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"another server is running from {run_dir} ({LOCK_FILE} is locked) although no server of "
+            "this machine's is: is the run dir a volume shared with another container or pod? Give "
+            "each server a run dir of its own (in Kubernetes, an emptyDir per pod)."
+        ) from None
+    return fd
+
+
+def _launch(
+    cfg: ServerConfig, models: dict[str, str] | None, log: Callable[[str], None], console: bool, lock: int
+) -> subprocess.Popen:
     java = find_java()
     log(f"java: {java.java} (Java {java.major}, from {java.source})")
     props_file = cfg.run_dir / "config.properties"
@@ -287,6 +316,7 @@ def start(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        pass_fds=(lock,),
     )
     (cfg.run_dir / PID_FILE).write_text(str(proc.pid))
     return proc

@@ -187,6 +187,24 @@ def test_effective_config_is_secure_by_default(digits_server):
         assert repo[key].startswith("http://127.0.0.1:")
 
 
+def test_a_second_server_on_a_shared_run_dir_is_refused_and_the_first_keeps_serving(digits_server, digits_images):
+    """Another container sharing the run dir cannot see this one's processes (here: its pid file is
+    out of sight), but the launcher's lock still refuses it, before it touches the key or config file."""
+    cfg = digits_server.cfg
+    pid_file = cfg.run_dir / server.PID_FILE
+    keys, props = cfg.key_file.read_bytes(), (cfg.run_dir / "config.properties").read_bytes()
+    aside = pid_file.rename(pid_file.with_suffix(".aside"))
+    try:
+        with pytest.raises(server.ConfigError, match="shared with another container"):
+            server.start(cfg, {"digits": "digits-v1.0.mar"}, log=lambda *_: None)
+    finally:
+        aside.rename(pid_file)
+    assert cfg.key_file.read_bytes() == keys and (cfg.run_dir / "config.properties").read_bytes() == props
+    img, label = digits_images[0]
+    resp = digits_server.inference.predict("digits", encode(img, "PNG"), "image/png")
+    assert resp.status_code == 200 and resp.json()["predictions"][0]["label"] == str(label)
+
+
 def test_cli_serve_predict_health_stop_leaves_no_process(tmp_path, archives):
     """`servekit serve` starts, answers, reports healthy; `servekit stop` leaves nothing behind."""
     store = tmp_path / "store"
