@@ -18,9 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from servekit.batch import encode_answer  # noqa: E402
 from servekit.classify import ImageClassifier, TopKJson  # noqa: E402
-
-encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def per_answer_us(fn, answers: int, calls: int = 2000, repeats: int = 7) -> float:
@@ -51,7 +50,7 @@ def main() -> None:
             (rng.sample(range(args.labels), k), sorted((rng.random() for _ in range(k)), reverse=True))
             for _ in range(args.batch)
         ]
-        old = lambda items=items: [encode(dicts.format(i, q)) for i, q in items]  # noqa: E731
+        old = lambda items=items: [encode_answer(dicts.format(i, q)) for i, q in items]  # noqa: E731
         new = lambda items=items: [pieces.encode(i, q) for i, q in items]  # noqa: E731
         assert old() == new(), "the two ways disagree"
         rows[f"top{k}"] = {

@@ -6,6 +6,7 @@ and keeps its own error, and no stage filters errors by hand.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -63,6 +64,11 @@ class Batch(Generic[T]):
     def fail_all(self, err: RequestError) -> Batch[T]:
         """Every live item fails with ``err`` (a batch-wide failure, e.g. out of memory)."""
         return Batch([s if isinstance(s, RequestError) else err for s in self.slots])
+
+
+# How an answer goes out: compact JSON. One encoder, built once: json.dumps builds a new one per
+# call when given any option. It writes a float as its repr.
+encode_answer = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass

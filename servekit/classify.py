@@ -11,14 +11,12 @@ from pathlib import Path
 import torch
 
 from .artifacts import load_artifact
-from .batch import Answers, Batch, Body
+from .batch import Answers, Batch, Body, encode_answer
 from .config import ClassifierOptions
 from .errors import RequestError
 from .inference import Engine, topk_head, unpack_topk
 from .vision import Preprocessor
 
-# The answers' encoder: compact, as the handler sends them. It writes a float as its repr.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 _repr = float.__repr__
 
 
@@ -52,7 +50,7 @@ class TopKJson:
 
     def _piece(self, idx: int) -> str:
         label = self.labels[idx] if self.labels and idx < len(self.labels) else str(idx)
-        return f'{{"label":{_encode(label)},"index":{idx},"probability":'
+        return f'{{"label":{encode_answer(label)},"index":{idx},"probability":'
 
     def encode(self, indices: list[int], probs: list[float]) -> str:
         """The answer's JSON text."""
@@ -60,7 +58,7 @@ class TopKJson:
         for idx, p in zip(indices, probs):
             number = _repr(round(p, 6))
             if "n" in number:  # nan, inf: the encoder names them
-                number = _encode(float(number))
+                number = encode_answer(float(number))
             out.append((pieces[idx] if 0 <= idx < known else self._extra(idx)) + number + "}")
         return '{"predictions":[' + ",".join(out) + "]}"
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from servekit import load_errors
-from servekit.batch import Answers, Batch, Body, Pipeline
+from servekit.batch import Answers, Batch, Body, Pipeline, encode_answer
 from servekit.config import HandlerOptions, ModelConfig
 from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, first_line
 from servekit.handlers.batch_metrics import BatchMetrics
@@ -21,8 +21,6 @@ from servekit.payload import body_bytes
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
-# One encoder for every answer: json.dumps builds a new one per call when given any option.
-_encode_answer = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class BaseHandler:
@@ -107,7 +105,7 @@ class BaseHandler:
                 context.set_response_status(res.status, _reason(res.message), idx=i)
                 out.append(json.dumps({"code": res.status, "type": type(res).__name__, "message": res.message}))
             else:
-                out.append(res if isinstance(res, str) else _encode_answer(res))
+                out.append(res if isinstance(res, str) else encode_answer(res))
         self.metrics.submit(getattr(context, "metrics", None), answers, time.perf_counter() - t0)
         return out
 
