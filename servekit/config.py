@@ -43,6 +43,10 @@ class HandlerOptions:
     gpu_wait: str = "blocking"
     # Read the frontend's messages through a buffer (handlers/frontend_reader.py) instead of a recv per field.
     buffered_reads: bool = True
+    # With buffered_reads: MiB per worker that a batch's bodies are received into, reused batch after
+    # batch and page-locked on a GPU (nvjpeg then copies them to the GPU without a staging copy);
+    # a body that does not fit gets memory of its own. 0: every body its own memory.
+    body_buffer_mib: int = 16
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty: nothing)."""
@@ -55,6 +59,8 @@ class HandlerOptions:
             problems.append(f"cpu_threads must be 'auto' or an integer >= 1, got {self.cpu_threads!r}")
         if self.gpu_wait not in GPU_WAIT_CHOICES:
             problems.append(f"gpu_wait must be one of {GPU_WAIT_CHOICES}, got {self.gpu_wait!r}")
+        if type(self.body_buffer_mib) is not int or not 0 <= self.body_buffer_mib <= 1024:
+            problems.append(f"body_buffer_mib must be an integer from 0 to 1024, got {self.body_buffer_mib!r}")
         return problems
 
     def __post_init__(self) -> None:

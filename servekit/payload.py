@@ -57,12 +57,14 @@ def _bytes(item: Any) -> Body:
             '\'data\', or JSON {"data": "<base64>"}'
         )
     if isinstance(item, (bytes, bytearray, memoryview)):
-        raw = bytes(item) if isinstance(item, memoryview) else item
-        if not raw:
+        if isinstance(item, memoryview):  # kept without a copy (a worker's body arena); one byte per item
+            item = item.cast("B") if item.c_contiguous else item.tobytes()
+        if not item:
             raise InvalidInput("empty body: send a JPEG or PNG image")
-        if not raw.startswith(_MAGIC) and raw[:64].lstrip()[:1] in (b"{", b"["):
+        head = bytes(item[:64])
+        if not head.startswith(_MAGIC) and head.lstrip()[:1] in (b"{", b"["):
             raise InvalidInput("malformed JSON body")
-        return raw
+        return item
     if isinstance(item, str):
         return _b64decode(item)
     raise InvalidInput(f"unsupported request item of type {type(item).__name__}")

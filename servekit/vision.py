@@ -57,9 +57,9 @@ def as_uint8(raw: Body) -> torch.Tensor:
 
     torch warns that a view of immutable bytes must not be written to; nothing writes to it, and
     a bytearray copy of every request body would cost more than the decode's own CPU share.
-    TorchServe's bodies are bytearrays already, which need no warning filter.
+    A worker's bodies are writable (bytearrays, or views of its body arena): no warning filter.
     """
-    if isinstance(raw, bytearray):
+    if isinstance(raw, bytearray) or (isinstance(raw, memoryview) and not raw.readonly):
         return torch.frombuffer(raw, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -118,6 +118,14 @@ CONFIGS: dict[str, BenchConfig] = {
             handler={"buffered_reads": False},
         ),
         BenchConfig(
+            "ours-no-arena",
+            "our handler receiving each body into memory of its own (pageable) instead of its body arena",
+            ours=True,
+            color="slategray",
+            column="no arena",
+            handler={"body_buffer_mib": 0},
+        ),
+        BenchConfig(
             "ours-serial-decode",
             "our handler with one nvjpeg decode at a time per GPU across its workers",
             ours=True,

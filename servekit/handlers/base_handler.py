@@ -15,6 +15,7 @@ from servekit.batch import Answers, Batch, Body, Pipeline, encode_answer
 from servekit.config import HandlerOptions, ModelConfig
 from servekit.errors import ConfigError, ModelError, OutOfMemory, RequestError, first_line
 from servekit.handlers.batch_metrics import BatchMetrics
+from servekit.handlers.frontend_reader import BodyArena
 from servekit.handlers.frontend_reader import install as install_frontend_reader
 from servekit.inference import is_oom, prepare_process, select_device
 from servekit.payload import body_bytes
@@ -62,10 +63,10 @@ class BaseHandler:
         self.config = ModelConfig.from_dict(getattr(context, "model_yaml_config", None) or {}, self.options_class)
         opts = self.config.handler
         self.version = opts.version
-        if opts.buffered_reads:
-            install_frontend_reader()
         device = select_device(props.get("gpu_id"))
         prepare_process(opts, device, self.config.max_workers, self.config.batch_size)
+        if opts.buffered_reads:  # after prepare_process: a page-locked arena needs the GPU's context
+            install_frontend_reader(body_arena(opts.body_buffer_mib, device))
         serialized = context.manifest.get("model", {}).get("serializedFile")
         if not serialized:
             raise ConfigError("the archive's manifest names no serialized model file")
@@ -135,6 +136,18 @@ def entry_point(handler_class: type[BaseHandler]) -> Any:
         return service.handle(data, context)
 
     return handle
+
+
+def body_arena(mib: int, device: torch.device) -> BodyArena | None:
+    """The arena a worker receives bodies into: page-locked on a GPU, plain memory if that fails; None for 0 MiB."""
+    if mib <= 0:
+        return None
+    if device.type == "cuda":
+        try:
+            return BodyArena(mib << 20, pinned=True)
+        except RuntimeError as exc:
+            log.warning("cannot page-lock a %d MiB body arena (%s); bodies go to plain memory", mib, first_line(exc))
+    return BodyArena(mib << 20)
 
 
 def _batch_error(exc: Exception) -> RequestError:

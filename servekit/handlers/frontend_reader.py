@@ -11,7 +11,14 @@ worker keeps its own reader and says so once.
 An inference message is parsed in one function over that buffer (``_retrieve_inference_msg``):
 TorchServe's parser makes four Python calls per field, which cost more than the reads themselves.
 It returns what TorchServe's does, except that ids and headers are ``bytes`` (equal, and decoded
-the same way) where TorchServe gives ``bytearray``; bodies stay ``bytearray``.
+the same way) where TorchServe gives ``bytearray``, and that bodies are received into a
+:class:`BodyArena` when there is one.
+
+The arena is one buffer a batch's bodies are received into, reused batch after batch: no memory to
+allocate and zero per body (5% of a GPU worker's samples at peak), and on a GPU it is page-locked,
+so nvjpeg copies a body to the device by DMA instead of through the driver's staging buffer (10%).
+Its bodies are ``memoryview``s, valid until the next batch is read: a worker handles one batch at a
+time and sends its answers before it reads the next, so nothing still needs them by then.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import struct
 import sys
 from typing import Any, NoReturn, cast
 
+import torch
+
 try:
     import ts
     from ts.protocol import otf_message_handler as otf
@@ -36,6 +45,31 @@ TESTED_VERSION = "0.12.0"
 BUFFER_BYTES = 64 << 10  # every request's headers, and no more than a fraction of its body
 _INT = struct.Struct("!i")
 END_OF_LIST = -1
+
+
+class BodyArena:
+    """Where one batch's bodies are received: a buffer reused for each batch, page-locked if asked."""
+
+    def __init__(self, nbytes: int, pinned: bool = False) -> None:
+        if pinned:
+            self.memory: Any = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        else:
+            self.memory = bytearray(nbytes)
+        self.view = memoryview(self.memory)
+        self.pinned = pinned
+        self.used = 0
+
+    def reset(self) -> None:
+        """A new batch: every earlier body's memory may be written again."""
+        self.used = 0
+
+    def take(self, n: int) -> memoryview | bytearray:
+        """Writable memory for an ``n``-byte body: the arena's next ``n`` bytes, or a bytearray when they do not fit."""
+        start = self.used
+        if start + n > len(self.view):
+            return bytearray(n)
+        self.used = start + n
+        return self.view[start : start + n]
 
 
 class BufferedFrontend:
@@ -71,6 +105,7 @@ class BatchParser:
     def __init__(self, frontend: BufferedFrontend, original: Any) -> None:
         self.frontend = frontend
         self.original = original
+        self.arena: BodyArena | None = None
 
     def __call__(self, conn: Any) -> list[dict[str, Any]]:
         """The batch's requests as TorchServe's parser returns them."""
@@ -78,13 +113,16 @@ class BatchParser:
         if reader is None:
             return self.original(conn)
         try:
-            return _parse_batch(reader)
+            return _parse_batch(reader, self.arena)
         except struct.error:  # a length cut short: the frontend went away mid-message
             _disconnected()
 
 
-def _parse_batch(reader: io.BufferedReader) -> list[dict[str, Any]]:
+def _parse_batch(reader: io.BufferedReader, arena: BodyArena | None = None) -> list[dict[str, Any]]:
     read, readinto, unpack = reader.read, reader.readinto, _INT.unpack
+    if arena is not None:
+        arena.reset()
+    take = arena.take if arena is not None else bytearray
     decode = os.environ.get("TS_DECODE_INPUT_REQUEST") in (None, "true")
     batch: list[dict[str, Any]] = []
     while True:
@@ -110,7 +148,7 @@ def _parse_batch(reader: io.BufferedReader) -> list[dict[str, Any]]:
             (n,) = unpack(read(4))
             content_type = read(n).decode("utf-8")
             (n,) = unpack(read(4))
-            value = bytearray(n)
+            value = take(n)
             if readinto(value) < n:
                 _disconnected()
             inputs.append({"name": name, "contentType": content_type, "value": _decoded(value, content_type, decode)})
@@ -118,15 +156,15 @@ def _parse_batch(reader: io.BufferedReader) -> list[dict[str, Any]]:
         batch.append(request)
 
 
-def _decoded(value: bytearray, content_type: str, decode: bool) -> Any:
+def _decoded(value: bytearray | memoryview, content_type: str, decode: bool) -> Any:
     """JSON and text bodies decoded as TorchServe 0.12 decodes them (kept raw when that fails)."""
     if not decode:
         return value
     try:
         if content_type == "application/json":
-            return json.loads(value.decode("utf-8"))
+            return json.loads(str(value, "utf-8"))
         if content_type.startswith("text"):
-            return value.decode("utf-8")
+            return str(value, "utf-8")
     except (ValueError, RecursionError):  # bad UTF-8 or JSON, or JSON nested too deep: TorchServe keeps it raw
         logging.warning("Failed decoding of input data. Forwarding encoded payload", exc_info=True)
     return value
@@ -137,19 +175,27 @@ def _disconnected() -> NoReturn:
     sys.exit(0)  # what TorchServe's reader does: the worker ends with its frontend
 
 
-def install() -> bool:
-    """Replace TorchServe's per-field socket reads with buffered ones (once per process); False if not."""
+def install(arena: BodyArena | None = None) -> bool:
+    """Replace TorchServe's per-field socket reads with buffered ones (once per process); False if not.
+
+    ``arena``: where bodies are received from then on (None: each body its own bytearray).
+    """
     if otf is None:
         return False
     current = getattr(otf, "_retrieve_buffer", None)
     if isinstance(current, BufferedFrontend):
+        if isinstance(otf._retrieve_inference_msg, BatchParser):
+            otf._retrieve_inference_msg.arena = arena
         return True
     version = getattr(ts, "__version__", "unknown")
     if version != TESTED_VERSION or current is None:
         log.info("TorchServe %s: the worker keeps its own reader (buffered reads need %s)", version, TESTED_VERSION)
         return False
     frontend = BufferedFrontend(current)
+    parser = BatchParser(frontend, otf._retrieve_inference_msg)
+    parser.arena = arena
     otf._retrieve_buffer = frontend
-    otf._retrieve_inference_msg = BatchParser(frontend, otf._retrieve_inference_msg)
-    log.info("reading the frontend's messages through a %d KiB buffer", BUFFER_BYTES >> 10)
+    otf._retrieve_inference_msg = parser
+    where = "" if arena is None else f"; bodies into a {len(arena.view) >> 20} MiB{' page-locked' * arena.pinned} arena"
+    log.info("reading the frontend's messages through a %d KiB buffer%s", BUFFER_BYTES >> 10, where)
     return True

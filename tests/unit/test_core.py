@@ -51,6 +51,9 @@ def test_handler_options_reject_bad_values_with_actionable_message():
     with pytest.raises(ConfigError, match=r"unknown handler option\(s\) \['topk'\]"):
         ImageOptions.from_dict({"topk": 3})
     assert ClassifierOptions.from_dict({"topk": 3}).topk == 3
+    for bad in (-1, True, 2048, "16"):
+        with pytest.raises(ConfigError, match="body_buffer_mib must be an integer from 0 to 1024"):
+            HandlerOptions.from_dict({"body_buffer_mib": bad})
 
 
 def test_model_config_reads_yaml_off_as_amp_off(tmp_path):
@@ -102,6 +105,13 @@ def test_body_bytes_takes_raw_multipart_and_base64_and_names_the_header_to_send(
     assert body_bytes({"body": raw}, "image/jpeg") == raw
     as_torchserve_gives_it = bytearray(raw)
     assert body_bytes({"body": as_torchserve_gives_it}, "image/jpeg") is as_torchserve_gives_it  # not copied
+    arena = bytearray(len(raw) + 10)  # a worker's body arena: its bodies are views, and stay views
+    arena[5 : 5 + len(raw)] = raw
+    view = body_bytes({"body": memoryview(arena)[5 : 5 + len(raw)]}, "image/jpeg")
+    assert isinstance(view, memoryview) and view == raw and view.obj is arena
+    assert body_bytes({"body": memoryview(raw).cast("b")}, "image/jpeg") == raw
+    with pytest.raises(InvalidInput, match="empty body"):
+        body_bytes({"body": memoryview(arena)[:0]})
     assert body_bytes({"data": raw}, "multipart/form-data; boundary=x") == raw
     assert body_bytes({"data": base64.b64encode(raw).decode()}, "application/json") == raw
     assert body_bytes({"instances": [{"b64": base64.b64encode(raw).decode()}]}) == raw

@@ -7,10 +7,11 @@ import struct
 import threading
 
 import pytest
+import torch
 from ts.protocol import otf_message_handler as otf
 
 from servekit.handlers import frontend_reader
-from servekit.handlers.frontend_reader import BatchParser, BufferedFrontend
+from servekit.handlers.frontend_reader import BatchParser, BodyArena, BufferedFrontend
 
 END = struct.pack("!i", -1)
 
@@ -94,6 +95,31 @@ def test_the_batch_parser_returns_what_torchserves_parser_returns(monkeypatch, d
         assert values[1] == {"instances": [[1, 2], {"a": "\u00e9"}]} and values[3] == "caf\u00e9"
         assert values[2] == b"{not json" and values[4] == items[4][0] and values[5] == items[5][0]
     assert [h["name"] for h in batch[2]["headers"]] == [b"Host", b"Content-Type", b"X-Id"]
+
+
+def test_bodies_are_received_into_the_arena_whose_memory_the_next_batch_reuses(monkeypatch):
+    first = [bytes([1]) * 100_000, bytes([2]) * 150_000, bytes([3]) * 120_000, b'{"x": 1}']
+    second = [bytes([4]) * 100_000]
+    frontend = BufferedFrontend(otf._retrieve_buffer)
+    parser = BatchParser(frontend, otf._retrieve_inference_msg)
+    parser.arena = BodyArena(300_000)
+    ours = _parse(frontend, [_batch(first)], monkeypatch, parser)
+    monkeypatch.undo()
+    theirs = _parse(otf._retrieve_buffer, [_batch(first)], monkeypatch)
+    assert ours == theirs  # the same requests, values equal to TorchServe's bytearrays
+    values = [r["parameters"][0]["value"] for r in ours[0][1]]
+    assert [type(v) for v in values] == [memoryview, memoryview, bytearray, memoryview]  # the third does not fit
+    assert values[0].obj is values[1].obj is parser.arena.memory
+    _parse(frontend, [_batch(second)], monkeypatch, parser)
+    assert values[0] == second[0]  # the next batch was received into the same memory
+    assert parser.arena.used == 100_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_page_locked_arena_hands_out_page_locked_bodies():
+    arena = BodyArena(1 << 20, pinned=True)
+    body = arena.take(1000)
+    assert arena.pinned and torch.frombuffer(body, dtype=torch.uint8).is_pinned()
 
 
 def test_a_frontend_gone_mid_batch_ends_the_worker(monkeypatch):
