@@ -121,7 +121,7 @@ CONFIGS: dict[str, BenchConfig] = {
             "ours-no-arena",
             "our handler receiving each body into memory of its own (pageable) instead of its body arena",
             ours=True,
-            color="slategray",
+            color="tab:gray",
             column="no arena",
             handler={"body_buffer_mib": 0},
         ),
