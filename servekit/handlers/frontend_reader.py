@@ -15,10 +15,12 @@ the same way) where TorchServe gives ``bytearray``, and that bodies are received
 :class:`BodyArena` when there is one.
 
 The arena is one buffer a batch's bodies are received into, reused batch after batch: no memory to
-allocate and zero per body (5% of a GPU worker's samples at peak), and on a GPU it is page-locked,
-so nvjpeg copies a body to the device by DMA instead of through the driver's staging buffer (10%).
-Its bodies are ``memoryview``s, valid until the next batch is read: a worker handles one batch at a
-time and sends its answers before it reads the next, so nothing still needs them by then.
+allocate and zero per body, and on a GPU it is page-locked, so nvjpeg copies a body to the device
+by DMA instead of through the driver's staging buffer (about 2% of a GPU worker's CPU per request,
+docs/performance.md). Its bodies are ``memoryview``s, valid until the next batch is read: a worker
+handles one batch at a time and sends its answers before it reads the next, and nvjpeg's decode
+ends in a stream sync, so nothing still reads them by then. A handler that keeps a body past its
+batch must copy it (or set ``body_buffer_mib: 0``).
 """
 
 from __future__ import annotations
