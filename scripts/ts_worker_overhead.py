@@ -85,9 +85,7 @@ def run(data: bytes, batches: int, service: Service, ours: bool, arena: BodyAren
     frontend.conn, frontend.reader = conn, io.BufferedReader(io.BytesIO(data), buffer_size=1 << 20)  # type: ignore[assignment]
     otf._retrieve_buffer = frontend
     if ours:
-        parser = BatchParser(frontend, original_parser)
-        parser.arena = arena
-        otf._retrieve_inference_msg = parser
+        otf._retrieve_inference_msg = BatchParser(frontend, original_parser, arena)
     parse = predict = 0.0
     try:
         for _ in range(batches):

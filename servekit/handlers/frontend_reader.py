@@ -104,10 +104,10 @@ class BufferedFrontend:
 class BatchParser:
     """``_retrieve_inference_msg`` over the buffered reader: one batch of requests, parsed in one loop."""
 
-    def __init__(self, frontend: BufferedFrontend, original: Any) -> None:
+    def __init__(self, frontend: BufferedFrontend, original: Any, arena: BodyArena | None = None) -> None:
         self.frontend = frontend
         self.original = original
-        self.arena: BodyArena | None = None
+        self.arena = arena  # where bodies are received (None: each its own bytearray)
 
     def __call__(self, conn: Any) -> list[dict[str, Any]]:
         """The batch's requests as TorchServe's parser returns them."""
@@ -194,10 +194,8 @@ def install(arena: BodyArena | None = None) -> bool:
         log.info("TorchServe %s: the worker keeps its own reader (buffered reads need %s)", version, TESTED_VERSION)
         return False
     frontend = BufferedFrontend(current)
-    parser = BatchParser(frontend, otf._retrieve_inference_msg)
-    parser.arena = arena
     otf._retrieve_buffer = frontend
-    otf._retrieve_inference_msg = parser
+    otf._retrieve_inference_msg = BatchParser(frontend, otf._retrieve_inference_msg, arena)
     where = "" if arena is None else f"; bodies into a {len(arena.view) >> 20} MiB{' page-locked' * arena.pinned} arena"
     log.info("reading the frontend's messages through a %d KiB buffer%s", BUFFER_BYTES >> 10, where)
     return True

@@ -101,8 +101,7 @@ def test_bodies_are_received_into_the_arena_whose_memory_the_next_batch_reuses(m
     first = [bytes([1]) * 100_000, bytes([2]) * 150_000, bytes([3]) * 120_000, b'{"x": 1}']
     second = [bytes([4]) * 100_000]
     frontend = BufferedFrontend(otf._retrieve_buffer)
-    parser = BatchParser(frontend, otf._retrieve_inference_msg)
-    parser.arena = BodyArena(300_000)
+    parser = BatchParser(frontend, otf._retrieve_inference_msg, BodyArena(300_000))
     ours = _parse(frontend, [_batch(first)], monkeypatch, parser)
     monkeypatch.undo()
     theirs = _parse(otf._retrieve_buffer, [_batch(first)], monkeypatch)
