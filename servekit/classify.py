@@ -36,6 +36,11 @@ def load_labels(path: str | os.PathLike | None) -> list[str] | None:
     return labels
 
 
+def label_for(labels: list[str] | None, idx: int) -> str:
+    """A class's label, or its index as text for a class past the labels (or without labels)."""
+    return labels[idx] if labels and idx < len(labels) else str(idx)
+
+
 class TopKJson:
     """One item's top-k answer straight to JSON, from per-class pieces built once.
 
@@ -49,8 +54,7 @@ class TopKJson:
         self.extra: dict[int, str] = {}  # classes past the labels, made at their first answer
 
     def _piece(self, idx: int) -> str:
-        label = self.labels[idx] if self.labels and idx < len(self.labels) else str(idx)
-        return f'{{"label":{encode_answer(label)},"index":{idx},"probability":'
+        return f'{{"label":{encode_answer(label_for(self.labels, idx))},"index":{idx},"probability":'
 
     def encode(self, indices: list[int], probs: list[float]) -> str:
         """The answer's JSON text."""
@@ -127,6 +131,5 @@ class ImageClassifier:
         """One item's answer: ``{"predictions": [{"label", "index", "probability"}, ...]}``."""
         preds = []
         for idx, p in zip(indices, probs):
-            label = self.labels[idx] if self.labels and idx < len(self.labels) else str(idx)
-            preds.append({"label": label, "index": idx, "probability": round(float(p), 6)})
+            preds.append({"label": label_for(self.labels, idx), "index": idx, "probability": round(float(p), 6)})
         return {"predictions": preds}
