@@ -384,7 +384,10 @@ def test_concurrent_management_under_load(churn_server):
     other = [o for o in outcomes if not o.ok and not lost_in_scale_down(o)]
     assert answered and not other, [(o.status, o.error) for o in other][:5]
     assert len(lost) <= 2, [(o.status, o.error) for o in lost][:5]
-    assert all(o.version == "1.0" for o in answered)
+    # Every prediction came from the default v1.0. (A request lost in a scale-down is answered by
+    # TorchServe itself, "Worker died.", without a model version: it is bounded above.)
+    served = [o for o in answered if o.ok]
+    assert served and all(o.version == "1.0" for o in served), sorted({o.version for o in served}, key=str)
     states = {(s.version, s.default): s.ready_workers for s in model_states(make_mgmt())}
     assert states == {("1.0", True): 1, ("2.0", False): 1}
     assert_serves(churn_server.inference)
