@@ -199,6 +199,16 @@ def free_port() -> int:
     raise ConfigError(f"no free loopback port between 10000 and {low}")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free loopback ports: each :func:`free_port` is free on its own, and two may be equal."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def _ephemeral_low() -> int:
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -209,14 +219,16 @@ def _ephemeral_low() -> int:
 
 def private_ports() -> dict[str, str]:
     """config.properties overrides that give a server its own loopback ports (APIs, gRPC, workers)."""
+    # Distinct: a metrics port drawn equal to a gRPC port once stopped TorchServe at start ("Failed to bind").
+    inference, management, metrics, grpc_inference, grpc_management, workers = free_ports(6)
     return {
-        "inference_address": f"http://127.0.0.1:{free_port()}",
-        "management_address": f"http://127.0.0.1:{free_port()}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": str(free_port()),
-        "grpc_management_port": str(free_port()),
+        "inference_address": f"http://127.0.0.1:{inference}",
+        "management_address": f"http://127.0.0.1:{management}",
+        "metrics_address": f"http://127.0.0.1:{metrics}",
+        "grpc_inference_port": str(grpc_inference),
+        "grpc_management_port": str(grpc_management),
         # Worker ports must not collide with another server on this machine.
-        "initial_worker_port": str(20000 + free_port() % 20000),
+        "initial_worker_port": str(20000 + workers % 20000),
     }
 
 

@@ -59,7 +59,8 @@ def stack(tmp_path_factory, archives):
         assert mgmt.scale("digits", 0, version="2.0").status_code == 200
         versions = tmp / "versions.yaml"
         versions.write_text('digits: "1.0"\n')
-        watcher_port, ports = server.free_port(), {k: server.free_port() for k in ("http", "metrics", "stats", "prom")}
+        watcher_port, *free = server.free_ports(5)
+        ports = dict(zip(("http", "metrics", "stats", "prom"), free))
         procs.append(
             subprocess.Popen(
                 watch_command(cfg, "--interval", "0.5", "--versions", str(versions), "--http-port", str(watcher_port)),

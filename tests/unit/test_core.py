@@ -231,7 +231,16 @@ def test_top_k_json_writes_what_the_encoder_writes():
             assert fast.encode(indices, probs) == encode(dicts.format(indices, probs)), (names, indices)
 
 
-# -- Java, tokens, versions --------------------------------------------------------------
+# -- Java, tokens, versions, ports -------------------------------------------------------
+def test_a_servers_private_ports_are_distinct_even_when_the_draws_repeat(monkeypatch):
+    draws = iter([15000, 15000, 15001, 15000, 15001, 15002, 15003, 15002, 15004, 15005, 15006])
+    monkeypatch.setattr(server.random, "randrange", lambda *_: next(draws))
+    ports = server.private_ports()
+    numbers = [int(v.rsplit(":", 1)[-1]) for k, v in ports.items() if k != "initial_worker_port"]
+    assert sorted(numbers) == [15000, 15001, 15002, 15003, 15004]
+    assert ports["initial_worker_port"] == str(20000 + 15005 % 20000)
+
+
 def test_java_version_parsing_and_discovery():
     assert parse_java_version('openjdk version "17.0.15" 2025-04-15') == 17
     assert parse_java_version('java version "1.8.0_292"') == 8
