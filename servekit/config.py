@@ -100,6 +100,9 @@ class ImageOptions(HandlerOptions):
     decode_device: str = "auto"
     # GPU only: the workers on one GPU run nvjpeg's batched decode one at a time (servekit.gpulock).
     serial_gpu_decode: bool = False
+    # GPU only: baseline JPEGs go to nvjpeg's hardware decoder straight from servekit's header
+    # check, skipping torchvision's second parse of each image (servekit.nvjpeg).
+    hardware_jpeg: bool = True
     channels: int = 3
     resize: int = 256
     crop: int = 224

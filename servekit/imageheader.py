@@ -8,6 +8,7 @@ to the frame header takes a few microseconds. PIL stays the reference in the tes
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from .batch import Body
 from .errors import InvalidInput
@@ -20,6 +21,10 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM carry no length
 _SOS, _EOI = 0xDA, 0xD9
+_BASELINE = 0xC0
+# What nvjpeg's hardware decoder takes besides greyscale: YCbCr with the chroma at 1x1 and the luma
+# sampled (h, v) as 4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1 or 4:1:0.
+_HARDWARE_LUMA = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1), (4, 2)})
 
 
 def sniff_format(raw: Body) -> str | None:
@@ -31,23 +36,56 @@ def sniff_format(raw: Body) -> str | None:
     return None
 
 
+class JpegFrame(NamedTuple):
+    """A JPEG's size, and how many leading bytes hold its headers if a GPU's JPEG engine may take it."""
+
+    width: int
+    height: int
+    hardware_header: int  # bytes up to the end of the scan header; 0: not a hardware candidate
+
+
 def dimensions(raw: Body, fmt: str) -> tuple[int, int]:
     """(width, height) from a JPEG's frame header or a PNG's IHDR; InvalidInput when it cannot be read."""
-    return _jpeg(raw) if fmt == JPEG else _png(raw)
+    if fmt == JPEG:
+        frame = jpeg_frame(raw)
+        return frame.width, frame.height
+    return png_dimensions(raw)
 
 
-def _png(raw: Body) -> tuple[int, int]:
+def png_dimensions(raw: Body) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR; InvalidInput when it cannot be read."""
     if len(raw) < 24 or raw[12:16] != b"IHDR":
         raise InvalidInput("cannot read the PNG header: no IHDR chunk first")
     width, height = struct.unpack_from(">II", raw, 16)
     return width, height
 
 
-def _jpeg(raw: Body) -> tuple[int, int]:
+def _hardware(raw: Body, i: int, marker: int, end: int) -> bool:
+    """Baseline 8-bit Huffman, greyscale or YCbCr in a layout nvjpeg's hardware decoder lists."""
+    if marker != _BASELINE or i + 8 > end or raw[i + 2] != 8:
+        return False
+    components = raw[i + 7]
+    if components == 1:
+        return True
+    if components != 3 or i + 8 + 9 > end:
+        return False
+    factors = [(raw[i + 9 + 3 * c] >> 4, raw[i + 9 + 3 * c] & 0x0F) for c in range(3)]
+    return factors[0] in _HARDWARE_LUMA and factors[1] == factors[2] == (1, 1)
+
+
+def jpeg_frame(raw: Body) -> JpegFrame:
+    """Walk a JPEG's marker segments: its frame header's size and, for a hardware candidate, where its headers end.
+
+    InvalidInput when no frame header can be read; anything odd after it only rules out the hardware path.
+    """
     end, i = len(raw), 2
+    frame: tuple[int, int] | None = None
+    candidate = False
     while i < end:
         if raw[i] != 0xFF:
-            raise InvalidInput(f"cannot read the JPEG header: no marker at byte {i}")
+            if frame is None:
+                raise InvalidInput(f"cannot read the JPEG header: no marker at byte {i}")
+            break
         while i < end and raw[i] == 0xFF:  # a marker may be preceded by fill bytes
             i += 1
         if i >= end:
@@ -56,15 +94,25 @@ def _jpeg(raw: Body) -> tuple[int, int]:
         i += 1
         if marker in _STANDALONE:
             continue
-        if marker in (_SOS, _EOI) or i + 2 > end:
+        if marker == _EOI or i + 2 > end:
             break
         (length,) = struct.unpack_from(">H", raw, i)
         if length < 2:
-            raise InvalidInput(f"cannot read the JPEG header: segment {marker:#04x} has length {length}")
+            if frame is None:
+                raise InvalidInput(f"cannot read the JPEG header: segment {marker:#04x} has length {length}")
+            break
+        if marker == _SOS:
+            if frame is not None and candidate and i + length <= end:
+                return JpegFrame(*frame, i + length)
+            break
         if marker in _SOF:
             if i + 7 > end:
                 break
             height, width = struct.unpack_from(">HH", raw, i + 3)
-            return width, height
+            frame, candidate = (width, height), _hardware(raw, i, marker, end)
+            if not candidate:
+                return JpegFrame(width, height, 0)
         i += length
-    raise InvalidInput("cannot read the JPEG header: no frame header before the image data")
+    if frame is None:
+        raise InvalidInput("cannot read the JPEG header: no frame header before the image data")
+    return JpegFrame(*frame, 0)

@@ -17,7 +17,8 @@ from .batch import Batch, Body
 from .config import ImageOptions
 from .errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 from .gpulock import GpuLock
-from .imageheader import JPEG, dimensions, sniff_format
+from .imageheader import JPEG, jpeg_frame, png_dimensions, sniff_format
+from .nvjpeg import HardwareJpegDecoder, NvjpegError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class ImageHeader:
     format: str
     width: int
     height: int
+    hardware_header: int = 0  # a JPEG a GPU's JPEG engine may take: the bytes its headers fill
 
 
 def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
@@ -41,7 +43,10 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
     fmt = sniff_format(raw)
     if fmt is None:
         raise UnsupportedMediaType("not a JPEG or PNG image")
-    width, height = dimensions(raw, fmt)
+    if fmt == JPEG:
+        width, height, hardware_header = jpeg_frame(raw)
+    else:
+        (width, height), hardware_header = png_dimensions(raw), 0
     if width < 1 or height < 1:
         raise InvalidInput(f"image has no pixels ({width}x{height})")
     if width * height > opts.max_image_pixels:
@@ -49,7 +54,7 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
             f"image is {width}x{height} = {width * height} pixels; the limit is "
             f"{opts.max_image_pixels} (max_image_pixels)"
         )
-    return ImageHeader(fmt, width, height)
+    return ImageHeader(fmt, width, height, hardware_header)
 
 
 def as_uint8(raw: Body) -> torch.Tensor:
@@ -89,12 +94,26 @@ class Preprocessor:
             else contextlib.nullcontext()
         )
         self._gpu_decode_failed = False
+        self.hardware = (
+            HardwareJpegDecoder.create(device, opts.channels) if self.gpu_decode and opts.hardware_jpeg else None
+        )
 
     def warmup(self) -> None:
         """Decode one small JPEG on the GPU, so the first request does not pay nvjpeg's start-up (~0.7 s)."""
         if not self.gpu_decode:
             return
         sample = encode_jpeg(torch.full((3, 64, 64), 128, dtype=torch.uint8)).numpy().tobytes()
+        if self.hardware is not None:
+            data, header = as_uint8(sample), check_image(sample, self.opts)
+            try:
+                if not self.hardware.takes(data, header.hardware_header, 64, 64):
+                    raise NvjpegError("it does not take a baseline 4:2:0 JPEG")
+                self.hardware.decode([data], [(64, 64)])
+                torch.cuda.synchronize(self.device)
+            except NvjpegError as exc:
+                log.warning("nvjpeg's hardware decoder failed at warm-up (%s); torchvision decodes every JPEG", exc)
+                self.hardware = None
+        # torchvision's decoder too: it takes the JPEGs the hardware path leaves (progressive, CMYK).
         self.decode_many([sample], [ImageHeader(JPEG, 64, 64)])
 
     # -- decoding -------------------------------------------------------------------------
@@ -109,7 +128,9 @@ class Preprocessor:
     def decode_many(self, raws: Sequence[Body], headers: Sequence[ImageHeader]) -> list[torch.Tensor | RequestError]:
         """Decode a batch; JPEGs go to nvjpeg in one call on a GPU. Errors stay per item."""
         out: list[torch.Tensor | RequestError] = [None] * len(raws)  # type: ignore[list-item]
-        jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG]
+        if self.hardware is not None:
+            self._decode_hardware(raws, headers, out)
+        jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG and out[i] is None]
         if self.gpu_decode and not self._gpu_decode_failed and jpeg_idx:
             datas = [as_uint8(raws[i]) for i in jpeg_idx]
             try:
@@ -129,6 +150,32 @@ class Preprocessor:
                 except RequestError as err:
                     out[i] = err
         return out
+
+    def _decode_hardware(
+        self, raws: Sequence[Body], headers: Sequence[ImageHeader], out: list[torch.Tensor | RequestError]
+    ) -> None:
+        """Decode the batch's hardware-decodable JPEGs on the GPU's JPEG engine, into ``out``.
+
+        If nvjpeg refuses the batch, they are left for torchvision, which isolates a bad one.
+        """
+        assert self.hardware is not None
+        idx, datas = [], []
+        for i, h in enumerate(headers):
+            if h.hardware_header:
+                data = as_uint8(raws[i])
+                if self.hardware.takes(data, h.hardware_header, h.width, h.height):
+                    idx.append(i)
+                    datas.append(data)
+        if not idx:
+            return
+        try:
+            with self.decode_lock:
+                images = self.hardware.decode(datas, [(headers[i].width, headers[i].height) for i in idx])
+        except NvjpegError as exc:
+            log.debug("hardware JPEG decode failed (%s); torchvision decodes the batch", exc)
+            return
+        for i, img in zip(idx, images):
+            out[i] = img
 
     def _decode_gpu_one(self, data: torch.Tensor) -> torch.Tensor | RequestError:
         try:

@@ -126,6 +126,15 @@ CONFIGS: dict[str, BenchConfig] = {
             handler={"body_buffer_mib": 0},
         ),
         BenchConfig(
+            "ours-tv-jpeg",
+            "our handler with every JPEG decoded through torchvision, not on nvjpeg's hardware path directly (GPU)",
+            ours=True,
+            color="darkgreen",
+            column="torchvision JPEG",
+            gpu_only=True,
+            handler={"hardware_jpeg": False},
+        ),
+        BenchConfig(
             "ours-serial-decode",
             "our handler with one nvjpeg decode at a time per GPU across its workers",
             ours=True,
