@@ -129,7 +129,7 @@ CONFIGS: dict[str, BenchConfig] = {
             "ours-tv-jpeg",
             "our handler with every JPEG decoded through torchvision, not on nvjpeg's hardware path directly (GPU)",
             ours=True,
-            color="darkgreen",
+            color="tab:green",
             column="torchvision JPEG",
             gpu_only=True,
             handler={"hardware_jpeg": False},
