@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # nvjpeg.h enums.
 _BACKEND_HARDWARE = 3
-_OUTPUT_Y, _OUTPUT_RGB = 2, 3
+_OUTPUT_RGB = 3  # planar
 _ALIGN = 256  # bytes between the starts of two outputs in one block
 # Smaller images go to torchvision: they cost little to decode anyway, and only sizes from 16 up
 # were checked against torchvision in mixed batches on the GPU.
@@ -67,7 +67,7 @@ def _library() -> ctypes.CDLL:
 
 
 class HardwareJpegDecoder:
-    """Batched decode on the GPU's JPEG engine into uint8 CHW tensors (RGB, or one channel)."""
+    """Batched decode on the GPU's JPEG engine into uint8 RGB CHW tensors."""
 
     def __init__(self, device: torch.device, channels: int, lib: ctypes.CDLL | None = None):
         if device.type != "cuda":
@@ -78,7 +78,6 @@ class HardwareJpegDecoder:
             raise NvjpegError("servekit sends only RGB output to the JPEG engine")
         self.device = device
         self.channels = channels
-        self.format = _OUTPUT_Y if channels == 1 else _OUTPUT_RGB
         self.lib = lib or _library()
         self.handle, self.state = ctypes.c_void_p(), ctypes.c_void_p()
         with torch.cuda.device(device):
@@ -136,8 +135,7 @@ class HardwareJpegDecoder:
         for i, size in enumerate(sizes):
             groups.setdefault(size, []).append(i)
         for (w, h), idx in groups.items():
-            # The engine writes an image only where it starts aligned (as cudaMalloc aligns): a row
-            # of a block holding 1x1 greyscale images at 1-byte steps came back unwritten.
+            # Each image starts where a tensor of its own would (cudaMalloc aligns to 256 bytes).
             nbytes = self.channels * h * w
             block = torch.empty((len(idx), -(-nbytes // _ALIGN) * _ALIGN), dtype=torch.uint8, device=self.device)
             for i, row in zip(idx, block.unbind(0)):
@@ -154,7 +152,7 @@ class HardwareJpegDecoder:
         current = torch.cuda.current_stream(self.device)
         if self.pending:  # in a worker the batch's own sync has long passed: no wait
             self.done.synchronize()
-        self._call("nvjpegDecodeBatchedInitialize", self.handle, self.state, n, 1, self.format)
+        self._call("nvjpegDecodeBatchedInitialize", self.handle, self.state, n, 1, _OUTPUT_RGB)
         self._call(
             "nvjpegDecodeBatched",
             self.handle,
