@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,83 +16,26 @@ import pytest
 import requests
 
 from conftest import start_server
-from servekit import reload, server
+from servekit import server
 from servekit.archive import ArchiveRequest, archive
 from servekit.client import model_states, wait_until
 from servekit.hooks import MODELS_DIR
 from servekit.loadcheck import CheckedLoad
 from servekit.reload.__main__ import main as reload_main
-from servekit.reload.pins import Pin, VersionsFile, choose_version, default_versions_file
-from servekit.reload.status import STATUS_FILE
+from servekit.reload.pins import VersionsFile, default_versions_file
 from servekit.server import free_port
 from servekit.store import StoreScanner
+from support.reload_support import INTERVAL, WatcherProcess, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parents[1] / "support"
 sys.path.insert(0, str(FIXTURES))
 from reload_failing_handler import LOAD_ERROR  # noqa: E402
 
-INTERVAL = 0.5
 THREADS = 8
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def publish(src: Path, store: Path) -> float:
-    """Publish like `servekit archive` does: copy to a hidden .part file, then rename; returns the rename time."""
-    target = store / src.name
-    part = store / f".{target.name}.part"
-    shutil.copyfile(src, part)
-    os.replace(part, target)
-    return time.monotonic()
-
-
-class WatcherProcess:
-    """`python -m servekit.reload watch` as its own process, as `servekit serve` runs it."""
-
-    def __init__(self, cfg: server.ServerConfig, log: Path, *extra: str):
-        self.cfg, self.log, self.extra = cfg, log, extra
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> WatcherProcess:
-        cmd = reload.watch_command(self.cfg, "--interval", str(INTERVAL), *self.extra)
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        return self
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait; the exit code (None if it was not running)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def status(self) -> dict:
-        path = self.cfg.run_dir / STATUS_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def wait_polls(self, count: int = 2, timeout: float = 60) -> dict:
-        """Wait for ``count`` further completed polls of this watcher process; the status after them."""
-        seen: list[str] = []
-
-        def polled():
-            w = self.status().get("watcher", {})
-            assert self.proc.poll() is None, f"watcher exited with {self.proc.returncode}:\n{self.tail()}"
-            if w.get("pid") == self.proc.pid and w.get("state") == "running" and w.get("heartbeat") not in seen:
-                seen.append(w["heartbeat"])
-            return len(seen) > count
-
-        wait_until(polled, timeout, interval=INTERVAL / 2, what=f"{count} polls of the watcher")
-        return self.status()
-
-    def tail(self, chars: int = 6000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
-
-
 def digit_samples(cfg: server.ServerConfig, count: int = 60) -> list[tuple[bytes, str]]:
     """Held-out digits the served model classifies correctly (so a wrong label means a wrong answer)."""
     from models.digits.model import encode, held_out
@@ -195,16 +137,6 @@ def test_an_archive_renamed_into_place_counts_at_once(tmp_path, archives):
     scanner.arrived(target.name)
     assert [(a.name, a.version) for a in scanner.poll().archives] == [("digits", "1.0")]
     assert scanner.poll().archives, "it stays taken"
-
-
-def test_pins_hold_until_a_newer_version_arrives():
-    assert choose_version([], None) is None
-    assert choose_version(["1.0", "2.0", "10.0", "9.5"], None) == "10.0"
-    pin = Pin("1.0", until_newer_than="2.0")
-    assert choose_version(["1.0", "2.0"], pin) == "1.0"
-    assert choose_version(["1.0", "2.0", "1.5"], pin) == "1.0", "an older publish released the pin"
-    assert choose_version(["1.0", "2.0", "2.1"], pin) == "2.1"
-    assert choose_version(["2.0", "3.0"], pin) == "3.0", "a pin on a version no longer usable held"
 
 
 # -- under load -----------------------------------------------------------------------------------

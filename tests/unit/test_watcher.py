@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from servekit.reload.capacity import DeviceFigures
-from servekit.reload.pins import Pin, VersionsFile
+from servekit.reload.pins import Pin, VersionsFile, choose_version
 from servekit.reload.switch import Reloader, SwitchOptions
 from servekit.reload.watcher import Watcher
 from servekit.server import ServerConfig
@@ -247,3 +247,13 @@ def test_an_archive_published_by_rename_is_taken_on_the_next_poll(setup, tmp_pat
     finally:
         observer.stop()
         observer.join(timeout=5)
+
+
+def test_pins_hold_until_a_newer_version_arrives():
+    assert choose_version([], None) is None
+    assert choose_version(["1.0", "2.0", "10.0", "9.5"], None) == "10.0"
+    pin = Pin("1.0", until_newer_than="2.0")
+    assert choose_version(["1.0", "2.0"], pin) == "1.0"
+    assert choose_version(["1.0", "2.0", "1.5"], pin) == "1.0", "an older publish released the pin"
+    assert choose_version(["1.0", "2.0", "2.1"], pin) == "2.1"
+    assert choose_version(["2.0", "3.0"], pin) == "3.0", "a pin on a version no longer usable held"
