@@ -36,8 +36,8 @@ def sniff_format(raw: Body) -> str | None:
     return None
 
 
-class JpegFrame(NamedTuple):
-    """A JPEG's size, and how many leading bytes hold its headers if a GPU's JPEG engine may take it."""
+class ImageFrame(NamedTuple):
+    """An image's size and, for a JPEG a GPU's JPEG engine may take, how many leading bytes hold its headers."""
 
     width: int
     height: int
@@ -46,14 +46,16 @@ class JpegFrame(NamedTuple):
 
 def dimensions(raw: Body, fmt: str) -> tuple[int, int]:
     """(width, height) from a JPEG's frame header or a PNG's IHDR; InvalidInput when it cannot be read."""
-    if fmt == JPEG:
-        frame = jpeg_frame(raw)
-        return frame.width, frame.height
-    return png_dimensions(raw)
+    width, height, _ = image_frame(raw, fmt)
+    return width, height
 
 
-def png_dimensions(raw: Body) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR; InvalidInput when it cannot be read."""
+def image_frame(raw: Body, fmt: str) -> ImageFrame:
+    """:func:`jpeg_frame` for a JPEG; a PNG's size from its IHDR (never a hardware candidate)."""
+    return jpeg_frame(raw) if fmt == JPEG else ImageFrame(*_png(raw), 0)
+
+
+def _png(raw: Body) -> tuple[int, int]:
     if len(raw) < 24 or raw[12:16] != b"IHDR":
         raise InvalidInput("cannot read the PNG header: no IHDR chunk first")
     width, height = struct.unpack_from(">II", raw, 16)
@@ -73,7 +75,7 @@ def _hardware(raw: Body, i: int, marker: int, end: int) -> bool:
     return factors[0] in _HARDWARE_LUMA and factors[1] == factors[2] == (1, 1)
 
 
-def jpeg_frame(raw: Body) -> JpegFrame:
+def jpeg_frame(raw: Body) -> ImageFrame:
     """Walk a JPEG's marker segments: its frame header's size and, for a hardware candidate, where its headers end.
 
     InvalidInput when no frame header can be read; anything odd after it only rules out the hardware path.
@@ -103,7 +105,7 @@ def jpeg_frame(raw: Body) -> JpegFrame:
             break
         if marker == _SOS:
             if frame is not None and candidate and i + length <= end:
-                return JpegFrame(*frame, i + length)
+                return ImageFrame(*frame, i + length)
             break
         if marker in _SOF:
             if i + 7 > end:
@@ -111,8 +113,8 @@ def jpeg_frame(raw: Body) -> JpegFrame:
             height, width = struct.unpack_from(">HH", raw, i + 3)
             frame, candidate = (width, height), _hardware(raw, i, marker, end)
             if not candidate:
-                return JpegFrame(width, height, 0)
+                return ImageFrame(width, height, 0)
         i += length
     if frame is None:
         raise InvalidInput("cannot read the JPEG header: no frame header before the image data")
-    return JpegFrame(*frame, 0)
+    return ImageFrame(*frame, 0)

@@ -86,8 +86,8 @@ class HardwareJpegDecoder:
             self.jpeg_stream = ctypes.c_void_p()  # an nvjpegJpegStream_t: one parsed header at a time
             self._call("nvjpegJpegStreamCreate", self.handle, ctypes.byref(self.jpeg_stream))
             # Marks the end of the last decode: its scratch buffers in ``state`` are reused by the next.
+            # Until its first record it is not created, and waiting on it returns at once.
             self.done = torch.cuda.Event()
-        self.pending = False
 
     @classmethod
     def create(cls, device: torch.device, channels: int) -> HardwareJpegDecoder | None:
@@ -150,8 +150,7 @@ class HardwareJpegDecoder:
         pointers = (ctypes.c_void_p * n)(*(d.data_ptr() for d in datas))
         lengths = (ctypes.c_size_t * n)(*(d.numel() for d in datas))
         current = torch.cuda.current_stream(self.device)
-        if self.pending:  # in a worker the batch's own sync has long passed: no wait
-            self.done.synchronize()
+        self.done.synchronize()  # in a worker the batch's own sync has long passed: no wait
         self._call("nvjpegDecodeBatchedInitialize", self.handle, self.state, n, 1, _OUTPUT_RGB)
         self._call(
             "nvjpegDecodeBatched",
@@ -163,7 +162,6 @@ class HardwareJpegDecoder:
             ctypes.c_void_p(current.cuda_stream),
         )
         self.done.record(current)
-        self.pending = True
         return outs
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from .batch import Batch, Body
 from .config import ImageOptions
 from .errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 from .gpulock import GpuLock
-from .imageheader import JPEG, jpeg_frame, png_dimensions, sniff_format
+from .imageheader import JPEG, image_frame, sniff_format
 from .nvjpeg import HardwareJpegDecoder, NvjpegError
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,7 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
     fmt = sniff_format(raw)
     if fmt is None:
         raise UnsupportedMediaType("not a JPEG or PNG image")
-    if fmt == JPEG:
-        width, height, hardware_header = jpeg_frame(raw)
-    else:
-        (width, height), hardware_header = png_dimensions(raw), 0
+    width, height, hardware_header = image_frame(raw, fmt)
     if width < 1 or height < 1:
         raise InvalidInput(f"image has no pixels ({width}x{height})")
     if width * height > opts.max_image_pixels:
@@ -106,9 +103,9 @@ class Preprocessor:
         if self.hardware is not None:
             data, header = as_uint8(sample), check_image(sample, self.opts)
             try:
-                if not self.hardware.takes(data, header.hardware_header, 64, 64):
+                if not self.hardware.takes(data, header.hardware_header, header.width, header.height):
                     raise NvjpegError("it does not take a baseline 4:2:0 JPEG")
-                self.hardware.decode([data], [(64, 64)])
+                self.hardware.decode([data], [(header.width, header.height)])
                 torch.cuda.synchronize(self.device)
             except NvjpegError as exc:
                 log.warning("nvjpeg's hardware decoder failed at warm-up (%s); torchvision decodes every JPEG", exc)
