@@ -21,10 +21,14 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM carry no length
 _SOS, _EOI = 0xDA, 0xD9
-_BASELINE = 0xC0
+_BASELINE, _PROGRESSIVE = 0xC0, 0xC2
 # What nvjpeg's hardware decoder takes besides greyscale: YCbCr with the chroma at 1x1 and the luma
 # sampled (h, v) as 4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1 or 4:1:0.
 _HARDWARE_LUMA = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1), (4, 2)})
+# A greyscale JPEG's one component may declare any sampling factors; they do not change its pixels
+# (ITU T.81 A.1.1), but nvjpeg decodes a sequential one whose factors are not 1x1 wrongly, on the JPEG
+# engine and off it, alone or in a batch (docs/performance.md): such an image is decoded on the CPU.
+_GREY_PLAIN = 0x11
 
 
 def sniff_format(raw: Body) -> str | None:
@@ -42,12 +46,13 @@ class ImageFrame(NamedTuple):
     width: int
     height: int
     hardware_header: int  # bytes up to the end of the scan header; 0: not a hardware candidate
+    cpu_only: bool = False  # nvjpeg would decode it wrongly
 
 
 def dimensions(raw: Body, fmt: str) -> tuple[int, int]:
     """(width, height) from a JPEG's frame header or a PNG's IHDR; InvalidInput when it cannot be read."""
-    width, height, _ = image_frame(raw, fmt)
-    return width, height
+    frame = image_frame(raw, fmt)
+    return frame.width, frame.height
 
 
 def image_frame(raw: Body, fmt: str) -> ImageFrame:
@@ -68,11 +73,16 @@ def _hardware(raw: Body, i: int, marker: int, end: int) -> bool:
         return False
     components = raw[i + 7]
     if components == 1:
-        return True
+        return i + 10 <= end and raw[i + 9] == _GREY_PLAIN
     if components != 3 or i + 8 + 9 > end:
         return False
     factors = [(raw[i + 9 + 3 * c] >> 4, raw[i + 9 + 3 * c] & 0x0F) for c in range(3)]
     return factors[0] in _HARDWARE_LUMA and factors[1] == factors[2] == (1, 1)
+
+
+def _cpu_only(raw: Body, i: int, marker: int, end: int) -> bool:
+    """A sequential greyscale JPEG with sampling factors other than 1x1 (see ``_GREY_PLAIN``)."""
+    return marker != _PROGRESSIVE and i + 10 <= end and raw[i + 7] == 1 and raw[i + 9] != _GREY_PLAIN
 
 
 def jpeg_frame(raw: Body) -> ImageFrame:
@@ -113,7 +123,7 @@ def jpeg_frame(raw: Body) -> ImageFrame:
             height, width = struct.unpack_from(">HH", raw, i + 3)
             frame, candidate = (width, height), _hardware(raw, i, marker, end)
             if not candidate:
-                return ImageFrame(width, height, 0)
+                return ImageFrame(width, height, 0, _cpu_only(raw, i, marker, end))
         i += length
     if frame is None:
         raise InvalidInput("cannot read the JPEG header: no frame header before the image data")

@@ -27,11 +27,8 @@ log = logging.getLogger(__name__)
 
 # nvjpeg.h enums.
 _BACKEND_HARDWARE = 3
-_OUTPUT_RGB = 3  # planar
+_OUTPUTS = {1: 2, 3: 3}  # channels: NVJPEG_OUTPUT_Y, NVJPEG_OUTPUT_RGB (planar)
 _ALIGN = 256  # bytes between the starts of two outputs in one block
-# Smaller images go to torchvision: they cost little to decode anyway, and only sizes from 16 up
-# were checked against torchvision in mixed batches on the GPU.
-MIN_SIDE = 16
 _STATUS = {
     1: "not initialized",
     2: "invalid parameter",
@@ -67,15 +64,13 @@ def _library() -> ctypes.CDLL:
 
 
 class HardwareJpegDecoder:
-    """Batched decode on the GPU's JPEG engine into uint8 RGB CHW tensors."""
+    """Batched decode on the GPU's JPEG engine into uint8 CHW tensors (RGB, or Y for one channel)."""
 
     def __init__(self, device: torch.device, channels: int, lib: ctypes.CDLL | None = None):
         if device.type != "cuda":
             raise NvjpegError("the hardware JPEG decoder needs a CUDA device")
-        if channels != 3:
-            # A batch of 1x1 greyscale JPEGs decoded to one channel on an H200 left one image
-            # unwritten; RGB output of every size and layout matched torchvision (tests/unit/test_nvjpeg.py).
-            raise NvjpegError("servekit sends only RGB output to the JPEG engine")
+        if channels not in _OUTPUTS:
+            raise NvjpegError(f"no nvjpeg output has {channels} channels")
         self.device = device
         self.channels = channels
         self.lib = lib or _library()
@@ -105,14 +100,12 @@ class HardwareJpegDecoder:
         if status != 0:
             raise NvjpegError(f"{name}: {_STATUS.get(status, f'status {status}')}")
 
-    def takes(self, data: torch.Tensor, header_bytes: int, width: int, height: int) -> bool:
+    def takes(self, data: torch.Tensor, header_bytes: int) -> bool:
         """nvjpeg's own verdict on whether the engine decodes this JPEG, from its headers alone.
 
         torchvision asks the same question with the whole bitstream, which nvjpeg copies; the
         headers are all the answer needs.
         """
-        if min(width, height) < MIN_SIDE:
-            return False
         status = self.lib.nvjpegJpegStreamParseHeader(
             self.handle, ctypes.c_void_p(data.data_ptr()), ctypes.c_size_t(header_bytes), self.jpeg_stream
         )
@@ -151,7 +144,7 @@ class HardwareJpegDecoder:
         lengths = (ctypes.c_size_t * n)(*(d.numel() for d in datas))
         current = torch.cuda.current_stream(self.device)
         self.done.synchronize()  # in a worker the batch's own sync has long passed: no wait
-        self._call("nvjpegDecodeBatchedInitialize", self.handle, self.state, n, 1, _OUTPUT_RGB)
+        self._call("nvjpegDecodeBatchedInitialize", self.handle, self.state, n, 1, _OUTPUTS[self.channels])
         self._call(
             "nvjpegDecodeBatched",
             self.handle,

@@ -34,6 +34,7 @@ class ImageHeader:
     width: int
     height: int
     hardware_header: int = 0  # a JPEG a GPU's JPEG engine may take: the bytes its headers fill
+    cpu_only: bool = False  # a JPEG nvjpeg decodes wrongly (servekit.imageheader)
 
 
 def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
@@ -43,7 +44,7 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
     fmt = sniff_format(raw)
     if fmt is None:
         raise UnsupportedMediaType("not a JPEG or PNG image")
-    width, height, hardware_header = image_frame(raw, fmt)
+    width, height, hardware_header, cpu_only = image_frame(raw, fmt)
     if width < 1 or height < 1:
         raise InvalidInput(f"image has no pixels ({width}x{height})")
     if width * height > opts.max_image_pixels:
@@ -51,7 +52,7 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
             f"image is {width}x{height} = {width * height} pixels; the limit is "
             f"{opts.max_image_pixels} (max_image_pixels)"
         )
-    return ImageHeader(fmt, width, height, hardware_header)
+    return ImageHeader(fmt, width, height, hardware_header, cpu_only)
 
 
 def as_uint8(raw: Body) -> torch.Tensor:
@@ -103,7 +104,7 @@ class Preprocessor:
         if self.hardware is not None:
             data, header = as_uint8(sample), check_image(sample, self.opts)
             try:
-                if not self.hardware.takes(data, header.hardware_header, header.width, header.height):
+                if not self.hardware.takes(data, header.hardware_header):
                     raise NvjpegError("it does not take a baseline 4:2:0 JPEG")
                 self.hardware.decode([data], [(header.width, header.height)])
                 torch.cuda.synchronize(self.device)
@@ -123,11 +124,14 @@ class Preprocessor:
             raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
 
     def decode_many(self, raws: Sequence[Body], headers: Sequence[ImageHeader]) -> list[torch.Tensor | RequestError]:
-        """Decode a batch; JPEGs go to nvjpeg in one call on a GPU. Errors stay per item."""
+        """Decode a batch; JPEGs go to nvjpeg in one call on a GPU, PNGs and ``cpu_only`` JPEGs to the CPU.
+
+        Errors stay per item.
+        """
         out: list[torch.Tensor | RequestError] = [None] * len(raws)  # type: ignore[list-item]
         if self.hardware is not None:
             self._decode_hardware(raws, headers, out)
-        jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG and out[i] is None]
+        jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG and not h.cpu_only and out[i] is None]
         if self.gpu_decode and not self._gpu_decode_failed and jpeg_idx:
             datas = [as_uint8(raws[i]) for i in jpeg_idx]
             try:
@@ -160,7 +164,7 @@ class Preprocessor:
         for i, h in enumerate(headers):
             if h.hardware_header:
                 data = as_uint8(raws[i])
-                if self.hardware.takes(data, h.hardware_header, h.width, h.height):
+                if self.hardware.takes(data, h.hardware_header):
                     idx.append(i)
                     datas.append(data)
         if not idx:

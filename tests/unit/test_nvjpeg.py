@@ -1,4 +1,4 @@
-"""JPEGs marked for the GPU's JPEG engine decode there to torchvision's pixels; the rest fall back cleanly."""
+"""JPEGs marked for the GPU's JPEG engine decode there to libjpeg's pixels; the rest fall back cleanly."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from servekit import nvjpeg
 from servekit.config import ImageOptions
 from servekit.imageheader import jpeg_frame
-from servekit.nvjpeg import HardwareJpegDecoder
+from servekit.nvjpeg import HardwareJpegDecoder, NvjpegError
 from servekit.vision import Preprocessor, as_uint8, check_image
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -36,24 +36,29 @@ def _with_chroma_factors(jpeg: bytes, factors: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("mode", "kw", "hardware"),
+    ("mode", "kw", "hardware", "cpu_only"),
     [
-        ("RGB", {"subsampling": 0}, True),
-        ("RGB", {"subsampling": 1}, True),
-        ("RGB", {"subsampling": 2}, True),
-        ("L", {}, True),
-        ("RGB", {"progressive": True}, False),
-        ("CMYK", {}, False),
+        ("RGB", {"subsampling": 0}, True, False),
+        ("RGB", {"subsampling": 1}, True, False),
+        ("RGB", {"subsampling": 2}, True, False),
+        ("L", {}, True, False),
+        # Pillow gives a greyscale JPEG's one component the factors of the subsampling asked for.
+        ("L", {"subsampling": 1}, False, True),
+        ("L", {"subsampling": 2}, False, True),
+        ("L", {"subsampling": 2, "progressive": True}, False, False),
+        ("RGB", {"progressive": True}, False, False),
+        ("CMYK", {}, False, False),
     ],
 )
-def test_the_frame_header_says_which_jpegs_the_engine_may_take(mode, kw, hardware):
+def test_the_frame_header_says_which_jpegs_the_engine_may_take(mode, kw, hardware, cpu_only):
     jpeg = _jpeg(mode, 33, 17, **kw)
     frame = jpeg_frame(jpeg)
-    assert frame[:2] == (33, 17)
+    assert frame[:2] == (33, 17) and frame.cpu_only is cpu_only
     if hardware:  # the headers end where the scan's entropy-coded data starts
         assert jpeg.rindex(b"\xff\xda", 0, frame.hardware_header) < frame.hardware_header < len(jpeg)
     else:
         assert frame.hardware_header == 0
+    assert check_image(jpeg, ImageOptions()).cpu_only is cpu_only
 
 
 def test_an_unusual_chroma_layout_or_damage_after_the_frame_header_is_left_to_torchvision():
@@ -62,9 +67,9 @@ def test_an_unusual_chroma_layout_or_damage_after_the_frame_header_is_left_to_to
     assert jpeg_frame(_with_chroma_factors(jpeg, 0x22)).hardware_header == 0  # chroma at 2x2 like the luma
     sof = jpeg.index(b"\xff\xc0")
     cut = jpeg[: sof + 19]  # the frame header and nothing after it
-    assert jpeg_frame(cut) == (16, 16, 0)
+    assert jpeg_frame(cut) == (16, 16, 0, False)
     garbage = jpeg[: sof + 19] + b"\x00\x01" + jpeg[sof + 21 :]
-    assert jpeg_frame(garbage) == (16, 16, 0)
+    assert jpeg_frame(garbage) == (16, 16, 0, False)
 
 
 def test_no_decoder_without_a_gpu_or_a_library(monkeypatch, caplog):
@@ -77,8 +82,9 @@ def test_no_decoder_without_a_gpu_or_a_library(monkeypatch, caplog):
 
     monkeypatch.setattr(nvjpeg, "_library", missing)
     assert HardwareJpegDecoder.create(torch.device("cuda", 0), 3) is None
-    assert HardwareJpegDecoder.create(torch.device("cuda", 0), 1) is None  # one channel: torchvision
     assert Preprocessor(ImageOptions(), torch.device("cpu")).hardware is None
+    with pytest.raises(NvjpegError, match="no nvjpeg output has 2 channels"):
+        HardwareJpegDecoder(torch.device("cuda", 0), 2)
 
 
 _CASES = [
@@ -92,20 +98,44 @@ _CASES = [
 
 
 @needs_cuda
-def test_the_engine_decodes_to_torchvisions_pixels():
+@pytest.mark.parametrize("channels", [3, 1])
+def test_the_engine_decodes_to_libjpegs_pixels(channels):
     device = torch.device("cuda", 0)
-    decoder = HardwareJpegDecoder(device, 3)
+    decoder = HardwareJpegDecoder(device, channels)
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
     frames = [jpeg_frame(j) for j in _CASES]
     datas = [as_uint8(bytearray(j)) for j in _CASES]
-    taken = [i for i, (d, f) in enumerate(zip(datas, frames)) if decoder.takes(d, f.hardware_header, f.width, f.height)]
-    assert taken == [i for i, f in enumerate(frames) if min(f.width, f.height) >= nvjpeg.MIN_SIDE]
-    assert len(taken) == len(_CASES) * 3 // 5  # of five sizes, 33x17, 500x375 and 375x500
+    taken = [
+        i for i, (d, f) in enumerate(zip(datas, frames)) if f.hardware_header and decoder.takes(d, f.hardware_header)
+    ]
+    # Of each size's six, the three RGB layouts and the greyscale one with plain sampling factors.
+    assert len(taken) == len(_CASES) * 4 // 6 and all(not frames[i].cpu_only for i in taken)
     ours = decoder.decode([datas[i] for i in taken], [frames[i][:2] for i in taken])
-    theirs = decode_jpeg([datas[i] for i in taken], mode=ImageReadMode.RGB, device=device)
+    theirs = decode_jpeg([datas[i] for i in taken], mode=mode, device=device)
     for i, a, b in zip(taken, ours, theirs):
-        assert a.shape == b.shape == (3, frames[i].height, frames[i].width)
+        assert a.shape == b.shape == (channels, frames[i].height, frames[i].width)
         assert torch.equal(a, b), i
+        # libjpeg upsamples chroma its own way; full-resolution planes (4:4:4, greyscale, a luma) come
+        # out the same bit for bit. _CASES[i] is 4:4:4 or greyscale where i % 3 == 0.
+        if channels == 1 or i % 3 == 0:
+            assert torch.equal(a.cpu(), decode_jpeg(datas[i], mode=mode)), i
     decoder.close()
+
+
+@needs_cuda
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_greyscale_jpeg_with_odd_sampling_factors_is_decoded_on_the_cpu(channels):
+    # nvjpeg got every such image wrong on an H200 (docs/performance.md); libjpeg is the reference.
+    opts = ImageOptions(channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
+    pre = Preprocessor(opts, torch.device("cuda", 0))
+    odd = [_jpeg("L", w, h, subsampling=s) for (w, h), s in [((500, 375), 2), ((33, 17), 1), ((7, 5), 2)]]
+    plain_grey, rgb444 = _CASES[9], _CASES[0]  # 7x5 and 1x1: the engine decodes them exactly
+    raws = [bytearray(b) for b in (odd[0], plain_grey, odd[1], rgb444, odd[2])]
+    headers = [check_image(r, opts) for r in raws]
+    assert [h.cpu_only for h in headers] == [True, False, True, False, True]
+    out = pre.decode_many(raws, headers)
+    for i, (raw, img) in enumerate(zip(raws, out)):
+        assert isinstance(img, torch.Tensor) and torch.equal(img.cpu(), decode_jpeg(as_uint8(raw), mode=pre.mode)), i
 
 
 @needs_cuda
