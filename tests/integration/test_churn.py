@@ -89,7 +89,9 @@ def test_concurrent_management_under_load(churn_server):
     lost = [o for o in outcomes if not o.ok and lost_in_scale_down(o)]
     other = [o for o in outcomes if not o.ok and not lost_in_scale_down(o)]
     assert answered and not other, [(o.status, o.error) for o in other][:5]
-    assert len(lost) <= 2, [(o.status, o.error) for o in lost][:5]
+    # Each of scale_v1's two scale-downs can lose at most what the load has in flight: one request
+    # per thread. (Three or more were lost in one run of 2026-11-29, with both cores busy elsewhere.)
+    assert len(lost) <= 2 * 3, [(o.status, o.error) for o in lost][:5]
     # Every prediction came from the default v1.0. (A request lost in a scale-down is answered by
     # TorchServe itself, "Worker died.", without a model version: it is bounded above.)
     served = [o for o in answered if o.ok]
