@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
-from .preload_client import HEADER
+from .preload_client import HEADER, PID_SUFFIX
 from .preload_hold import Hold, install_in_worker
 
 ENV = "SERVEKIT_PRELOAD_WORKERS"
@@ -51,10 +51,12 @@ def enabled(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     return env.get(ENV, "").strip().lower() not in ("0", "false", "no", "off")
 
 
-def launch(ts_args: list[str], wait_s: float = 120.0) -> int:
-    """Start the preloader, then TorchServe's launcher in this process with workers run through it.
+def launch(ts_args: list[str]) -> int:
+    """Start the preloader, and TorchServe's launcher in this process with workers run through it.
 
-    Runs in the server's run dir (``server.start`` sets it); the preloader stops with TorchServe.
+    The two start side by side: the Java frontend boots while the preloader imports, and a worker
+    it asks for meanwhile waits for the preloader (``preload_client``). Runs in the server's run dir
+    (``server.start`` sets it); the preloader stops with TorchServe.
     """
     here = Path.cwd() / DIR
     here.mkdir(mode=0o700, exist_ok=True)
@@ -69,11 +71,7 @@ def launch(ts_args: list[str], wait_s: float = 120.0) -> int:
     python.chmod(0o755)
     preloader = subprocess.Popen([sys.executable, "-m", "servekit.preload", str(sock)])
     try:
-        deadline = time.monotonic() + wait_s
-        while not sock.exists() and preloader.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not sock.exists():
-            print(f"servekit preload: the preloader is not up ({preloader.poll()=}); workers start plainly", flush=True)
+        Path(f"{sock}{PID_SUFFIX}").write_text(str(preloader.pid))
         sys.executable = str(python)  # TorchServe's launcher passes this to the frontend as the workers' python
         sys.argv = ["ts.model_server", *ts_args]
         runpy.run_module("ts.model_server", run_name="__main__", alter_sys=True)

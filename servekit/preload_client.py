@@ -5,6 +5,10 @@ directory and stdin/stdout/stderr to the preloader at SOCKET, which forks a work
 imported already. This process stays as the worker's stand-in for TorchServe: it exits with the
 worker's exit code, and when TorchServe kills it, the preloader kills the worker. Without a
 preloader it becomes the plain worker (``PYTHON WORKER_SCRIPT ARGS...``), and says so.
+
+The frontend boots while the preloader imports, so the first workers may start before SOCKET
+exists: while the process named in ``SOCKET.pid`` lives, they wait for it (a plain start would
+import everything again, on the same cores).
 """
 
 from __future__ import annotations
@@ -14,9 +18,33 @@ import os
 import signal
 import socket
 import sys
+import time
 
 HEADER = 8  # bytes of the request's length, big-endian
 WORKER_SCRIPT = "model_service_worker.py"  # TorchServe's worker: the only script the preloader runs
+PID_SUFFIX = ".pid"  # beside the socket: the preloader's PID, written when it is started
+WAIT_S = 110.0  # for a preloader still importing; TorchServe gives a starting worker 2 minutes
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: the launcher reaps the preloader only at the end)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_for_preloader(sock_path: str) -> None:
+    """Until the socket appears, the preloader named beside it ends, or ``WAIT_S`` pass."""
+    try:
+        with open(sock_path + PID_SUFFIX) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + WAIT_S
+    while not os.path.exists(sock_path) and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def main(argv: list[str]) -> int:
@@ -24,6 +52,7 @@ def main(argv: list[str]) -> int:
     sock_path, python, worker = argv[1], argv[2], argv[3:]
     if not worker or not worker[0].endswith(WORKER_SCRIPT):  # TorchServe runs python for other jobs too (pip)
         os.execv(python, [python, *worker])
+    _wait_for_preloader(sock_path)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(sock_path)

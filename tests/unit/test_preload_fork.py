@@ -90,6 +90,32 @@ def test_without_a_preloader_or_for_other_commands_python_runs_plainly(tmp_path)
     assert pip_like.returncode == 0 and out.strip() == "plain" and err == ""
 
 
+def test_a_worker_started_while_the_preloader_imports_waits_for_it(tmp_path):
+    # The frontend boots beside the preloader: its first worker can come before the socket.
+    sock = tmp_path / "p.sock"
+    code = (
+        "import time; time.sleep(2); from pathlib import Path; from servekit.preload import serve; "
+        f"serve(Path({str(sock)!r}), ('json',))"
+    )
+    slow = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        Path(f"{sock}{preload_client.PID_SUFFIX}").write_text(str(slow.pid))
+        client = _client(sock, str(_script(tmp_path)), "0", cwd=tmp_path)
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0 and "plainly" not in err, err
+        assert f"pid {client.pid}" not in out  # forked by the preloader, not run in the stand-in
+    finally:
+        slow.terminate()
+        slow.wait(10)
+    # A preloader that has ended is not waited for.
+    dead = tmp_path / "dead.sock"
+    Path(f"{dead}{preload_client.PID_SUFFIX}").write_text(str(slow.pid))
+    t0 = time.monotonic()
+    client = _client(dead, str(_script(tmp_path)), "4", cwd=tmp_path)
+    _, err = client.communicate(timeout=30)
+    assert client.returncode == 4 and "starting the worker plainly" in err and time.monotonic() - t0 < 10
+
+
 def test_a_bad_request_is_refused_and_the_preloader_keeps_serving(preloader, tmp_path):
     import socket
 
