@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("SERVEKIT_IMAGE", "localhost/servekit:cpu")
@@ -103,7 +104,16 @@ def require_podman() -> None:
 
 
 def ensure_image() -> str:
-    """The image under test, built (base image too) when missing or older than the sources."""
+    """The image under test, built (base image too) when missing or older than the sources.
+
+    One test process at a time: the container and pod tests may run in two at once (pytest-xdist).
+    """
+    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(TIMINGS.with_name("container-image.lock")):
+        return _ensure_image()
+
+
+def _ensure_image() -> str:
     # PyPI's torch, as in CI (`make container-image`): PyTorch's own indexes are not reachable there.
     torch_index = os.environ.get("TORCH_INDEX_URL", "pypi")
     env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "VARIANT": VARIANT, "IMAGE": IMAGE, "TORCH_INDEX_URL": torch_index}
