@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from .config import ClassifierOptions, HandlerOptions, ModelConfig
 from .errors import ConfigError
 from .extras import require
@@ -126,31 +128,35 @@ def build_artifact(req: ArchiveRequest, cfg: ModelConfig, hook: BuildHook, log: 
         f"{fmt}|{cfg.handler.amp}|{req.freeze}|{req.quantize}|{channels_last}|"
         f"{weights and weights.stat().st_mtime_ns}|{weights}",
     )
-    stamp_file = out_dir / "stamp"
-    if out.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp and not req.force:
-        log(f"{req.name}: artifact up to date ({out})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # One build per artifact at a time (two archives, a bench and a test run): the second waits and
+    # then finds it up to date instead of compiling it again beside the first.
+    with FileLock(out_dir / ".build.lock"):
+        stamp_file = out_dir / "stamp"
+        if out.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp and not req.force:
+            log(f"{req.name}: artifact up to date ({out})")
+            return out
+        log(f"{req.name}: building the model")
+        model = hook.build_model(str(weights) if weights else None, log=log)
+        log(f"{req.name}: exporting ({fmt}) and checking it against eager")
+        calibration = hook.calibration_inputs() if req.quantize != "off" else None
+        export(
+            model,
+            hook.example_inputs(),
+            out,
+            fmt,
+            req.device,
+            cfg.handler.amp,
+            req.freeze,
+            log_fn=log,
+            channels_last=channels_last,
+            quantize=req.quantize,
+            calibration=calibration,
+        )
+        stamp_file.write_text(stamp)
+        if hook.labels:
+            (out_dir / "labels.json").write_text(json.dumps(hook.labels))
         return out
-    log(f"{req.name}: building the model")
-    model = hook.build_model(str(weights) if weights else None, log=log)
-    log(f"{req.name}: exporting ({fmt}) and checking it against eager")
-    calibration = hook.calibration_inputs() if req.quantize != "off" else None
-    export(
-        model,
-        hook.example_inputs(),
-        out,
-        fmt,
-        req.device,
-        cfg.handler.amp,
-        req.freeze,
-        log_fn=log,
-        channels_last=channels_last,
-        quantize=req.quantize,
-        calibration=calibration,
-    )
-    stamp_file.write_text(stamp)
-    if hook.labels:
-        (out_dir / "labels.json").write_text(json.dumps(hook.labels))
-    return out
 
 
 def _warmup_files(hook: BuildHook | None, tmp: Path) -> list[Path]:
