@@ -25,10 +25,16 @@ _BASELINE, _PROGRESSIVE = 0xC0, 0xC2
 # What nvjpeg's hardware decoder takes besides greyscale: YCbCr with the chroma at 1x1 and the luma
 # sampled (h, v) as 4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1 or 4:1:0.
 _HARDWARE_LUMA = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1), (4, 2)})
-# A greyscale JPEG's one component may declare any sampling factors; they do not change its pixels
-# (ITU T.81 A.1.1), but nvjpeg decodes a sequential one whose factors are not 1x1 wrongly, on the JPEG
-# engine and off it, alone or in a batch (docs/performance.md): such an image is decoded on the CPU.
+# JPEGs nvjpeg decodes wrongly on the GPU, on the JPEG engine and off it, alone or in a batch
+# (docs/performance.md), go to libjpeg on the CPU ("cpu_only"):
+# - a sequential greyscale one whose one component declares sampling factors other than 1x1 (they
+#   do not change its pixels, ITU T.81 A.1.1);
+# - an RGB-coded one (no colour transform): nvjpeg decodes it as YCbCr. libjpeg's rule decides which
+#   are: without a JFIF marker, an Adobe marker's transform 0, or else component IDs "R", "G", "B";
+# - four components (CMYK, YCCK): torchvision's GPU decode fails on them, and the whole batch with it.
 _GREY_PLAIN = 0x11
+_APP0, _APP14 = 0xE0, 0xEE
+_RGB_IDS = b"RGB"
 
 
 def sniff_format(raw: Body) -> str | None:
@@ -46,7 +52,7 @@ class ImageFrame(NamedTuple):
     width: int
     height: int
     hardware_header: int  # bytes up to the end of the scan header; 0: not a hardware candidate
-    cpu_only: bool = False  # nvjpeg would decode it wrongly
+    cpu_only: bool = False  # nvjpeg would decode it wrongly or not at all
 
 
 def dimensions(raw: Body, fmt: str) -> tuple[int, int]:
@@ -80,9 +86,15 @@ def _hardware(raw: Body, i: int, marker: int, end: int) -> bool:
     return factors[0] in _HARDWARE_LUMA and factors[1] == factors[2] == (1, 1)
 
 
-def _cpu_only(raw: Body, i: int, marker: int, end: int) -> bool:
-    """A sequential greyscale JPEG with sampling factors other than 1x1 (see ``_GREY_PLAIN``)."""
-    return marker != _PROGRESSIVE and i + 10 <= end and raw[i + 7] == 1 and raw[i + 9] != _GREY_PLAIN
+def _cpu_only(raw: Body, i: int, marker: int, end: int, jfif: bool, adobe: int | None) -> bool:
+    """Whether nvjpeg would decode this frame wrongly (see ``_GREY_PLAIN``); ``adobe``: the Adobe marker's transform."""
+    components = raw[i + 7] if i + 8 <= end else 0
+    if components == 1:
+        return marker != _PROGRESSIVE and i + 10 <= end and raw[i + 9] != _GREY_PLAIN
+    if components == 3 and not jfif:
+        ids = bytes(raw[i + 8 + 3 * c] for c in range(3)) if i + 8 + 9 <= end else b""
+        return adobe == 0 if adobe is not None else ids == _RGB_IDS
+    return components == 4
 
 
 def jpeg_frame(raw: Body) -> ImageFrame:
@@ -91,11 +103,11 @@ def jpeg_frame(raw: Body) -> ImageFrame:
     InvalidInput when no frame header can be read; anything odd after it only rules out the hardware path.
     """
     end, i = len(raw), 2
-    frame: tuple[int, int] | None = None
-    candidate = False
+    sof, sof_marker, header_end = 0, 0, 0  # where the frame header's segment starts; the scan's data
+    jfif, adobe = False, None
     while i < end:
         if raw[i] != 0xFF:
-            if frame is None:
+            if not sof:
                 raise InvalidInput(f"cannot read the JPEG header: no marker at byte {i}")
             break
         while i < end and raw[i] == 0xFF:  # a marker may be preceded by fill bytes
@@ -110,21 +122,22 @@ def jpeg_frame(raw: Body) -> ImageFrame:
             break
         (length,) = struct.unpack_from(">H", raw, i)
         if length < 2:
-            if frame is None:
+            if not sof:
                 raise InvalidInput(f"cannot read the JPEG header: segment {marker:#04x} has length {length}")
             break
         if marker == _SOS:
-            if frame is not None and candidate and i + length <= end:
-                return ImageFrame(*frame, i + length)
+            header_end = i + length if sof and i + length <= end else 0
             break
-        if marker in _SOF:
-            if i + 7 > end:
-                break
-            height, width = struct.unpack_from(">HH", raw, i + 3)
-            frame, candidate = (width, height), _hardware(raw, i, marker, end)
-            if not candidate:
-                return ImageFrame(width, height, 0, _cpu_only(raw, i, marker, end))
+        if marker in _SOF and i + 7 <= end:
+            sof, sof_marker = i, marker
+        elif marker == _APP0 and raw[i + 2 : i + 7] == b"JFIF\0":
+            jfif = True
+        elif marker == _APP14 and length >= 12 and i + 14 <= end and raw[i + 2 : i + 7] == b"Adobe":
+            adobe = raw[i + 13]
         i += length
-    if frame is None:
+    if not sof:
         raise InvalidInput("cannot read the JPEG header: no frame header before the image data")
-    return ImageFrame(*frame, 0)
+    height, width = struct.unpack_from(">HH", raw, sof + 3)
+    cpu_only = _cpu_only(raw, sof, sof_marker, end, jfif, adobe)
+    hardware = header_end if not cpu_only and _hardware(raw, sof, sof_marker, end) else 0
+    return ImageFrame(width, height, hardware, cpu_only)

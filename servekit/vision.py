@@ -34,7 +34,7 @@ class ImageHeader:
     width: int
     height: int
     hardware_header: int = 0  # a JPEG a GPU's JPEG engine may take: the bytes its headers fill
-    cpu_only: bool = False  # a JPEG nvjpeg decodes wrongly (servekit.imageheader)
+    cpu_only: bool = False  # a JPEG nvjpeg decodes wrongly or not at all (servekit.imageheader)
 
 
 def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from servekit import nvjpeg
 from servekit.config import ImageOptions
@@ -47,7 +47,9 @@ def _with_chroma_factors(jpeg: bytes, factors: int) -> bytes:
         ("L", {"subsampling": 2}, False, True),
         ("L", {"subsampling": 2, "progressive": True}, False, False),
         ("RGB", {"progressive": True}, False, False),
-        ("CMYK", {}, False, False),
+        # Pillow marks these (Adobe, transform 0): RGB-coded, which nvjpeg decodes as YCbCr.
+        ("RGB", {"keep_rgb": True}, False, True),
+        ("CMYK", {}, False, True),
     ],
 )
 def test_the_frame_header_says_which_jpegs_the_engine_may_take(mode, kw, hardware, cpu_only):
@@ -59,6 +61,25 @@ def test_the_frame_header_says_which_jpegs_the_engine_may_take(mode, kw, hardwar
     else:
         assert frame.hardware_header == 0
     assert check_image(jpeg, ImageOptions()).cpu_only is cpu_only
+
+
+def _without_app14(jpeg: bytes) -> bytes:
+    """The same JPEG without its Adobe marker segment."""
+    at = jpeg.index(b"\xff\xee")
+    return jpeg[:at] + jpeg[at + 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big") :]
+
+
+def test_libjpegs_rule_says_which_three_component_jpegs_are_rgb_coded():
+    rgb_coded = _jpeg("RGB", 33, 17, keep_rgb=True)
+    assert jpeg_frame(rgb_coded).cpu_only  # the Adobe marker's transform 0
+    bare = _without_app14(rgb_coded)
+    assert jpeg_frame(bare).cpu_only  # no marker: the component IDs "R", "G", "B"
+    jfif = bare[:2] + b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + bare[2:]
+    assert not jpeg_frame(jfif).cpu_only  # a JFIF file is YCbCr whatever its IDs
+    ycbcr = _jpeg("RGB", 33, 17)
+    assert not jpeg_frame(ycbcr).cpu_only and jpeg_frame(ycbcr).hardware_header  # IDs 1, 2, 3
+    adobe_ycbcr = rgb_coded.replace(b"Adobe\x00d\x00\x00\x00\x00\x00", b"Adobe\x00d\x00\x00\x00\x00\x01")
+    assert not jpeg_frame(adobe_ycbcr).cpu_only  # transform 1
 
 
 def test_an_unusual_chroma_layout_or_damage_after_the_frame_header_is_left_to_torchvision():
@@ -124,18 +145,20 @@ def test_the_engine_decodes_to_libjpegs_pixels(channels):
 
 @needs_cuda
 @pytest.mark.parametrize("channels", [3, 1])
-def test_a_greyscale_jpeg_with_odd_sampling_factors_is_decoded_on_the_cpu(channels):
+def test_jpegs_nvjpeg_decodes_wrongly_are_decoded_on_the_cpu(channels):
     # nvjpeg got every such image wrong on an H200 (docs/performance.md); libjpeg is the reference.
     opts = ImageOptions(channels=channels, mean=(0.5,) * channels, std=(0.5,) * channels)
     pre = Preprocessor(opts, torch.device("cuda", 0))
-    odd = [_jpeg("L", w, h, subsampling=s) for (w, h), s in [((500, 375), 2), ((33, 17), 1), ((7, 5), 2)]]
+    odd_grey = [_jpeg("L", w, h, subsampling=s) for (w, h), s in [((500, 375), 2), ((33, 17), 1)]]
+    rgb_coded, cmyk = _jpeg("RGB", 64, 48, keep_rgb=True), _jpeg("CMYK", 64, 48)
     plain_grey, rgb444 = _CASES[9], _CASES[0]  # 7x5 and 1x1: the engine decodes them exactly
-    raws = [bytearray(b) for b in (odd[0], plain_grey, odd[1], rgb444, odd[2])]
+    raws = [bytearray(b) for b in (odd_grey[0], plain_grey, rgb_coded, odd_grey[1], rgb444, cmyk)]
     headers = [check_image(r, opts) for r in raws]
-    assert [h.cpu_only for h in headers] == [True, False, True, False, True]
+    assert [h.cpu_only for h in headers] == [True, False, True, True, False, True]
     out = pre.decode_many(raws, headers)
     for i, (raw, img) in enumerate(zip(raws, out)):
-        assert isinstance(img, torch.Tensor) and torch.equal(img.cpu(), decode_jpeg(as_uint8(raw), mode=pre.mode)), i
+        want = decode_image(as_uint8(raw), mode=pre.mode)
+        assert isinstance(img, torch.Tensor) and torch.equal(img.cpu(), want), i
 
 
 @needs_cuda
