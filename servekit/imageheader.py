@@ -2,7 +2,8 @@
 
 PIL's ``Image.open`` does this too, but it parses every table of a JPEG header in Python (about
 30 us a request on a GPU host, a tenth of a worker's CPU per image); walking the marker segments
-to the frame header takes a few microseconds. PIL stays the reference in the tests.
+to the scan header takes a few microseconds. PIL stays the reference in the tests. The same walk
+says which JPEGs nvjpeg's hardware decoder may take, and which nvjpeg must not decode at all.
 """
 
 from __future__ import annotations
