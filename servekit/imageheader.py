@@ -75,12 +75,15 @@ def _png(raw: Body) -> tuple[int, int]:
 
 
 def _hardware(raw: Body, i: int, marker: int, end: int) -> bool:
-    """Baseline 8-bit Huffman, greyscale or YCbCr in a layout nvjpeg's hardware decoder lists."""
+    """Baseline 8-bit Huffman, greyscale or YCbCr in a layout nvjpeg's hardware decoder lists.
+
+    Asked only of a frame that is not ``_cpu_only``, which has ruled out the rest.
+    """
     if marker != _BASELINE or i + 8 > end or raw[i + 2] != 8:
         return False
     components = raw[i + 7]
     if components == 1:
-        return i + 10 <= end and raw[i + 9] == _GREY_PLAIN
+        return True
     if components != 3 or i + 8 + 9 > end:
         return False
     factors = [(raw[i + 9 + 3 * c] >> 4, raw[i + 9 + 3 * c] & 0x0F) for c in range(3)]
