@@ -218,6 +218,10 @@ def test_soak_past_key_expiry(tmp_path):
             "0.5",  # TorchServe reads token_expiration_min as a real number
             "--publish-every",
             "60",
+            # Small enough that the least traffic accepted below (1,300 requests) rolls the access
+            # log over; at 1 MB it did not on a busy CI machine.
+            "--log-file-size",
+            "0.1 MB",
             "--out",
             str(out),
             "--work-dir",
@@ -237,7 +241,8 @@ def test_soak_past_key_expiry(tmp_path):
     assert result["key_renewals"] >= 8 and result["raw_client_refusals"] >= 3, result
     assert [p["version"] for p in result["published"]] == ["2.0", "3.0"]
     logs = work / "run" / "logs"
-    assert (logs / "ts_log.1.log").exists() and (logs / "access_log.1.log").exists(), "the logs never rolled over"
+    rolled = {name: (logs / f"{name}.1.log").exists() for name in ("ts_log", "access_log")}
+    assert all(rolled.values()), (rolled, result["requests"], sorted(f.name for f in logs.iterdir()))
     assert result["logs_mb"]["max"] <= result["logs_mb"]["cap"]
     assert result["rss_mb"]["watcher_mb"]["max"] <= 150
     # The memory watched is the model workers' (with preloading, forks of the preloader, which is
