@@ -36,6 +36,45 @@ def _fingerprint_of(mar: Path) -> str | None:
         return None
 
 
+def run_model_archiver(
+    name: str,
+    version: str,
+    artifact: Path,
+    handler: str,
+    extra_files: list[Path],
+    config_file: Path,
+    export_dir: Path,
+    archive_format: str,
+) -> None:
+    """Run torch-model-archiver; its own message becomes a ConfigError when it fails."""
+    require("model_archiver", "archive", "building a .mar")
+    cmd = [
+        sys.executable,
+        "-m",
+        "model_archiver.model_packaging",
+        "--model-name",
+        name,
+        "--version",
+        version,
+        "--serialized-file",
+        str(artifact),
+        "--handler",
+        handler,
+        "--extra-files",
+        ",".join(str(p) for p in extra_files),
+        "--config-file",
+        str(config_file),
+        "--export-path",
+        str(export_dir),
+        "--archive-format",
+        archive_format,
+        "--force",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"torch-model-archiver failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
 def zip_stored(folder: Path, mar: Path) -> Path:
     """Zip an archive folder into ``mar`` without compression.
 
@@ -226,32 +265,7 @@ def archive(req: ArchiveRequest, log: Callable[[str], None] = print) -> Path:
         (staged_dir / FINGERPRINT).write_text(fingerprint)
         staged = [*extras, staged_dir / FINGERPRINT]
         log(f"[3/3] {req.name}: packaging {target.name}")
-        require("model_archiver", "archive", "building a .mar")
-        cmd = [
-            sys.executable,
-            "-m",
-            "model_archiver.model_packaging",
-            "--model-name",
-            req.name,
-            "--version",
-            version,
-            "--serialized-file",
-            str(artifact),
-            "--handler",
-            str(handler),
-            "--extra-files",
-            ",".join(str(p) for p in staged),
-            "--config-file",
-            str(cfg_file),
-            "--export-path",
-            str(tmp),
-            "--archive-format",
-            "no-archive",
-            "--force",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ConfigError(f"torch-model-archiver failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        run_model_archiver(req.name, version, artifact, str(handler), staged, cfg_file, Path(tmp), "no-archive")
         mar = zip_stored(tmp / req.name, tmp / f"{req.name}.mar")
         # Publish atomically: the store never holds a half-written archive.
         publish(mar, req.store, target.name)

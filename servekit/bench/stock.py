@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..archive import run_model_archiver
 from ..extras import require
 
 STOCK_HANDLER = "image_classifier"
@@ -58,31 +58,7 @@ def archive_stock(
         mapping.write_text(json.dumps(index_to_name(labels)))
         cfg_file = tmp_dir / "model-config.yaml"
         cfg_file.write_text(yaml.safe_dump(stock_config(config), sort_keys=False))
-        cmd = [
-            sys.executable,
-            "-m",
-            "model_archiver.model_packaging",
-            "--model-name",
-            name,
-            "--version",
-            version,
-            "--serialized-file",
-            str(artifact),
-            "--handler",
-            handler,
-            "--extra-files",
-            str(mapping),
-            "--config-file",
-            str(cfg_file),
-            "--export-path",
-            str(tmp_dir),
-            "--archive-format",
-            "default",
-            "--force",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ConfigError(f"torch-model-archiver failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        run_model_archiver(name, version, artifact, handler, [mapping], cfg_file, tmp_dir, "default")
         target = store / f"{name}-stock-v{version}.mar"
         shutil.copy2(tmp_dir / f"{name}.mar", target)
     return target
