@@ -218,10 +218,10 @@ def test_soak_past_key_expiry(tmp_path):
             "0.5",  # TorchServe reads token_expiration_min as a real number
             "--publish-every",
             "60",
-            # Small enough that the least traffic accepted below (1,300 requests) rolls the access
-            # log over; at 1 MB it did not on a busy CI machine.
+            # An access log line is about 87 bytes, so the least traffic accepted below (1,300
+            # requests, 113 KB) rolls it over twice; at 1 MB a busy CI machine served too few.
             "--log-file-size",
-            "0.1 MB",
+            "0.05 MB",
             "--out",
             str(out),
             "--work-dir",
