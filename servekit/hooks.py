@@ -8,7 +8,7 @@ Required::
 Optional::
 
     LABELS: list[str]                     # class names, packed as labels.json
-    EXPORT_METHOD = "trace"               # trace | script | pt2 | onnx
+    EXPORT_METHOD = "trace"               # trace | script | pt2 | program | onnx
     HANDLER = "image_classifier.py"       # a file in servekit/handlers/, or a path relative to the model folder
     WEIGHTS_ENV = "WEIGHTS"               # environment variable naming a weights file
     def calibration_inputs() -> list[torch.Tensor]   # int8 calibration (default: random batches)
