@@ -12,7 +12,7 @@ import struct
 from typing import NamedTuple
 
 from .batch import Body
-from .errors import InvalidInput
+from .errors import InvalidInput, UnsupportedMediaType
 
 JPEG, PNG = "JPEG", "PNG"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,6 +23,10 @@ _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM carry no length
 _SOS, _EOI = 0xDA, 0xD9
 _BASELINE, _PROGRESSIVE = 0xC0, 0xC2
+# Huffman-coded DCT frames (baseline, extended, progressive): the kinds nvjpeg decodes.
+_NVJPEG_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+_PRECISION = 8  # libjpeg as torchvision builds it decodes 8-bit samples only, and so does the model
+_DQT = 0xDB
 # What nvjpeg's hardware decoder takes besides greyscale: YCbCr with the chroma at 1x1 and the luma
 # sampled (h, v) as 4:4:4, 4:2:2, 4:2:0, 4:4:0, 4:1:1 or 4:1:0.
 _HARDWARE_LUMA = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1), (4, 2)})
@@ -32,7 +36,11 @@ _HARDWARE_LUMA = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1), (4, 2)})
 #   do not change its pixels, ITU T.81 A.1.1);
 # - an RGB-coded one (no colour transform): nvjpeg decodes it as YCbCr. libjpeg's rule decides which
 #   are: without a JFIF marker, an Adobe marker's transform 0, or else component IDs "R", "G", "B";
-# - four components (CMYK, YCCK): torchvision's GPU decode fails on them, and the whole batch with it.
+# - four components (CMYK, YCCK): torchvision's GPU decode fails on them, and the whole batch with it;
+# - a lossless, hierarchical or arithmetic-coded frame (not in ``_NVJPEG_FRAMES``): nvjpeg fails on
+#   it, and the whole batch with it, which then goes through the one-by-one retry;
+# - a sequential one with 16-bit quantisation tables (a quality of about 10 or less): nvjpeg ignores
+#   the tables' width, on the JPEG engine and off it, and decodes noise (progressive ones decode right).
 _GREY_PLAIN = 0x11
 _APP0, _APP14 = 0xE0, 0xEE
 _RGB_IDS = b"RGB"
@@ -90,8 +98,22 @@ def _hardware(raw: Body, i: int, marker: int, end: int) -> bool:
     return factors[0] in _HARDWARE_LUMA and factors[1] == factors[2] == (1, 1)
 
 
-def _cpu_only(raw: Body, i: int, marker: int, end: int, jfif: bool, adobe: int | None) -> bool:
-    """Whether nvjpeg would decode this frame wrongly (see ``_GREY_PLAIN``); ``adobe``: the Adobe marker's transform."""
+def _wide_tables(raw: Body, start: int, stop: int) -> bool:
+    """Whether a DQT segment's payload ``raw[start:stop]`` holds a table of 16-bit values."""
+    while start < stop:
+        if raw[start] >> 4:
+            return True
+        start += 65
+    return False
+
+
+def _cpu_only(raw: Body, i: int, marker: int, end: int, jfif: bool, adobe: int | None, wide_q: bool) -> bool:
+    """Whether nvjpeg would decode this frame wrongly (see ``_GREY_PLAIN``).
+
+    ``adobe``: the Adobe marker's transform; ``wide_q``: a quantisation table has 16-bit values.
+    """
+    if marker not in _NVJPEG_FRAMES or (wide_q and marker != _PROGRESSIVE):
+        return True
     components = raw[i + 7] if i + 8 <= end else 0
     if components == 1:
         return marker != _PROGRESSIVE and i + 10 <= end and raw[i + 9] != _GREY_PLAIN
@@ -104,11 +126,12 @@ def _cpu_only(raw: Body, i: int, marker: int, end: int, jfif: bool, adobe: int |
 def jpeg_frame(raw: Body) -> ImageFrame:
     """Walk a JPEG's marker segments: its frame header's size and, for a hardware candidate, where its headers end.
 
-    InvalidInput when no frame header can be read; anything odd after it only rules out the hardware path.
+    InvalidInput when no frame header can be read, UnsupportedMediaType for samples of other than 8 bits;
+    anything odd after the frame header only rules out the hardware path.
     """
     end, i = len(raw), 2
     sof, sof_marker, header_end = 0, 0, 0  # where the frame header's segment starts; the scan's data
-    jfif, adobe = False, None
+    jfif, adobe, wide_q = False, None, False
     while i < end:
         if raw[i] != 0xFF:
             if not sof:
@@ -138,10 +161,16 @@ def jpeg_frame(raw: Body) -> ImageFrame:
             jfif = True
         elif marker == _APP14 and length >= 12 and i + 14 <= end and raw[i + 2 : i + 7] == b"Adobe":
             adobe = raw[i + 13]
+        elif marker == _DQT:
+            wide_q = wide_q or _wide_tables(raw, i + 2, min(i + length, end))
         i += length
     if not sof:
         raise InvalidInput("cannot read the JPEG header: no frame header before the image data")
+    if raw[sof + 2] != _PRECISION:
+        raise UnsupportedMediaType(
+            f"a {raw[sof + 2]}-bit JPEG: only 8-bit JPEGs can be decoded; send an 8-bit JPEG or a PNG"
+        )
     height, width = struct.unpack_from(">HH", raw, sof + 3)
-    cpu_only = _cpu_only(raw, sof, sof_marker, end, jfif, adobe)
+    cpu_only = _cpu_only(raw, sof, sof_marker, end, jfif, adobe, wide_q)
     hardware = header_end if not cpu_only and _hardware(raw, sof, sof_marker, end) else 0
     return ImageFrame(width, height, hardware, cpu_only)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
+from torchvision.transforms.v2.functional import rgb_to_grayscale, to_dtype
 
 from .batch import Batch, Body
 from .config import ImageOptions
@@ -119,9 +120,31 @@ class Preprocessor:
         """One image to a uint8 CHW tensor on the CPU."""
         data = as_uint8(raw)
         try:
-            return decode_image(data, mode=self.mode)
+            img = decode_image(data, mode=self.mode)
+        except RuntimeError as exc:
+            if "color conversion" not in str(exc):
+                raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
+            # libjpeg converts no colours in a lossless JPEG: take its own channels and convert them here.
+            img = self._to_channels(self._decode_unchanged(data))
+        # A 16-bit PNG decodes to uint16: keep its top 8 bits, as torchvision scales between dtypes.
+        return img if img.dtype == torch.uint8 else to_dtype(img, torch.uint8, scale=True)
+
+    @staticmethod
+    def _decode_unchanged(data: torch.Tensor) -> torch.Tensor:
+        try:
+            return decode_image(data, mode=ImageReadMode.UNCHANGED)
         except RuntimeError as exc:
             raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
+
+    def _to_channels(self, img: torch.Tensor) -> torch.Tensor:
+        have, want = int(img.shape[0]), self.opts.channels
+        if have == want:
+            return img
+        if have == 1 and want == 3:
+            return img.expand(3, -1, -1).contiguous()
+        if have == 3 and want == 1:
+            return rgb_to_grayscale(img)
+        raise InvalidInput(f"cannot decode image: {have} colour channels, the model takes {want}")
 
     def decode_many(self, raws: Sequence[Body], headers: Sequence[ImageHeader]) -> list[torch.Tensor | RequestError]:
         """Decode a batch; JPEGs go to nvjpeg in one call on a GPU, PNGs and ``cpu_only`` JPEGs to the CPU.

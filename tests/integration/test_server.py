@@ -118,6 +118,27 @@ def test_a_bad_item_in_a_batch_fails_alone(digits_server, digits_images):
             assert resp.status_code == 200 and resp.json()["predictions"][0]["label"] == str(label)
 
 
+def test_images_in_every_variant_are_classified_or_refused_with_a_clear_415(digits_server, digits_images):
+    """Lossless, arithmetic-coded, 16-bit-table JPEGs and 16-bit PNGs are read; 12- and 16-bit JPEGs refused."""
+    variants = ROOT / "tests" / "data" / "variants"
+    files = sorted(p for p in variants.iterdir() if p.suffix in (".jpg", ".png"))
+    label = str(digits_images[0][1])  # the files are this digit
+
+    def send(path):
+        return path.name, digits_server.inference.predict_file("digits", path)
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent: they share batches
+        answers = dict(pool.map(send, files * 2))
+    assert len(answers) == len(files) >= 12
+    for name, resp in answers.items():
+        if name in ("bits12.jpg", "lossless16.jpg"):
+            assert resp.status_code == 415, (name, resp.text)
+            assert "only 8-bit JPEGs" in resp.json()["message"], (name, resp.text)
+        else:
+            assert resp.status_code == 200, (name, resp.text)
+            assert resp.json()["predictions"][0]["label"] == label, (name, resp.text)
+
+
 def test_requests_without_or_with_a_wrong_token_are_rejected(digits_server, digits_images):
     """TorchServe 0.12 refuses a bad token with 400 InvalidKeyException (401 in later releases)."""
     cfg = digits_server.cfg
