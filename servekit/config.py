@@ -24,6 +24,30 @@ _TUPLES = ("mean", "std", "warmup_batch_sizes")
 OptionsT = TypeVar("OptionsT", bound="HandlerOptions")
 
 
+# What a value of each plain option type must be (bool is an int to Python, so it is told apart).
+_KINDS: dict[str, tuple[str, Any]] = {
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _wrong_types(cls: type, data: dict[str, Any]) -> list[str]:
+    """A line for each value whose type its option does not take (so no check below meets a wrong type)."""
+    wrong = []
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name in _TUPLES:
+            if not isinstance(value, list | tuple) or not all(_KINDS["float"][1](v) for v in value):
+                wrong.append(f"{f.name} must be a list of numbers, got {value!r}")
+        elif str(f.type) in _KINDS and not _KINDS[str(f.type)][1](value):
+            wrong.append(f"{f.name} must be {_KINDS[str(f.type)][0]}, got {value!r}")
+    return wrong
+
+
 @dataclass(frozen=True)
 class HandlerOptions:
     """The ``handler:`` options every handler takes; a handler declares its own in a subclass.
@@ -76,13 +100,16 @@ class HandlerOptions:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown handler option(s) {unknown}; known options: {sorted(known)}")
-        for key in _TUPLES:
-            if key in data:
-                data[key] = tuple(data[key])
         if "amp" in data and data["amp"] in (False, None):
             data["amp"] = "off"  # YAML reads a bare `off` as False
         if "version" in data:
             data["version"] = str(data["version"])
+        wrong = _wrong_types(cls, data)
+        if wrong:
+            raise ConfigError("invalid handler options: " + "; ".join(wrong))
+        for key in _TUPLES:
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
     def threads(self, workers: int, cpus: int | None = None) -> int:
@@ -110,6 +137,9 @@ class ImageOptions(HandlerOptions):
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 8 * 1024 * 1024
+    # Long side over short side. The resize to ``resize`` on the short side grows with it: a 20000x1
+    # PNG of a few hundred bytes would be resized to 256x5,120,000 (15 GB of memory, 21 s of a core).
+    max_aspect_ratio: float = 25.0
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty: nothing)."""
@@ -126,6 +156,8 @@ class ImageOptions(HandlerOptions):
             problems.append(f"need 0 < crop <= resize, got crop={self.crop}, resize={self.resize}")
         if self.max_image_pixels < 1 or self.max_image_bytes < 1:
             problems.append("max_image_pixels and max_image_bytes must be >= 1")
+        if not self.max_aspect_ratio >= 1:
+            problems.append(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
         return problems
 
 

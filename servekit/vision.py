@@ -53,6 +53,12 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
             f"image is {width}x{height} = {width * height} pixels; the limit is "
             f"{opts.max_image_pixels} (max_image_pixels)"
         )
+    ratio = max(width, height) / min(width, height)
+    if ratio > opts.max_aspect_ratio:
+        raise PayloadTooLarge(
+            f"image is {width}x{height}, a side ratio of {ratio:.1f}; the limit is {opts.max_aspect_ratio:g} "
+            f"(max_aspect_ratio): resized to {opts.resize} px on its short side, it would be too large"
+        )
     return ImageHeader(fmt, width, height, hardware_header, cpu_only)
 
 

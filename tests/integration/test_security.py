@@ -54,6 +54,8 @@ BAD_INPUTS = [
     ("PNG bomb 30000x30000", png_header_only(30000, 30000), "image/png", 413),
     ("JPEG bomb 30000x30000", jpeg_declaring(_jpeg(), 30000, 30000), "image/jpeg", 413),
     ("PNG over max_image_pixels", png_header_only(3000, 3000), "image/png", 413),
+    # Resized to the model's size on its short side, a 40000x1 image would be 28x1,120,000.
+    ("PNG 40000x1, over max_aspect_ratio", png_header_only(40000, 1), "image/png", 413),
     ("empty body", b"", "image/png", 400),
     ("text/plain", digit_samples(1)[0][0], "text/plain", 415),
     ("application/xml", b"<image>1</image>", "application/xml", 415),
@@ -135,6 +137,14 @@ def test_max_image_pixels_is_enforced(digits_server):
     assert digits_server.inference.predict("digits", _png(2000, 2000), "image/png").status_code == 200
     resp = digits_server.inference.predict("digits", _png(2000, 2001), "image/png")
     assert resp.status_code == 413 and "max_image_pixels" in resp.json()["message"]
+    assert_serves(digits_server.inference)
+
+
+def test_max_aspect_ratio_is_enforced(digits_server):
+    """A side ratio of 25 (the default limit) is served; a real 20000x1 image gets a 413 naming the limit."""
+    assert digits_server.inference.predict("digits", _png(2500, 100), "image/png").status_code == 200
+    resp = digits_server.inference.predict("digits", _png(20000, 1), "image/png")
+    assert resp.status_code == 413 and "max_aspect_ratio" in resp.json()["message"], resp.text
     assert_serves(digits_server.inference)
 
 

@@ -47,12 +47,24 @@ def test_handler_options_reject_bad_values_with_actionable_message():
         ClassifierOptions.from_dict({"colour": 1})
     with pytest.raises(ConfigError, match="crop <= resize"):
         ImageOptions.from_dict({"crop": 300, "resize": 256})
+    with pytest.raises(ConfigError, match="max_aspect_ratio must be >= 1"):
+        ImageOptions.from_dict({"max_aspect_ratio": 0.5})
+    assert ImageOptions.from_dict({"max_aspect_ratio": 100}).max_aspect_ratio == 100
+    # A value of the wrong type is named with its option, not a TypeError from deep in a check.
+    for key, bad, kind in (
+        ("max_aspect_ratio", "wide", "a number"),
+        ("max_image_pixels", 1.5, "an integer"),
+        ("channels_last", "yes", "true or false"),
+        ("mean", 0.5, "a list of numbers"),
+    ):
+        with pytest.raises(ConfigError, match=f"{key} must be {kind}, got"):
+            ImageOptions.from_dict({key: bad})
     # A handler's own options are known only to its own class.
     with pytest.raises(ConfigError, match=r"unknown handler option\(s\) \['topk'\]"):
         ImageOptions.from_dict({"topk": 3})
     assert ClassifierOptions.from_dict({"topk": 3}).topk == 3
     for bad in (-1, True, 2048, "16"):
-        with pytest.raises(ConfigError, match="body_buffer_mib must be an integer from 0 to 1024"):
+        with pytest.raises(ConfigError, match="body_buffer_mib must be an integer"):
             HandlerOptions.from_dict({"body_buffer_mib": bad})
 
 
@@ -143,6 +155,10 @@ def test_check_image_refuses_bombs_non_images_and_oversize():
     truncated = encode(natural_image(), "JPEG")[:20]
     with pytest.raises(InvalidInput):
         check_image(truncated, ImageOptions())
+    for w, h in ((20000, 1), (10, 251)):  # resized to 256 on the short side: 256x5,120,000, 256x6,425
+        with pytest.raises(PayloadTooLarge, match="side ratio of .*the limit is 25 .max_aspect_ratio."):
+            check_image(encode(Image.new("L", (w, h)), "PNG"), ImageOptions())
+    assert check_image(encode(Image.new("L", (10, 250)), "PNG"), ImageOptions()).height == 250
 
 
 # -- inference and postprocessing --------------------------------------------------------
