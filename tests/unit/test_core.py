@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from models.digits.model import encode, held_out
-from servekit import server, tuning
+from servekit import server, tuning, vision
 from servekit.batch import Batch
 from servekit.config import ClassifierOptions, ConfigError, HandlerOptions, ImageOptions, ModelConfig
 from servekit.errors import ExportMismatch, InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -297,6 +297,20 @@ def test_batch_of_mixed_sizes_keeps_order():
     batch = pre.to_batch(imgs)
     for i, img in enumerate(imgs):
         assert torch.allclose(batch[i], pre.to_batch([img])[0], atol=1e-5), i
+
+
+def test_large_images_are_resized_a_few_at_a_time_to_the_same_batch(monkeypatch):
+    """Same-sized images past the chunk budget go in runs (memory bounded); the batch is the same, in order."""
+    pre = Preprocessor(ImageOptions(), CPU)
+    sizes = [(500, 375)] * 5 + [(320, 480)] * 2
+    imgs = [pre.decode_cpu(encode(natural_image(w, h, seed=i), "PNG")) for i, (w, h) in enumerate(sizes)]
+    whole = pre.to_batch(imgs)
+    resized: list[int] = []
+    resize_crop = pre.resize_crop
+    monkeypatch.setattr(pre, "resize_crop", lambda x: resized.append(len(x)) or resize_crop(x))
+    monkeypatch.setattr(vision, "_CHUNK_VALUES", 2 * 3 * 500 * 375)  # two of the 500x375 ones at a time
+    assert torch.equal(pre.to_batch(imgs), whole)
+    assert resized == [2, 2, 1, 2]
 
 
 def test_a_batch_is_written_where_into_says():
