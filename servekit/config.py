@@ -140,6 +140,10 @@ class ImageOptions(HandlerOptions):
     # Long side over short side. The resize to ``resize`` on the short side grows with it: a 20000x1
     # PNG of a few hundred bytes would be resized to 256x5,120,000 (15 GB of memory, 21 s of a core).
     max_aspect_ratio: float = 25.0
+    # Turn a JPEG upright as its EXIF orientation says, as browsers and PIL's exif_transpose do (phones
+    # store portrait photos on their side with orientation 6). false: the pixels as stored, for a model
+    # trained on them so.
+    exif_orientation: bool = True
 
     def problems(self) -> list[str]:
         """What is wrong with these values (empty: nothing)."""

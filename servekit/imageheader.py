@@ -1,4 +1,4 @@
-"""An image's format and dimensions from its first bytes, without decoding a pixel.
+"""An image's format, dimensions and EXIF orientation from its first bytes, without decoding a pixel.
 
 PIL's ``Image.open`` does this too, but it parses every table of a JPEG header in Python (about
 30 us a request on a GPU host, a tenth of a worker's CPU per image); walking the marker segments
@@ -42,7 +42,8 @@ _HARDWARE_LUMA = frozenset({(1, 1), (2, 1), (2, 2), (1, 2), (4, 1), (4, 2)})
 # - a sequential one with 16-bit quantisation tables (a quality of about 10 or less): nvjpeg ignores
 #   the tables' width, on the JPEG engine and off it, and decodes noise (progressive ones decode right).
 _GREY_PLAIN = 0x11
-_APP0, _APP14 = 0xE0, 0xEE
+_APP0, _APP1, _APP14 = 0xE0, 0xE1, 0xEE
+_EXIF, _ORIENTATION_TAG, _SHORT = b"Exif\0\0", 0x0112, 3
 _RGB_IDS = b"RGB"
 
 
@@ -62,6 +63,7 @@ class ImageFrame(NamedTuple):
     height: int
     hardware_header: int  # bytes up to the end of the scan header; 0: not a hardware candidate
     cpu_only: bool = False  # nvjpeg would decode it wrongly or not at all
+    orientation: int = 1  # EXIF orientation, 1-8 (1: as stored), of a JPEG that has one
 
 
 def dimensions(raw: Body, fmt: str) -> tuple[int, int]:
@@ -73,6 +75,30 @@ def dimensions(raw: Body, fmt: str) -> tuple[int, int]:
 def image_frame(raw: Body, fmt: str) -> ImageFrame:
     """:func:`jpeg_frame` for a JPEG; a PNG's size from its IHDR (never a hardware candidate)."""
     return jpeg_frame(raw) if fmt == JPEG else ImageFrame(*_png(raw), 0)
+
+
+def _exif_orientation(raw: Body, start: int, stop: int) -> int:
+    """The orientation tag of an APP1 segment's payload ``raw[start:stop]`` (1 when it has none or it is odd).
+
+    TIFF layout: a byte order mark, 42, the offset of IFD0, then 12-byte entries (tag, type, count, value).
+    """
+    if raw[start : start + 6] != _EXIF or stop - start < 14:
+        return 1
+    tiff = start + 6
+    order = {b"II": "<", b"MM": ">"}.get(bytes(raw[tiff : tiff + 2]))
+    if order is None:
+        return 1
+    (ifd,) = struct.unpack_from(order + "I", raw, tiff + 4)
+    at = tiff + ifd
+    if at + 2 > stop:
+        return 1
+    (count,) = struct.unpack_from(order + "H", raw, at)
+    for entry in range(at + 2, min(at + 2 + 12 * count, stop - 11), 12):
+        tag, kind = struct.unpack_from(order + "HH", raw, entry)
+        if tag == _ORIENTATION_TAG:
+            (value,) = struct.unpack_from(order + "H", raw, entry + 8)
+            return value if kind == _SHORT and 1 <= value <= 8 else 1
+    return 1
 
 
 def _png(raw: Body) -> tuple[int, int]:
@@ -131,7 +157,7 @@ def jpeg_frame(raw: Body) -> ImageFrame:
     """
     end, i = len(raw), 2
     sof, sof_marker, header_end = 0, 0, 0  # where the frame header's segment starts; the scan's data
-    jfif, adobe, wide_q = False, None, False
+    jfif, adobe, wide_q, orientation = False, None, False, 1
     while i < end:
         if raw[i] != 0xFF:
             if not sof:
@@ -161,6 +187,8 @@ def jpeg_frame(raw: Body) -> ImageFrame:
             jfif = True
         elif marker == _APP14 and length >= 12 and i + 14 <= end and raw[i + 2 : i + 7] == b"Adobe":
             adobe = raw[i + 13]
+        elif marker == _APP1 and orientation == 1:
+            orientation = _exif_orientation(raw, i + 2, min(i + length, end))
         elif marker == _DQT:
             wide_q = wide_q or _wide_tables(raw, i + 2, min(i + length, end))
         i += length
@@ -173,4 +201,4 @@ def jpeg_frame(raw: Body) -> ImageFrame:
     height, width = struct.unpack_from(">HH", raw, sof + 3)
     cpu_only = _cpu_only(raw, sof, sof_marker, end, jfif, adobe, wide_q)
     hardware = header_end if not cpu_only and _hardware(raw, sof, sof_marker, end) else 0
-    return ImageFrame(width, height, hardware, cpu_only)
+    return ImageFrame(width, height, hardware, cpu_only, orientation)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import ImageOps
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_jpeg
 from torchvision.transforms.v2.functional import rgb_to_grayscale, to_dtype
 
@@ -36,6 +37,7 @@ class ImageHeader:
     height: int
     hardware_header: int = 0  # a JPEG a GPU's JPEG engine may take: the bytes its headers fill
     cpu_only: bool = False  # a JPEG nvjpeg decodes wrongly or not at all (servekit.imageheader)
+    orientation: int = 1  # EXIF orientation: how to turn the stored pixels upright (1: as they are)
 
 
 def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
@@ -45,7 +47,7 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
     fmt = sniff_format(raw)
     if fmt is None:
         raise UnsupportedMediaType("not a JPEG or PNG image")
-    width, height, hardware_header, cpu_only = image_frame(raw, fmt)
+    width, height, hardware_header, cpu_only, orientation = image_frame(raw, fmt)
     if width < 1 or height < 1:
         raise InvalidInput(f"image has no pixels ({width}x{height})")
     if width * height > opts.max_image_pixels:
@@ -59,7 +61,7 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
             f"image is {width}x{height}, a side ratio of {ratio:.1f}; the limit is {opts.max_aspect_ratio:g} "
             f"(max_aspect_ratio): resized to {opts.resize} px on its short side, it would be too large"
         )
-    return ImageHeader(fmt, width, height, hardware_header, cpu_only)
+    return ImageHeader(fmt, width, height, hardware_header, cpu_only, orientation if opts.exif_orientation else 1)
 
 
 def as_uint8(raw: Body) -> torch.Tensor:
@@ -179,6 +181,10 @@ class Preprocessor:
                     out[i] = self.decode_cpu(raw)
                 except RequestError as err:
                     out[i] = err
+        for i, h in enumerate(headers):
+            img = out[i]
+            if h.orientation != 1 and isinstance(img, torch.Tensor):
+                out[i] = upright(img, h.orientation)
         return out
 
     def _decode_hardware(
@@ -278,6 +284,14 @@ class Preprocessor:
         return torch.stack([img.to(self.device, non_blocking=True) for img in images])
 
 
+def upright(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A CHW image turned as its EXIF orientation (2-8) says, as PIL's ``ImageOps.exif_transpose`` does; a view."""
+    if orientation in (5, 6, 7, 8):  # stored on its side: rows become columns
+        img = img.transpose(-2, -1)
+    flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation, ())
+    return img.flip(flips) if flips else img
+
+
 # Values of one image stack resized at once (as float32: 128 MB). Same-sized images are resized
 # together, but 32 phone photos of 12 MP made one 4.6 GB float tensor (7.8 GB at peak in a worker);
 # past this, they go a few at a time, or one by one. A batch of 32 500x375 photos is 18M values.
@@ -299,6 +313,8 @@ def reference_transform(opts: ImageOptions):
         steps.insert(0, T.Grayscale(1))
     else:
         steps.insert(0, T.Lambda(lambda im: im.convert("RGB")))
+    if opts.exif_orientation:
+        steps.insert(0, T.Lambda(ImageOps.exif_transpose))
     return T.Compose(steps)
 
 

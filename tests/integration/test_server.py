@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import yaml
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 from conftest import ROOT, port_overrides, start_server
 from models.digits.model import encode, held_out
@@ -137,6 +138,32 @@ def test_images_in_every_variant_are_classified_or_refused_with_a_clear_415(digi
         else:
             assert resp.status_code == 200, (name, resp.text)
             assert resp.json()["predictions"][0]["label"] == label, (name, resp.text)
+
+
+def test_photos_stored_on_their_side_are_turned_upright_by_their_exif_orientation(digits_server, digits_images):
+    """As phones store portrait photos: the pixels turned, and an EXIF orientation that says how to turn them back."""
+    turns = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}
+    cases = [(img.transpose(turns[o]), o, label) for (img, label), o in zip(digits_images[:60], [6, 8, 3] * 20)]
+
+    def accuracy(with_exif: bool) -> float:
+        def one(case):
+            stored, orientation, label = case
+            exif = Image.Exif()
+            if with_exif:
+                exif[0x0112] = orientation
+            buf = io.BytesIO()
+            stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+            resp = digits_server.inference.predict("digits", buf.getvalue(), "image/jpeg")
+            assert resp.status_code == 200, resp.text
+            return resp.json()["predictions"][0]["label"] == str(label)
+
+        with ThreadPoolExecutor(8) as pool:
+            hits = list(pool.map(one, cases))
+        return sum(hits) / len(hits)
+
+    upright, sideways = accuracy(with_exif=True), accuracy(with_exif=False)
+    print(f"turned digits: {upright:.1%} with their orientation, {sideways:.1%} without")
+    assert upright >= 0.95 and sideways < 0.6
 
 
 def test_requests_without_or_with_a_wrong_token_are_rejected(digits_server, digits_images):
