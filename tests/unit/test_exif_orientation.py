@@ -88,7 +88,9 @@ def test_with_exif_orientation_off_the_pixels_stay_as_stored():
 def test_on_a_gpu_every_orientation_turns_as_on_the_cpu():
     opts = ImageOptions()
     cpu, gpu = Preprocessor(opts, torch.device("cpu")), Preprocessor(opts, torch.device("cuda", 0))
-    raws = [bytearray(_jpeg(o, **kw)) for o in range(1, 9) for kw in ({}, {"progressive": True})]
+    # 4:4:4: nvjpeg upsamples subsampled chroma its own way, and this picture's noise would show it.
+    kinds = ({"subsampling": 0}, {"subsampling": 0, "progressive": True})
+    raws = [bytearray(_jpeg(o, **kw)) for o in range(1, 9) for kw in kinds]
     headers = [check_image(r, opts) for r in raws]
     for raw, header, img in zip(raws, headers, gpu.decode_many(raws, headers)):
         want = cpu.decode_many([raw], [header])[0]
