@@ -108,7 +108,7 @@ def build_parser(
 
     p = add("predict", "classify an image file")
     server.add_server_args(p)
-    p.add_argument("image", type=Path, help="a JPEG or PNG file")
+    p.add_argument("image", type=Path, help="a JPEG, PNG or WebP file")
     p.add_argument("--model", default="digits", help="model name")
     p.add_argument("--version", help="a version other than the default")
     p.add_argument(

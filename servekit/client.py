@@ -13,9 +13,11 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from .imageheader import JPEG, PNG, WEBP, sniff_format
 from .tokens import TokenFile
 
-CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+_SNIFFED = {JPEG: "image/jpeg", PNG: "image/png", WEBP: "image/webp"}
 
 
 def auth_failed(resp: requests.Response) -> bool:
@@ -333,7 +335,6 @@ class Client:
 
 
 def _sniff(body: bytes) -> str:
-    """The content type of image bytes (JPEG or PNG), from their first bytes."""
-    if body.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    return "image/png" if body.startswith(b"\x89PNG\r\n\x1a\n") else "application/octet-stream"
+    """The content type of image bytes (JPEG, PNG or WebP), from their first bytes."""
+    fmt = sniff_format(body)
+    return _SNIFFED[fmt] if fmt else "application/octet-stream"

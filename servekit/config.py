@@ -122,7 +122,7 @@ class HandlerOptions:
 
 @dataclass(frozen=True)
 class ImageOptions(HandlerOptions):
-    """Options of handlers that take JPEG/PNG images: decoding limits and preprocessing."""
+    """Options of handlers that take JPEG, PNG or WebP images: decoding limits and preprocessing."""
 
     decode_device: str = "auto"
     # GPU only: the workers on one GPU run nvjpeg's batched decode one at a time (servekit.gpulock).

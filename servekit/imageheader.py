@@ -14,8 +14,10 @@ from typing import NamedTuple
 from .batch import Body
 from .errors import InvalidInput, UnsupportedMediaType
 
-JPEG, PNG = "JPEG", "PNG"
+JPEG, PNG, WEBP = "JPEG", "PNG", "WEBP"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_VP8_START = b"\x9d\x01\x2a"  # a lossy WebP key frame's start code
+_VP8L_SIGNATURE, _VP8X_ANIMATED = 0x2F, 0x02
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); C4 (DHT), C8 (JPG)
 # and CC (DAC) share the range but are tables.
@@ -48,11 +50,13 @@ _RGB_IDS = b"RGB"
 
 
 def sniff_format(raw: Body) -> str | None:
-    """JPEG or PNG from the magic bytes, else None."""
+    """JPEG, PNG or WEBP from the magic bytes, else None."""
     if raw[:3] == _JPEG_MAGIC:
         return JPEG
     if raw[:8] == _PNG_MAGIC:
         return PNG
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return WEBP
     return None
 
 
@@ -73,8 +77,28 @@ def dimensions(raw: Body, fmt: str) -> tuple[int, int]:
 
 
 def image_frame(raw: Body, fmt: str) -> ImageFrame:
-    """:func:`jpeg_frame` for a JPEG; a PNG's size from its IHDR (never a hardware candidate)."""
-    return jpeg_frame(raw) if fmt == JPEG else ImageFrame(*_png(raw), 0)
+    """:func:`jpeg_frame` for a JPEG; a PNG's or WebP's size from its first chunk (never a hardware candidate)."""
+    if fmt == JPEG:
+        return jpeg_frame(raw)
+    return ImageFrame(*(_png(raw) if fmt == PNG else _webp(raw)), 0)
+
+
+def _webp(raw: Body) -> tuple[int, int]:
+    """A WebP's size from its first chunk: lossy (VP8), lossless (VP8L) or extended (VP8X, the canvas)."""
+    chunk = bytes(raw[12:16])
+    if len(raw) < 30:
+        raise InvalidInput("cannot read the WebP header: the file is too short")
+    if chunk == b"VP8 " and raw[23:26] == _VP8_START:
+        width, height = struct.unpack_from("<HH", raw, 26)
+        return width & 0x3FFF, height & 0x3FFF  # the top 2 bits are a scaling hint
+    if chunk == b"VP8L" and raw[20] == _VP8L_SIGNATURE:
+        bits = int.from_bytes(raw[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        if raw[20] & _VP8X_ANIMATED:
+            raise UnsupportedMediaType("an animated WebP: send a still image (JPEG, PNG or WebP)")
+        return int.from_bytes(raw[24:27], "little") + 1, int.from_bytes(raw[27:30], "little") + 1
+    raise InvalidInput(f"cannot read the WebP header: no image chunk first ({chunk!r})")
 
 
 def _exif_orientation(raw: Body, start: int, stop: int) -> int:

@@ -60,7 +60,7 @@ def _bytes(item: Any) -> Body:
         if isinstance(item, memoryview):  # kept without a copy (a worker's body arena); one byte per item
             item = item.cast("B") if item.c_contiguous else item.tobytes()
         if not item:
-            raise InvalidInput("empty body: send a JPEG or PNG image")
+            raise InvalidInput("empty body: send a JPEG, PNG or WebP image")
         head = bytes(item[:64])
         if not head.startswith(_MAGIC) and head.lstrip()[:1] in (b"{", b"["):
             raise InvalidInput("malformed JSON body")

@@ -46,7 +46,7 @@ def check_image(raw: Body, opts: ImageOptions) -> ImageHeader:
         raise PayloadTooLarge(f"image is {len(raw)} bytes; the limit is {opts.max_image_bytes} (max_image_bytes)")
     fmt = sniff_format(raw)
     if fmt is None:
-        raise UnsupportedMediaType("not a JPEG or PNG image")
+        raise UnsupportedMediaType("not a JPEG, PNG or WebP image")
     width, height, hardware_header, cpu_only, orientation = image_frame(raw, fmt)
     if width < 1 or height < 1:
         raise InvalidInput(f"image has no pixels ({width}x{height})")
@@ -134,6 +134,8 @@ class Preprocessor:
                 raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
             # libjpeg converts no colours in a lossless JPEG: take its own channels and convert them here.
             img = self._to_channels(self._decode_unchanged(data))
+        if img.shape[0] != self.opts.channels:  # libwebp gives RGB(A) whatever the mode asks
+            img = self._to_channels(img)
         # A 16-bit PNG decodes to uint16: keep its top 8 bits, as torchvision scales between dtypes.
         return img if img.dtype == torch.uint8 else to_dtype(img, torch.uint8, scale=True)
 
@@ -145,6 +147,8 @@ class Preprocessor:
             raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
 
     def _to_channels(self, img: torch.Tensor) -> torch.Tensor:
+        if img.shape[0] in (2, 4):  # alpha dropped, as PIL's convert does
+            img = img[:-1]
         have, want = int(img.shape[0]), self.opts.channels
         if have == want:
             return img

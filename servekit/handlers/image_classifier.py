@@ -1,4 +1,4 @@
-"""Image classification handler: JPEG/PNG in (raw, multipart or base64 JSON), top-k labels out."""
+"""Image classification handler: JPEG, PNG or WebP in (raw, multipart or base64 JSON), top-k labels out."""
 
 from __future__ import annotations
 

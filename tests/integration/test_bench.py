@@ -73,7 +73,7 @@ def test_litserve_peer_classifies_digits_and_answers_bad_input_with_json(tmp_pat
             top = resp.json()["predictions"][0]
             assert top["label"] == label and top["probability"] > 0.5
         bad = post(b"GIF89a not an image")
-        assert bad.status_code == 415 and "JPEG or PNG" in bad.json()["detail"]
+        assert bad.status_code == 415 and "not a JPEG, PNG or WebP" in bad.json()["detail"]
         missing = post(digit_samples(1)[0][0], field="file")
         assert missing.status_code == 400 and PEER_FIELD in missing.json()["detail"]
     finally:

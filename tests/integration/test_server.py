@@ -120,9 +120,10 @@ def test_a_bad_item_in_a_batch_fails_alone(digits_server, digits_images):
 
 
 def test_images_in_every_variant_are_classified_or_refused_with_a_clear_415(digits_server, digits_images):
-    """Lossless, arithmetic-coded, 16-bit-table JPEGs and 16-bit PNGs are read; 12- and 16-bit JPEGs refused."""
+    """Lossless, arithmetic-coded, 16-bit-table JPEGs, 16-bit PNGs and WebPs are read; the rest refused clearly."""
     variants = ROOT / "tests" / "data" / "variants"
-    files = sorted(p for p in variants.iterdir() if p.suffix in (".jpg", ".png"))
+    files = sorted(p for p in variants.iterdir() if p.suffix in (".jpg", ".png", ".webp"))
+    refused = {"bits12.jpg": "only 8-bit JPEGs", "lossless16.jpg": "only 8-bit JPEGs", "animated.webp": "a still image"}
     label = str(digits_images[0][1])  # the files are this digit
 
     def send(path):
@@ -130,11 +131,11 @@ def test_images_in_every_variant_are_classified_or_refused_with_a_clear_415(digi
 
     with ThreadPoolExecutor(8) as pool:  # concurrent: they share batches
         answers = dict(pool.map(send, files * 2))
-    assert len(answers) == len(files) >= 12
+    assert len(answers) == len(files) >= 16
     for name, resp in answers.items():
-        if name in ("bits12.jpg", "lossless16.jpg"):
+        if name in refused:
             assert resp.status_code == 415, (name, resp.text)
-            assert "only 8-bit JPEGs" in resp.json()["message"], (name, resp.text)
+            assert refused[name] in resp.json()["message"], (name, resp.text)
         else:
             assert resp.status_code == 200, (name, resp.text)
             assert resp.json()["predictions"][0]["label"] == label, (name, resp.text)

@@ -148,7 +148,7 @@ def test_check_image_refuses_bombs_non_images_and_oversize():
     bomb = encode(Image.new("L", (2000, 2000)), "PNG")  # tiny file, 4 megapixels declared
     with pytest.raises(PayloadTooLarge, match="max_image_pixels"):
         check_image(bomb, opts)
-    with pytest.raises(UnsupportedMediaType, match="not a JPEG or PNG"):
+    with pytest.raises(UnsupportedMediaType, match="not a JPEG, PNG or WebP"):
         check_image(b"GIF89a....", opts)
     with pytest.raises(PayloadTooLarge, match="max_image_bytes"):
         check_image(b"\xff\xd8\xff" + b"\0" * 60_000, opts)

@@ -33,8 +33,16 @@ DECODED = {
     "tables16-progressive.jpg": True,  # progressive ones it decodes right
     "rgb48.png": False,
     "grey16.png": False,
+    "lossy.webp": False,
+    "lossless.webp": False,
+    "alpha.webp": False,  # its alpha dropped, as PIL's convert does
 }
-REFUSED = {"bits12.jpg": "12-bit", "lossless16.jpg": "16-bit"}
+REFUSED = {
+    "bits12.jpg": "a 12-bit JPEG: only 8-bit JPEGs",
+    "lossless16.jpg": "a 16-bit JPEG: only 8-bit JPEGs",
+    "animated.webp": "an animated WebP: send a still image",
+}
+SUFFIXES = (".jpg", ".png", ".webp")
 LOSSLESS = ("lossless.jpg", "lossless-grey.jpg")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -61,7 +69,7 @@ def _digit(channels: int) -> torch.Tensor:
 
 
 def test_every_variant_file_is_there():
-    assert sorted(p.name for p in VARIANTS.iterdir() if p.suffix in (".jpg", ".png")) == sorted({*DECODED, *REFUSED})
+    assert sorted(p.name for p in VARIANTS.iterdir() if p.suffix in SUFFIXES) == sorted({*DECODED, *REFUSED})
 
 
 @pytest.mark.parametrize("name", sorted(DECODED))
@@ -86,8 +94,8 @@ def test_a_baseline_marked_frame_with_16_bit_tables_never_reaches_the_jpeg_engin
 
 
 @pytest.mark.parametrize(("name", "why"), sorted(REFUSED.items()))
-def test_jpegs_of_more_than_8_bits_are_refused_before_decoding(name, why):
-    with pytest.raises(UnsupportedMediaType, match=f"a {why} JPEG: only 8-bit JPEGs") as err:
+def test_jpegs_of_more_than_8_bits_and_animations_are_refused_before_decoding(name, why):
+    with pytest.raises(UnsupportedMediaType, match=why) as err:
         check_image((VARIANTS / name).read_bytes(), ImageOptions())
     assert err.value.status == 415
 
@@ -104,7 +112,7 @@ def test_each_variant_decodes_to_the_digit_on_the_cpu(name, channels):
     img = pre.decode_cpu(raw)
     assert img.dtype == torch.uint8 and img.shape == (channels, 28, 28)
     error = (img.int() - _digit(channels).int()).abs()
-    if name.startswith(("lossless", "rgb48", "grey16")):
+    if name.startswith(("lossless", "rgb48", "grey16")):  # lossless.webp too
         assert int(error.max()) <= 1  # lossless, 16 bits scaled back to 8; the grey of RGB rounds
     else:
         assert float(error.float().mean()) < 12, float(error.float().mean())  # lossy, quality 10 at worst

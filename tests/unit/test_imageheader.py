@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from servekit.errors import InvalidInput
-from servekit.imageheader import JPEG, PNG, dimensions, sniff_format
+from servekit.errors import InvalidInput, UnsupportedMediaType
+from servekit.imageheader import JPEG, PNG, WEBP, dimensions, sniff_format
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -46,7 +46,19 @@ def _pngs():
         yield f"{mode}-{w}x{h}", _encode(_image(mode, w, h), "PNG")
 
 
-@pytest.mark.parametrize(("name", "raw"), [*_jpegs(), *_pngs()], ids=lambda v: v if isinstance(v, str) else "")
+def _webps():
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    kinds = {"lossy": {"quality": 80}, "lossless": {"lossless": True}, "extended": {"exif": exif.tobytes()}}
+    for (w, h), mode, (kind, kw) in itertools.product(
+        [(1, 1), (640, 3), (3, 640), (500, 375), (16383, 2)], ["RGB", "RGBA"], kinds.items()
+    ):
+        yield f"webp-{kind}-{mode}-{w}x{h}", _encode(_image(mode, w, h), "WEBP", **kw)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"), [*_jpegs(), *_pngs(), *_webps()], ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_dimensions_match_pil(name, raw):
     fmt = sniff_format(raw)
     assert fmt == Image.open(io.BytesIO(raw)).format
@@ -84,6 +96,19 @@ def test_bad_png_headers_are_invalid_input():
     assert dimensions(good[:8] + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", 7, 3), PNG) == (7, 3)
 
 
-def test_only_jpeg_and_png_are_recognised():
+def test_bad_webp_headers_are_invalid_input_and_animations_unsupported():
+    good = _encode(_image("RGB", 5, 4), "WEBP")
+    for raw, why in ((good[:24], "too short"), (good[:12] + b"VP9 " + good[16:], "no image chunk first")):
+        with pytest.raises(InvalidInput, match=why):
+            dimensions(raw, WEBP)
+    frames = [_image("RGB", 5, 4), _image("RGB", 5, 4).rotate(90)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:])
+    with pytest.raises(UnsupportedMediaType, match="animated WebP"):
+        dimensions(buf.getvalue(), WEBP)
+
+
+def test_only_jpeg_png_and_webp_are_recognised():
     assert sniff_format(b"GIF89a") is None and sniff_format(b"") is None and sniff_format(b"\xff\xd8") is None
     assert sniff_format(b"\xff\xd8\xff\xe0") == JPEG and sniff_format(b"\x89PNG\r\n\x1a\n") == PNG
+    assert sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == WEBP and sniff_format(b"RIFF\0\0\0\0WAVEfmt ") is None

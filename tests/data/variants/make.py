@@ -55,6 +55,17 @@ def main() -> None:
     }
     for name, data in encoded.items():
         (OUT / name).write_bytes(data)
+    # WebP, by Pillow's libwebp: lossy, lossless, with an alpha channel (extended format), animated.
+    with_alpha = img.convert("RGBA")
+    with_alpha.putalpha(254)  # not opaque, so libwebp keeps the alpha channel (and an extended header)
+    webps = {
+        "lossy.webp": (img.convert("RGB"), {"quality": 90}),
+        "lossless.webp": (img, {"lossless": True}),
+        "alpha.webp": (with_alpha, {"quality": 90}),
+        "animated.webp": (img, {"save_all": True, "append_images": [img.rotate(90)], "duration": 100}),
+    }
+    for name, (picture, kw) in webps.items():
+        picture.save(OUT / name, "WEBP", **kw)
 
 
 if __name__ == "__main__":
