@@ -8,10 +8,14 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from servekit.errors import InvalidInput, UnsupportedMediaType
+from servekit.config import ImageOptions
+from servekit.errors import InvalidInput, RequestError, UnsupportedMediaType
 from servekit.imageheader import JPEG, PNG, WEBP, dimensions, sniff_format
+from servekit.vision import check_image
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -112,3 +116,29 @@ def test_only_jpeg_png_and_webp_are_recognised():
     assert sniff_format(b"GIF89a") is None and sniff_format(b"") is None and sniff_format(b"\xff\xd8") is None
     assert sniff_format(b"\xff\xd8\xff\xe0") == JPEG and sniff_format(b"\x89PNG\r\n\x1a\n") == PNG
     assert sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == WEBP and sniff_format(b"RIFF\0\0\0\0WAVEfmt ") is None
+
+
+_SEEDS = [
+    _encode(_image("RGB", 40, 30), "JPEG", exif=b"Exif\0\0II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0\x06\0\0\0"),
+    _encode(_image("L", 40, 30), "JPEG", progressive=True),
+    _encode(_image("RGB", 40, 30), "PNG"),
+    _encode(_image("RGB", 40, 30), "WEBP"),
+    _encode(_image("RGBA", 40, 30), "WEBP", lossless=True),
+]
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.sampled_from(_SEEDS), st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6), st.data())
+def test_damaged_headers_fail_as_request_errors_only(seed, flips, data):
+    """Any bytes changed or cut in the first 200 give an answer or a RequestError (a 4xx), never a crash."""
+    raw = bytearray(seed)
+    for at, value in flips:
+        if at < len(raw):
+            raw[at] = value
+    raw = raw[: data.draw(st.integers(0, len(raw)))]
+    try:
+        header = check_image(raw, ImageOptions())
+    except RequestError as err:
+        assert 400 <= err.status < 500
+    else:
+        assert header.width >= 1 and header.height >= 1 and 1 <= header.orientation <= 8
