@@ -18,6 +18,7 @@ Optional::
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import os
@@ -82,10 +83,14 @@ class BuildHook:
             raise ConfigError(f"{where}: LABELS must be a list of strings")
         self.labels: list[str] | None = list(labels) if labels else None
         self.weights_env: str | None = getattr(self.module, "WEIGHTS_ENV", None)
+        # Built once per hook: the bench exports one model in several formats, and digits trains each time.
+        self._built: dict[str | None, Any] = {}
 
     def build_model(self, weights: str | None, log: Callable[[str], None] = print) -> Any:
-        """The eager model (with weights from ``weights`` when given)."""
-        return self.module.build_model(weights, log=log)
+        """The eager model (with weights from ``weights`` when given): built once, a fresh copy for each caller."""
+        if weights not in self._built:
+            self._built[weights] = self.module.build_model(weights, log=log)
+        return copy.deepcopy(self._built[weights])  # an export may change the model it is given
 
     def example_inputs(self) -> Any:
         """A batch of example inputs (export, parity checks)."""
