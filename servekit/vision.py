@@ -132,9 +132,9 @@ class Preprocessor:
         except RuntimeError as exc:
             if "color conversion" not in str(exc):
                 raise InvalidInput(f"cannot decode image: {_short(exc)}") from None
-            # libjpeg converts no colours in a lossless JPEG: take its own channels and convert them here.
-            img = self._to_channels(self._decode_unchanged(data))
-        if img.shape[0] != self.opts.channels:  # libwebp gives RGB(A) whatever the mode asks
+            # libjpeg converts no colours in a lossless JPEG: take its own channels, converted below.
+            img = self._decode_unchanged(data)
+        if img.shape[0] != self.opts.channels:  # that, and libwebp, which gives RGB(A) whatever the mode asks
             img = self._to_channels(img)
         # A 16-bit PNG decodes to uint16: keep its top 8 bits, as torchvision scales between dtypes.
         return img if img.dtype == torch.uint8 else to_dtype(img, torch.uint8, scale=True)
@@ -289,7 +289,10 @@ class Preprocessor:
 
 
 def upright(img: torch.Tensor, orientation: int) -> torch.Tensor:
-    """A CHW image turned as its EXIF orientation (2-8) says, as PIL's ``ImageOps.exif_transpose`` does; a view."""
+    """A CHW image turned as its EXIF orientation (2-8) says, as PIL's ``ImageOps.exif_transpose`` does.
+
+    A transpose is a view; a flip copies the image (cheap beside its decode).
+    """
     if orientation in (5, 6, 7, 8):  # stored on its side: rows become columns
         img = img.transpose(-2, -1)
     flips = {2: (-1,), 3: (-2, -1), 4: (-2,), 6: (-1,), 7: (-2, -1), 8: (-2,)}.get(orientation, ())
