@@ -308,7 +308,7 @@ class Client:
     ) -> Prediction:
         """Send one image (bytes, or a file path) and return the parsed answer; raises PredictionError."""
         if isinstance(image, (bytes, bytearray)):
-            body, ctype = bytes(image), content_type or _sniff(bytes(image))
+            body, ctype = bytes(image), content_type or sniffed_content_type(bytes(image))
         else:
             path = Path(image)
             body, ctype = path.read_bytes(), content_type or CONTENT_TYPES.get(path.suffix.lower(), "")
@@ -334,7 +334,7 @@ class Client:
         )
 
 
-def _sniff(body: bytes) -> str:
+def sniffed_content_type(body: bytes) -> str:
     """The content type of image bytes (JPEG, PNG or WebP), from their first bytes."""
     fmt = sniff_format(body)
     return _SNIFFED[fmt] if fmt else "application/octet-stream"

@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--decode-batch", type=_ints, help="nvjpeg batch sizes (GPU only)")
     p.add_argument("--image-bytes", type=int, default=170_000, help="size of the synthetic JPEG")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="send these images instead of the synthetic JPEG, each connection in turn from its own start: "
+        "files and folders (their .jpg/.jpeg/.png/.webp), or 'mixed', a built-in mix of 28 RGB images "
+        "from 320x240 to 12 MP (JPEG, progressive JPEG, PNG, WebP)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--keep", action="store_true", help="copy the servers' run dirs (logs) into the output")
     p.add_argument(
@@ -238,6 +247,7 @@ def plan_from_args(args: argparse.Namespace, argv: list[str]) -> Any:
         ceiling_threads=args.ceiling_threads,
         decode_batches=pick("decode_batch"),
         image_bytes=args.image_bytes,
+        images=args.images,
         keep=args.keep,
         litserve_api_servers=args.litserve_api_servers,
         py_spy=args.py_spy,

@@ -33,7 +33,9 @@ class GpuSampler:
         self._thread: threading.Thread | None = None
         self.util: list[float] = []
         self.used_mib: list[float] = []
-        self.per_pid_mib: dict[int, float] = {}
+        self.per_pid_mib: dict[int, float] = {}  # peak
+        self.first_pid_mib: dict[int, float] = {}
+        self.last_pid_mib: dict[int, float] = {}
         self.pid_gpu: dict[int, int] = {}
 
     def _sample(self) -> None:
@@ -46,6 +48,8 @@ class GpuSampler:
                 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
                     mib = (p.usedGpuMemory or 0) / 2**20
                     self.per_pid_mib[p.pid] = max(self.per_pid_mib.get(p.pid, 0.0), mib)
+                    self.first_pid_mib.setdefault(p.pid, mib)
+                    self.last_pid_mib[p.pid] = mib
                     self.pid_gpu[p.pid] = index
             self.util.append(sum(utils) / len(utils))
             self.used_mib.append(used)
@@ -63,19 +67,22 @@ class GpuSampler:
             self._thread.join()
 
     def summary(self, worker_pids: Iterable[int], workers: int) -> dict[str, Any] | None:
-        """Mean/max utilisation (%), peak memory in use, peak memory per worker (MiB), GPUs the workers use."""
+        """Mean/max utilisation (%), peak memory in use, peak memory per worker and its growth (MiB), GPUs used."""
         if not self.enabled or not self.util:
             return None
         pids = set(worker_pids)
         mine = [mib for pid, mib in self.per_pid_mib.items() if pid in pids]
         # Inside a container NVML may report host pids: then split the device's memory evenly.
         per_worker = sum(mine) / len(mine) if mine else max(self.used_mib) / max(1, workers)
+        # Memory a worker gained between the first and the last sample: a leak, or a cache still growing.
+        growth = [self.last_pid_mib[pid] - self.first_pid_mib[pid] for pid in pids if pid in self.first_pid_mib]
         return {
             "util_mean_pct": round(sum(self.util) / len(self.util), 1),
             "util_max_pct": round(max(self.util), 1),
             "mem_used_mib_max": round(max(self.used_mib)),
             "mem_per_worker_mib": round(per_worker),
             "mem_per_worker_source": "per-process" if mine else "device total / workers",
+            "mem_per_worker_growth_mib": round(max(growth)) if growth else None,
             # Inside a container (host pids) this cannot be told: None.
             "gpus_used": len({self.pid_gpu[pid] for pid in pids if pid in self.pid_gpu}) or None,
         }

@@ -24,7 +24,7 @@ def _octaves(rng: np.random.Generator, h: int, w: int, channels: int) -> np.ndar
     return tex / tex.std()
 
 
-def _scene(seed: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def scene(seed: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A sky/ground landscape with blobs, its texture fields and where detail goes."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -54,7 +54,7 @@ def synthetic_jpeg(
 
     The texture amplitude is found by bisection; the file size grows with it monotonically enough.
     """
-    base, texture, detail = _scene(seed, width, height)
+    base, texture, detail = scene(seed, width, height)
     lo, hi = 0.0, 400.0
     best = _encode(base, quality)
     for _ in range(25):

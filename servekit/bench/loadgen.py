@@ -19,11 +19,13 @@ Record = tuple[float, float, int, str | None]
 
 @dataclass(frozen=True)
 class Target:
-    """What every request sends, and what a good answer looks like."""
+    """What the requests send, and what a good answer looks like."""
 
     url: str
-    body: bytes
-    headers: dict[str, str]
+    # (body, its Content-Type): each connection sends them in turn, starting from its own index, so
+    # that concurrent requests carry different images and a batch mixes them as real traffic does.
+    bodies: tuple[tuple[bytes, str], ...]
+    headers: dict[str, str]  # sent with every body
     topk: int | None = None  # entries a good answer has (None: only the status is checked)
     timeout: float = 300.0
 
@@ -66,9 +68,11 @@ def valid_answer(body: bytes, topk: int) -> bool:
     return len(data) == topk and all(isinstance(v, (int, float)) for v in data.values())
 
 
-def _post(conn: http.client.HTTPConnection, path: str, target: Target) -> tuple[int, str | None, bool]:
+def _post(
+    conn: http.client.HTTPConnection, path: str, body: bytes, headers: dict[str, str], target: Target
+) -> tuple[int, str | None, bool]:
     """One request on a kept-alive connection: (status, error text, whether the connection is still usable)."""
-    conn.request("POST", path, body=target.body, headers=target.headers)
+    conn.request("POST", path, body=body, headers=headers)
     resp = conn.getresponse()
     data = resp.read()
     if resp.status != 200:
@@ -78,17 +82,21 @@ def _post(conn: http.client.HTTPConnection, path: str, target: Target) -> tuple[
     return 200, None, not resp.will_close
 
 
-def _client_loop(target: Target, start_at: float, stop_at: float, out: list[Record]) -> None:
-    """Send requests back to back from ``start_at`` until ``stop_at``."""
+def _client_loop(target: Target, first: int, start_at: float, stop_at: float, out: list[Record]) -> None:
+    """Send requests back to back from ``start_at`` until ``stop_at``, the bodies in turn from index ``first``."""
     parts = urlsplit(target.url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
+    sends = [(body, {**target.headers, "Content-Type": ctype}) for body, ctype in target.bodies]
     conn: http.client.HTTPConnection | None = None
     time.sleep(max(0.0, start_at - time.time()))
+    sent = first
     while (t0 := time.time()) < stop_at:
         if conn is None:
             conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=target.timeout)
+        body, headers = sends[sent % len(sends)]
+        sent += 1
         try:
-            status, err, keep = _post(conn, path, target)
+            status, err, keep = _post(conn, path, body, headers, target)
         except (OSError, http.client.HTTPException) as exc:
             status, err, keep = 0, f"{type(exc).__name__}: {exc}", False
         out.append((t0, time.time(), status, err))
@@ -108,9 +116,19 @@ def _cpu_probe(measure_from: float, stop_at: float, cpu: list[float]) -> None:
 
 
 def _process_main(
-    target: Target, threads: int, warmup: float, duration: float, start_value, ready: mp.Queue, results: mp.Queue
+    target: Target,
+    threads: int,
+    first: int,
+    warmup: float,
+    duration: float,
+    start_value,
+    ready: mp.Queue,
+    results: mp.Queue,
 ) -> None:
-    """One load process: report ready, wait for the shared start instant, run ``threads`` clients."""
+    """One load process: report ready, wait for the shared start instant, run ``threads`` clients.
+
+    Its clients are connections ``first`` .. ``first + threads - 1`` of the whole load.
+    """
     ready.put(os.getpid())
     while start_value.value == 0.0:
         time.sleep(0.005)
@@ -119,7 +137,7 @@ def _process_main(
     records: list[list[Record]] = [[] for _ in range(threads)]
     cpu: list[float] = []
     workers = [
-        threading.Thread(target=_client_loop, args=(target, start_at, stop_at, records[i]), daemon=True)
+        threading.Thread(target=_client_loop, args=(target, first + i, start_at, stop_at, records[i]), daemon=True)
         for i in range(threads)
     ]
     workers.append(threading.Thread(target=_cpu_probe, args=(measure_from, stop_at, cpu), daemon=True))
@@ -182,9 +200,14 @@ def run_load(
     shares = split(concurrency, processes or default_processes(concurrency))
     start_value = ctx.Value("d", 0.0)
     ready, results = ctx.Queue(), ctx.Queue()
+    firsts = [sum(shares[:i]) for i in range(len(shares))]
     procs = [
-        ctx.Process(target=_process_main, args=(target, n, warmup, duration, start_value, ready, results), daemon=True)
-        for n in shares
+        ctx.Process(
+            target=_process_main,
+            args=(target, n, first, warmup, duration, start_value, ready, results),
+            daemon=True,
+        )
+        for n, first in zip(shares, firsts, strict=True)
     ]
     for p in procs:
         p.start()

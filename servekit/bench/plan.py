@@ -69,6 +69,7 @@ class Plan:
     ceiling_threads: int = 1  # CPU only: torch threads for the model-only ceiling
     decode_batches: Sequence[int] = (32, 64)
     image_bytes: int = 170_000
+    images: Sequence[str] = ()  # what the load sends: () the synthetic JPEG, ("mixed",), or files and folders
     keep: bool = False
     litserve_api_servers: int = 0  # the peer's API server processes; 0: one per inference worker (its default)
     py_spy: bool = False  # sample a worker with py-spy during each run's peak window

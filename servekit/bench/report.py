@@ -12,6 +12,7 @@ import numpy as np
 
 from ..extras import require
 from .configs import ALTERNATES, BASELINES, CONFIGS, OURS
+from .corpus import summary_line
 
 QUANTILES = (50, 90, 99)
 
@@ -237,6 +238,12 @@ def full_report(results: dict[str, Any]) -> str:
     """Everything as Markdown: comparison, per-run table, micro-benchmarks."""
     runs = results.get("runs", [])
     parts = []
+    metas = results.get("meta") or []
+    # A merged report has one meta per file: each distinct set of request bodies is named once.
+    lines = dict.fromkeys(
+        summary_line(m["images"]) for m in (metas if isinstance(metas, list) else [metas]) if m.get("images")
+    )
+    parts += [f"Request bodies: {line}\n" for line in lines]
     if runs:
         parts += [
             "Comparison (best run of each configuration at each concurrency):\n",

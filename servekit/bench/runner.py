@@ -14,8 +14,9 @@ from typing import Any
 from ..config import ClassifierOptions, ModelConfig
 from ..extras import require
 from ..tslogs import tail_lines
-from . import report, stock
+from . import corpus, report, stock
 from .configs import CONFIGS
+from .corpus import BenchImage
 from .gpu import GpuSampler
 from .images import synthetic_jpeg
 from .loadgen import run_load
@@ -80,7 +81,14 @@ def measure(plan: Plan, serving: Serving, workers: int, log: Log, label: str = "
 
 
 def start(
-    plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path, default_threads: int, run: dict
+    plan: Plan,
+    art: Artifacts,
+    config: str,
+    point: Point,
+    images: Sequence[BenchImage],
+    workdir: Path,
+    default_threads: int,
+    run: dict,
 ) -> Serving:
     """Package and start one configuration's server; what it ran with goes into ``run``."""
     slug = run["label"].replace(" ", "-")
@@ -92,15 +100,22 @@ def start(
         api_servers = plan.litserve_api_servers or point.total_workers
         run["api_servers"] = api_servers
         return start_litserve(
-            plan, packed.artifact, packed.model_config, point, api_servers, run_dir, body, packed.topk
+            plan, packed.artifact, packed.model_config, point, api_servers, run_dir, images, packed.topk
         )
-    serving = start_torchserve(plan, packed.mar, point, packed.env, run_dir, body, packed.topk)
+    serving = start_torchserve(plan, packed.mar, point, packed.env, run_dir, images, packed.topk)
     run["worker_omp_num_threads"] = worker_env_threads(serving.pgid)
     return serving
 
 
 def run_one(
-    plan: Plan, art: Artifacts, config: str, point: Point, body: bytes, workdir: Path, default_threads: int, log: Log
+    plan: Plan,
+    art: Artifacts,
+    config: str,
+    point: Point,
+    images: Sequence[BenchImage],
+    workdir: Path,
+    default_threads: int,
+    log: Log,
 ) -> dict[str, Any]:
     """Archive, serve, load and stop one configuration at one point; failures are recorded, not raised."""
     label = point.label(config)
@@ -116,7 +131,7 @@ def run_one(
     try:
         log(f"  {label}: starting {CONFIGS[config].server}")
         t0 = time.monotonic()
-        serving = start(plan, art, config, point, body, workdir, default_threads, run)
+        serving = start(plan, art, config, point, images, workdir, default_threads, run)
     except Exception as exc:  # keep going: one configuration failing must not lose the others
         run["error"] = f"{type(exc).__name__}: {exc}"
         log(f"    failed to start: {run['error']}\n{server_log_tail(logs)}")
@@ -271,11 +286,11 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
             "channels_last_weights": plan.channels_last_weights,
             "size_mb": round(art.served.stat().st_size / 1e6, 1),
         }
-        body = synthetic_jpeg(target_bytes=plan.image_bytes)
-        results["meta"]["image"] = {"width": 500, "height": 375, "bytes": len(body), "format": "JPEG q90 4:4:4"}
-        log(f"request body: synthetic 500x375 JPEG, {len(body) / 1000:.0f} kB")
-        if plan.micro:
-            results.update(run_micro(plan, art, body, log))
+        images = corpus.load(plan.images, plan.image_bytes)
+        results["meta"]["images"] = corpus.describe(images, corpus.source_name(plan.images))
+        log(f"request bodies: {corpus.summary_line(results['meta']['images'])}")
+        if plan.micro:  # decode-only rates: always the synthetic JPEG, comparable from run to run
+            results.update(run_micro(plan, art, synthetic_jpeg(target_bytes=plan.image_bytes), log))
         resolve_levers(plan, results, log)
         results["meta"]["artifact"]["ours_frozen"] = plan.freeze
         defaults = stock.default_threads() if runs_stock else os.cpu_count() or 1
@@ -293,7 +308,7 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
                 }
                 log(f"  {run['label']}: same settings as {same_as}; not rerun")
             else:
-                run = run_one(plan, art, config, point, body, workdir, defaults, log)
+                run = run_one(plan, art, config, point, images, workdir, defaults, log)
             done[run["label"]] = run
             results["runs"].append(run)
             report.write_json(results, plan.out / "results.json")  # partial results survive a crash

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from urllib3 import encode_multipart_formdata
 from .. import health, server
 from ..client import model_states, wait_until
 from ..errors import ConfigError
+from .corpus import BenchImage
 from .loadgen import Target
 from .plan import Plan, Point
 from .procs import Roles, torchserve_role
@@ -86,7 +87,7 @@ class Serving:
 
 
 def start_torchserve(
-    plan: Plan, mar: Path, point: Point, env: dict[str, str], run_dir: Path, body: bytes, topk: int
+    plan: Plan, mar: Path, point: Point, env: dict[str, str], run_dir: Path, images: Sequence[BenchImage], topk: int
 ) -> Serving:
     """Start TorchServe on free ports with ``env`` and wait for every worker to be READY."""
     overrides = {**server.private_ports(), **plan.server_overrides}
@@ -112,8 +113,8 @@ def start_torchserve(
     key = cfg.tokens.keys().inference if cfg.tokens else ""
     target = Target(
         url=f"{cfg.address('inference_address')}/predictions/{plan.model}",
-        body=body,
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "image/jpeg"},
+        bodies=tuple((i.body, i.content_type) for i in images),
+        headers={"Authorization": f"Bearer {key}"},
         topk=topk,
     )
     return Serving(target, proc.pid, run_dir, workers_on_gpu=sum(bool(w.get("gpu")) for w in described))
@@ -126,7 +127,7 @@ def start_litserve(
     point: Point,
     api_servers: int,
     run_dir: Path,
-    body: bytes,
+    images: Sequence[BenchImage],
     topk: int,
 ) -> Serving:
     """Start the LitServe peer (its own process group) and wait until every inference worker is set up."""
@@ -173,8 +174,9 @@ def start_litserve(
     except Exception:
         server.stop(run_dir)
         raise
-    form, content_type = encode_multipart_formdata({PEER_FIELD: ("image.jpg", body, "image/jpeg")})
-    target = Target(url=f"{url}/predict", body=form, headers={"Content-Type": content_type}, topk=topk)
+    # A multipart upload each, as a browser's form sends a file.
+    forms = tuple(encode_multipart_formdata({PEER_FIELD: (Path(i.name).name, i.body, i.content_type)}) for i in images)
+    target = Target(url=f"{url}/predict", bodies=forms, headers={}, topk=topk)
     on_gpu = sum("cuda" in f.read_text() for f in pid_dir.glob("*"))
     return Serving(target, proc.pid, run_dir, roles=peer_roles(pid_dir), workers_on_gpu=on_gpu)
 

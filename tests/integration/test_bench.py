@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import psutil
 import pytest
@@ -28,6 +29,8 @@ from servekit.config import ModelConfig
 from servekit.hooks import MODELS_DIR, BuildHook
 from servekit.store import read_manifest
 from support.rel_support import digit_samples
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def test_stock_archive_uses_the_builtin_handler(tmp_path):
@@ -139,13 +142,17 @@ def test_bench_end_to_end_smoke(tmp_path):
             "2",
             "--out",
             str(out),
+            "--images",  # one of each format: every configuration answers every one (errors are counted)
+            str(DATA / "digit-7.png"),
+            str(DATA / "variants" / "lossy.webp"),
+            str(DATA / "variants" / "tables16-progressive.jpg"),
         ]
     )
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["model"] == "digits" and results["meta"]["cores"] >= 1
     assert results["meta"]["litserve"] == version("litserve")  # the peer's version travels with its figures
-    assert results["meta"]["image"]["bytes"] > 160_000
+    assert results["meta"]["images"]["formats"] == {"png": 1, "webp": 1, "jpeg": 1}
     run, pt2, int8, peer = results["runs"]
     assert run["config"] == "ours" and "error" not in run
     assert pt2["config"] == "ours-pt2" and "error" not in pt2 and pt2["amp"] == "pt2 (fp32)"
@@ -176,7 +183,7 @@ def test_bench_end_to_end_smoke(tmp_path):
     report_md = (out / "report.md").read_text()
     assert "ours pt2 req/s" in report_md and "ours int8 req/s" in report_md and "ours/litserve" in report_md
     assert (out / "bench.png").stat().st_size > 10_000
-    assert "| ours w1 b4 d5 |" in (out / "report.md").read_text()
+    assert "| ours w1 b4 d5 |" in report_md and report_md.startswith("Request bodies: 3 image(s)")
     # The report command redraws the same tables from the JSON.
     assert main(["report", str(out / "results.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "report.md").read_text() == (out / "report.md").read_text()

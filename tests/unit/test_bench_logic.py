@@ -185,6 +185,8 @@ def test_gpu_sampler_counts_the_gpus_the_workers_use():
     summary = sampler.summary([10, 11, 12], workers=3)
     assert summary is not None and summary["gpus_used"] == 2 and summary["mem_per_worker_mib"] == 1250
     assert sampler.summary([10], workers=1)["gpus_used"] == 1
+    sampler.first_pid_mib, sampler.last_pid_mib = {10: 1000.0, 11: 1290.0}, {10: 1180.0, 11: 1300.0}
+    assert sampler.summary([10, 11], workers=2)["mem_per_worker_growth_mib"] == 180  # the worker that grew most
 
 
 def test_quick_profile_and_overrides():
@@ -279,7 +281,7 @@ def test_after_a_sigterm_no_server_starts_and_no_window_runs(tmp_path, monkeypat
     assert not serving._running
     plan = plan_from_args(build_parser().parse_args(["--model", "digits", "--concurrency", "1"]), [])
     with pytest.raises(serving.Terminated):
-        measure(plan, serving.Serving(Target("http://127.0.0.1:1/", b"", {}), 0, tmp_path), 1, print)
+        measure(plan, serving.Serving(Target("http://127.0.0.1:1/", ((b"", "image/jpeg"),), {}), 0, tmp_path), 1, print)
 
 
 def test_comparison_adds_litserve_columns_only_when_it_ran():
