@@ -130,6 +130,9 @@ class ImageOptions(HandlerOptions):
     # GPU only: baseline JPEGs go to nvjpeg's hardware decoder straight from servekit's header
     # check, skipping torchvision's second parse of each image (servekit.nvjpeg).
     hardware_jpeg: bool = True
+    # Threads that decode a batch's images on the CPU side by side (PNG, WebP, progressive JPEG; every
+    # image on a CPU worker). auto: the worker's torch threads (cpu_threads); 1: one after another.
+    decode_threads: int | str = "auto"
     channels: int = 3
     resize: int = 256
     crop: int = 224
@@ -150,6 +153,8 @@ class ImageOptions(HandlerOptions):
         problems = super().problems()
         if self.decode_device not in DECODE_CHOICES:
             problems.append(f"decode_device must be one of {DECODE_CHOICES}, got {self.decode_device!r}")
+        if self.decode_threads != "auto" and (type(self.decode_threads) is not int or self.decode_threads < 1):
+            problems.append(f"decode_threads must be 'auto' or an integer >= 1, got {self.decode_threads!r}")
         if self.channels not in (1, 3):
             problems.append(f"channels must be 1 or 3, got {self.channels!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

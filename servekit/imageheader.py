@@ -68,6 +68,7 @@ class ImageFrame(NamedTuple):
     hardware_header: int  # bytes up to the end of the scan header; 0: not a hardware candidate
     cpu_only: bool = False  # nvjpeg would decode it wrongly or not at all
     orientation: int = 1  # EXIF orientation, 1-8 (1: as stored), of a JPEG that has one
+    progressive: bool = False  # a progressive JPEG (its entropy decoding is the CPU's work on every path)
 
 
 def dimensions(raw: Body, fmt: str) -> tuple[int, int]:
@@ -225,4 +226,4 @@ def jpeg_frame(raw: Body) -> ImageFrame:
     height, width = struct.unpack_from(">HH", raw, sof + 3)
     cpu_only = _cpu_only(raw, sof, sof_marker, end, jfif, adobe, wide_q)
     hardware = header_end if not cpu_only and _hardware(raw, sof, sof_marker, end) else 0
-    return ImageFrame(width, height, hardware, cpu_only, orientation)
+    return ImageFrame(width, height, hardware, cpu_only, orientation, sof_marker == _PROGRESSIVE)

@@ -144,6 +144,14 @@ CONFIGS: dict[str, BenchConfig] = {
             handler={"serial_gpu_decode": True},
         ),
         BenchConfig(
+            "ours-one-decode-thread",
+            "our handler decoding a batch's CPU images (PNG, WebP, progressive JPEG) one after another",
+            ours=True,
+            color="gold",
+            column="one decode thread",
+            handler={"decode_threads": 1},
+        ),
+        BenchConfig(
             "ours-spin",
             "our handler with CUDA waits spinning instead of blocking (GPU only): the latency/CPU trade-off",
             ours=True,

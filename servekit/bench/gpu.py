@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,12 +37,14 @@ class GpuSampler:
         self.per_pid_mib: dict[int, float] = {}  # peak
         self.first_pid_mib: dict[int, float] = {}
         self.last_pid_mib: dict[int, float] = {}
+        self.timeline: list[tuple[float, dict[int, float]]] = []  # (monotonic s, MiB by pid), every sample
         self.pid_gpu: dict[int, int] = {}
 
     def _sample(self) -> None:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         while not self._stop.is_set():
             utils, used = [], 0.0
+            now: dict[int, float] = {}
             for index, h in enumerate(handles):
                 utils.append(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
                 used += pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
@@ -50,7 +53,9 @@ class GpuSampler:
                     self.per_pid_mib[p.pid] = max(self.per_pid_mib.get(p.pid, 0.0), mib)
                     self.first_pid_mib.setdefault(p.pid, mib)
                     self.last_pid_mib[p.pid] = mib
+                    now[p.pid] = mib
                     self.pid_gpu[p.pid] = index
+            self.timeline.append((time.monotonic(), now))
             self.util.append(sum(utils) / len(utils))
             self.used_mib.append(used)
             self._stop.wait(self.interval)
@@ -83,9 +88,20 @@ class GpuSampler:
             "mem_per_worker_mib": round(per_worker),
             "mem_per_worker_source": "per-process" if mine else "device total / workers",
             "mem_per_worker_growth_mib": round(max(growth)) if growth else None,
+            "mem_per_worker_timeline": self._timeline(pids),
             # Inside a container (host pids) this cannot be told: None.
             "gpus_used": len({self.pid_gpu[pid] for pid in pids if pid in self.pid_gpu}) or None,
         }
+
+    def _timeline(self, pids: set[int], step: float = 5.0) -> list[list[float]]:
+        """[seconds from the first sample, the largest worker's MiB], one point per ``step`` seconds."""
+        points: list[list[float]] = []
+        start = self.timeline[0][0] if self.timeline else 0.0
+        for t, by_pid in self.timeline:
+            mine = [mib for pid, mib in by_pid.items() if pid in pids]
+            if mine and (not points or t - start >= points[-1][0] + step):
+                points.append([round(t - start, 1), round(max(mine))])
+        return points
 
 
 def gpu_names() -> list[str]:

@@ -88,9 +88,9 @@ def test_an_unusual_chroma_layout_or_damage_after_the_frame_header_is_left_to_to
     assert jpeg_frame(_with_chroma_factors(jpeg, 0x22)).hardware_header == 0  # chroma at 2x2 like the luma
     sof = jpeg.index(b"\xff\xc0")
     cut = jpeg[: sof + 19]  # the frame header and nothing after it
-    assert jpeg_frame(cut) == (16, 16, 0, False, 1)
+    assert jpeg_frame(cut) == (16, 16, 0, False, 1, False)
     garbage = jpeg[: sof + 19] + b"\x00\x01" + jpeg[sof + 21 :]
-    assert jpeg_frame(garbage) == (16, 16, 0, False, 1)
+    assert jpeg_frame(garbage) == (16, 16, 0, False, 1, False)
 
 
 def test_no_decoder_without_a_gpu_or_a_library(monkeypatch, caplog):
