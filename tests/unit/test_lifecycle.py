@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from servekit import server
 from servekit.client import ManagementClient
 from servekit.config import WORKERS_ENV, ModelConfig
 from servekit.errors import ConfigError
@@ -312,3 +313,12 @@ def test_auto_workers_reach_the_config_and_the_workers_env(tmp_path, monkeypatch
     monkeypatch.setenv(WORKERS_ENV, "4")
     assert ModelConfig.from_dict({"batchSize": 32}).max_workers == 4  # resnet50 sets no count
     assert ModelConfig.from_dict({"minWorkers": 1, "maxWorkers": 2}).max_workers == 2
+
+
+def test_workers_get_growable_gpu_memory_segments_unless_told_otherwise(tmp_path, monkeypatch):
+    """Images of many sizes fragment torch's cached GPU blocks; a user's own allocator setting is kept."""
+    cfg = ServerConfig(tmp_path, tmp_path)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert server._env(cfg, {}, tmp_path, False)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert server._env(cfg, {}, tmp_path, False)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

@@ -163,7 +163,7 @@ def test_jpegs_nvjpeg_decodes_wrongly_are_decoded_on_the_cpu(channels):
 
 @needs_cuda
 def test_a_batch_mixing_kinds_decodes_each_on_its_path(monkeypatch):
-    pre = Preprocessor(ImageOptions(), torch.device("cuda", 0))
+    pre = Preprocessor(ImageOptions(decode_threads=1), torch.device("cuda", 0))  # one thread: progressive to nvjpeg
     assert pre.hardware is not None
     pre.warmup()
     calls: list[int] = []
@@ -182,3 +182,9 @@ def test_a_batch_mixing_kinds_decodes_each_on_its_path(monkeypatch):
     # pixels past the cut are undefined in both (they differed between the two on an H200).
     cut = decode_jpeg(as_uint8(bytearray(truncated)), device=pre.device)
     assert out[2].shape == cut.shape == (3, 48, 64)
+    # With decode threads, libjpeg takes the progressive one, beside the engine's batch.
+    threaded = Preprocessor(ImageOptions(decode_threads=2), pre.device)
+    threaded.warmup()
+    out = threaded.decode_many(raws, [check_image(r, pre.opts) for r in raws])
+    assert out[1].device.type == "cpu" and out[0].device == pre.device
+    assert torch.equal(out[1], decode_image(as_uint8(bytearray(progressive)), mode=ImageReadMode.RGB))
