@@ -13,6 +13,8 @@
 #   bash scripts/gpu_bench.sh gpus    # one GPU against all of them (2 on a two-GPU host), one run (~4 min)
 #   bash scripts/gpu_bench.sh peer    # ours, tuned stock and the LitServe peer at w4 b32, side by side (~5 min;
 #                                     # first put the peer's wheels in .gpu: bash scripts/gpu_peer_wheels.sh)
+#   bash scripts/gpu_bench.sh mix     # ours (with and without decode threads), tuned stock and LitServe on the
+#                                     # built-in mix of 28 images, 320x240 to 12 MP (~5.5 min)
 #   bash scripts/gpu_bench.sh reload  # a 4-worker switch under load, plain then with preloaded workers (~2 min)
 #   bash scripts/gpu_bench.sh workercpu # ours, ours-unbuffered (TorchServe's own reader and parser) and
 #                                     # ours-serial-decode (one nvjpeg decode at a time per GPU), w4 b32, c=1 and
@@ -59,12 +61,14 @@ case "$phase" in
   graphs) args=(--gpu --configs ours,ours-eager --workers 4 --batch 32 --concurrency 1,128,256 --freeze --no-micro) ;;
   gpus)  args=(--gpu --configs ours --workers 4 --batch 32 --gpus "1,$(nvidia-smi -L | wc -l)" --concurrency 256,512
            --freeze --no-micro) ;;
+  mix)   args=(--gpu --configs ours,ours-one-decode-thread,stock-tuned,litserve --workers 4 --batch 32 --concurrency 1,256
+           --duration 10 --warmup 3 --freeze --no-micro --images mixed) ;;
   peer)  args=(--gpu --configs ours,stock-tuned,litserve --workers 4 --batch 32 --concurrency 1,128,256 --freeze
            --no-micro) ;;
   workercpu) args=(--gpu --configs ours,ours-unbuffered,ours-serial-decode --workers 4 --batch 32
            --concurrency 1,256 --duration 10 --freeze --no-micro) ;;
   profile) args=(--gpu --configs ours,noop,stock-tuned --workers 4 --batch 32 --concurrency 1,128 --duration 12
            --no-micro --py-spy) ;;
-  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|profile|workercpu|stages|reload]" >&2; exit 2 ;;
+  *)     echo "usage: $0 [ours|stock|all|pt2|graphs|gpus|peer|mix|profile|workercpu|stages|reload]" >&2; exit 2 ;;
 esac
 python3 -m servekit.bench "${args[@]}" --out "$out" 2>&1 | tee "$out/bench.log"
