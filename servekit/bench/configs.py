@@ -147,7 +147,7 @@ CONFIGS: dict[str, BenchConfig] = {
             "ours-one-decode-thread",
             "our handler decoding a batch's CPU images (PNG, WebP, progressive JPEG) one after another",
             ours=True,
-            color="gold",
+            color="tab:pink",
             column="one decode thread",
             handler={"decode_threads": 1},
         ),
