@@ -170,8 +170,7 @@ class Preprocessor:
 
         Errors stay per item.
         """
-        out: list[torch.Tensor | RequestError] = [None]  # type: ignore[list-item]
-        out *= len(raws)
+        out: list[torch.Tensor | RequestError] = [None] * len(raws)  # type: ignore[list-item]
         on_cpu = [i for i, h in enumerate(headers) if self._on_cpu(h)]
         # One image alone is decoded here: a thread would only add its hand-over.
         pool = self._decode_pool() if on_cpu and (len(on_cpu) > 1 or len(on_cpu) < len(raws)) else None
