@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,20 +81,23 @@ def measure(plan: Plan, serving: Serving, workers: int, log: Log, label: str = "
     return points
 
 
-def start(
-    plan: Plan,
-    art: Artifacts,
-    config: str,
-    point: Point,
-    images: Sequence[BenchImage],
-    workdir: Path,
-    default_threads: int,
-    run: dict,
-) -> Serving:
+@dataclass(frozen=True)
+class Session:
+    """What every run of one bench invocation shares."""
+
+    plan: Plan
+    art: Artifacts
+    images: Sequence[BenchImage]  # the request bodies
+    workdir: Path
+    default_threads: int  # stock's torch threads per worker
+
+
+def start(session: Session, config: str, point: Point, run: dict) -> Serving:
     """Package and start one configuration's server; what it ran with goes into ``run``."""
+    plan, images = session.plan, session.images
     slug = run["label"].replace(" ", "-")
-    run_dir = workdir / "runs" / slug
-    packed = package(plan, art, config, point, workdir, slug, default_threads)
+    run_dir = session.workdir / "runs" / slug
+    packed = package(plan, session.art, config, point, session.workdir, slug, session.default_threads)
     run.update(packed.facts, threads_per_worker=packed.threads)
     if packed.mar is None:
         assert packed.artifact is not None
@@ -107,17 +111,9 @@ def start(
     return serving
 
 
-def run_one(
-    plan: Plan,
-    art: Artifacts,
-    config: str,
-    point: Point,
-    images: Sequence[BenchImage],
-    workdir: Path,
-    default_threads: int,
-    log: Log,
-) -> dict[str, Any]:
+def run_one(session: Session, config: str, point: Point, log: Log) -> dict[str, Any]:
     """Archive, serve, load and stop one configuration at one point; failures are recorded, not raised."""
+    plan = session.plan
     label = point.label(config)
     run: dict[str, Any] = {
         "config": config,
@@ -127,11 +123,11 @@ def run_one(
         "delay_ms": point.delay,
         "gpus": point.gpus if plan.device == "cuda" else 0,
     }
-    logs = workdir / "runs" / label.replace(" ", "-") / "logs"
+    logs = session.workdir / "runs" / label.replace(" ", "-") / "logs"
     try:
         log(f"  {label}: starting {CONFIGS[config].server}")
         t0 = time.monotonic()
-        serving = start(plan, art, config, point, images, workdir, default_threads, run)
+        serving = start(session, config, point, run)
     except Exception as exc:  # keep going: one configuration failing must not lose the others
         run["error"] = f"{type(exc).__name__}: {exc}"
         log(f"    failed to start: {run['error']}\n{server_log_tail(logs)}")
@@ -308,7 +304,7 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
                 }
                 log(f"  {run['label']}: same settings as {same_as}; not rerun")
             else:
-                run = run_one(plan, art, config, point, images, workdir, defaults, log)
+                run = run_one(Session(plan, art, images, workdir, defaults), config, point, log)
             done[run["label"]] = run
             results["runs"].append(run)
             report.write_json(results, plan.out / "results.json")  # partial results survive a crash
