@@ -345,7 +345,7 @@ def upright(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img.flip(flips) if flips else img
 
 
-# Values of one image stack resized at once (as float32: 128 MB). Same-sized images are resized
+# Values of one image stack resized at once (128 MB as float32 on a GPU). Same-sized images are resized
 # together, but 32 phone photos of 12 MP made one 4.6 GB float tensor (7.8 GB at peak in a worker);
 # past this, they go a few at a time, or one by one. A batch of 32 500x375 photos is 18M values.
 _CHUNK_VALUES = 1 << 25
