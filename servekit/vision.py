@@ -171,15 +171,17 @@ class Preprocessor:
         Errors stay per item.
         """
         out: list[torch.Tensor | RequestError] = [None] * len(raws)  # type: ignore[list-item]
-        on_cpu = [i for i, h in enumerate(headers) if self._on_cpu(h)]
+        threads = self._decode_threads()
+        on_cpu = [i for i, h in enumerate(headers) if self._on_cpu(h, threads)]
         # One image alone is decoded here: a thread would only add its hand-over.
-        pool = self._decode_pool() if on_cpu and (len(on_cpu) > 1 or len(on_cpu) < len(raws)) else None
+        pool = self._decode_pool(threads) if on_cpu and (len(on_cpu) > 1 or len(on_cpu) < len(raws)) else None
         pending: list[tuple[int, Future]] = (
             [(i, pool.submit(self._decode_cpu_item, raws[i])) for i in on_cpu] if pool else []
         )
         if self.hardware is not None:
             self._decode_hardware(raws, headers, out)
-        jpeg_idx = [i for i, h in enumerate(headers) if h.format == JPEG and out[i] is None and not self._on_cpu(h)]
+        cpu = set(on_cpu)
+        jpeg_idx = [i for i, h in enumerate(headers) if i not in cpu and h.format == JPEG and out[i] is None]
         if self.gpu_decode and not self._gpu_decode_failed and jpeg_idx:
             datas = [as_uint8(raws[i]) for i in jpeg_idx]
             try:
@@ -203,7 +205,7 @@ class Preprocessor:
                 out[i] = upright(img, h.orientation)
         return out
 
-    def _on_cpu(self, header: ImageHeader) -> bool:
+    def _on_cpu(self, header: ImageHeader, threads: int) -> bool:
         """Whether libjpeg, libpng or libwebp decodes this image.
 
         A progressive JPEG too, on a GPU with decode threads: nvjpeg's hybrid path spends its CPU on one after
@@ -211,7 +213,7 @@ class Preprocessor:
         """
         if not self.gpu_decode or self._gpu_decode_failed:
             return True
-        return header.format != JPEG or header.cpu_only or (header.progressive and self._decode_threads() > 1)
+        return header.format != JPEG or header.cpu_only or (header.progressive and threads > 1)
 
     def _decode_cpu_item(self, raw: Body) -> torch.Tensor | RequestError:
         try:
@@ -222,12 +224,12 @@ class Preprocessor:
     def _decode_threads(self) -> int:
         return torch.get_num_threads() if self.opts.decode_threads == "auto" else int(self.opts.decode_threads)
 
-    def _decode_pool(self) -> ThreadPoolExecutor | None:
-        """The threads that decode a batch's CPU images side by side (torchvision's decoders release the GIL).
+    def _decode_pool(self, threads: int) -> ThreadPoolExecutor | None:
+        """``threads`` threads that decode a batch's CPU images side by side (torchvision's decoders release
+        the GIL).
 
         Made in the process that uses it: a worker forked from a preloader has none of its threads.
         """
-        threads = self._decode_threads()
         if threads < 2:
             return None
         if self._pool is None or self._pool_pid != os.getpid():

@@ -35,8 +35,6 @@ class GpuSampler:
         self.util: list[float] = []
         self.used_mib: list[float] = []
         self.per_pid_mib: dict[int, float] = {}  # peak
-        self.first_pid_mib: dict[int, float] = {}
-        self.last_pid_mib: dict[int, float] = {}
         self.timeline: list[tuple[float, dict[int, float]]] = []  # (monotonic s, MiB by pid), every sample
         self.pid_gpu: dict[int, int] = {}
 
@@ -51,8 +49,6 @@ class GpuSampler:
                 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
                     mib = (p.usedGpuMemory or 0) / 2**20
                     self.per_pid_mib[p.pid] = max(self.per_pid_mib.get(p.pid, 0.0), mib)
-                    self.first_pid_mib.setdefault(p.pid, mib)
-                    self.last_pid_mib[p.pid] = mib
                     now[p.pid] = mib
                     self.pid_gpu[p.pid] = index
             self.timeline.append((time.monotonic(), now))
@@ -80,7 +76,12 @@ class GpuSampler:
         # Inside a container NVML may report host pids: then split the device's memory evenly.
         per_worker = sum(mine) / len(mine) if mine else max(self.used_mib) / max(1, workers)
         # Memory a worker gained between the first and the last sample: a leak, or a cache still growing.
-        growth = [self.last_pid_mib[pid] - self.first_pid_mib[pid] for pid in pids if pid in self.first_pid_mib]
+        seen: dict[int, list[float]] = {}  # pid -> [first sample, last sample]
+        for _, by_pid in self.timeline:
+            for pid, mib in by_pid.items():
+                if pid in pids:
+                    seen.setdefault(pid, [mib, mib])[1] = mib
+        growth = [last - first for first, last in seen.values()]
         return {
             "util_mean_pct": round(sum(self.util) / len(self.util), 1),
             "util_max_pct": round(max(self.util), 1),

@@ -292,6 +292,7 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
         defaults = stock.default_threads() if runs_stock else os.cpu_count() or 1
         results["meta"]["stock_default_threads"] = defaults
         order = schedule(plan, defaults)
+        session = Session(plan, art, images, workdir, defaults)
         log(f"{len(order)} configuration(s) x {len(plan.concurrency)} concurrency level(s)")
         done: dict[str, dict] = {}
         for config, point, same_as in order:
@@ -304,7 +305,7 @@ def execute(plan: Plan, log: Log = print) -> dict[str, Any]:
                 }
                 log(f"  {run['label']}: same settings as {same_as}; not rerun")
             else:
-                run = run_one(Session(plan, art, images, workdir, defaults), config, point, log)
+                run = run_one(session, config, point, log)
             done[run["label"]] = run
             results["runs"].append(run)
             report.write_json(results, plan.out / "results.json")  # partial results survive a crash

@@ -185,7 +185,7 @@ def test_gpu_sampler_counts_the_gpus_the_workers_use():
     summary = sampler.summary([10, 11, 12], workers=3)
     assert summary is not None and summary["gpus_used"] == 2 and summary["mem_per_worker_mib"] == 1250
     assert sampler.summary([10], workers=1)["gpus_used"] == 1
-    sampler.first_pid_mib, sampler.last_pid_mib = {10: 1000.0, 11: 1290.0}, {10: 1180.0, 11: 1300.0}
+    sampler.timeline = [(1.0, {10: 1000.0, 11: 1290.0}), (2.0, {10: 1100.0}), (3.0, {10: 1180.0, 11: 1300.0})]
     assert sampler.summary([10, 11], workers=2)["mem_per_worker_growth_mib"] == 180  # the worker that grew most
     sampler.timeline = [(100.0 + t, {10: 1000.0 + t, 11: 900.0, 99: 5000.0}) for t in range(12)]
     assert sampler.summary([10, 11], workers=2)["mem_per_worker_timeline"] == [[0, 1000], [5, 1005], [10, 1010]]

@@ -77,13 +77,15 @@ def test_a_batchs_images_are_decoded_in_several_threads_at_once():
 
 
 def test_one_thread_or_one_image_needs_no_threads():
-    assert Preprocessor(ImageOptions(decode_threads=1), CPU)._decode_pool() is None
+    one = Preprocessor(ImageOptions(decode_threads=1), CPU)
+    assert one._decode_pool(one._decode_threads()) is None
     pre = Preprocessor(ImageOptions(decode_threads=2), CPU)
     (img,) = _decode(pre, [_encoded("PNG", 1)])
     assert isinstance(img, torch.Tensor) and pre._pool is None
     torch.set_num_threads(1)
     try:  # auto: the worker's torch threads, which prepare_process sets from cpu_threads
-        assert Preprocessor(ImageOptions(), CPU)._decode_pool() is None
+        auto = Preprocessor(ImageOptions(), CPU)
+        assert auto._decode_pool(auto._decode_threads()) is None
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
 
